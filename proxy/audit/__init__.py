@@ -1,0 +1,3 @@
+from .log import AuditLog, AuditWriteError
+
+__all__ = ["AuditLog", "AuditWriteError"]

@@ -1,0 +1,302 @@
+"""The config file: read once at start, checked completely, compiled to values.
+
+This module reads files and the environment (upstream overrides, keys are only
+*named* here); what it produces is plain data for the sans-IO core. Every error
+is a `ConfigError` with file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .model import Action, Effect
+from .policy.engine import AgentScope, Policy
+from .policy.names import normalize
+from .policy.rules import Rule, _glob, compile_rule
+from .policy.source import YMap, load_yaml
+
+TOP_KEYS = {
+    "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
+    "server", "limits", "identity",
+}
+# Keys of the design that later versions enforce. Accepted so one config serves
+# every version, but never silently: each one loaded unenforced is a warning.
+NOT_YET = {"apis", "budgets", "store", "opa", "auth", "approvals", "slack", "telemetry"}
+INCLUDE_KEYS = {"rules", "tools", "agents"}
+
+DEFAULT_UPSTREAMS = {
+    "openai": "https://api.openai.com",
+}
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    policy: Policy
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 9090
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_response_bytes: int = 64 * 1024 * 1024
+    upstream_timeout_s: float = 600.0
+    audit_path: str | None = "audit.jsonl"
+    admin_token_env: str = "TETHER_ADMIN_TOKEN"
+    trust_identity_headers: bool = True
+    source: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def _err(message: str, node: YMap | None, key: str | None = None) -> ConfigError:
+    line = node.line_of(key) if node is not None and key else (node.line if node else None)
+    return ConfigError(message, file=node.file if node else None, line=line, key=key)
+
+
+def _map(node: object, parent: YMap, key: str) -> YMap:
+    if node is None:
+        empty = YMap()
+        empty.line, empty.key_lines, empty.file = parent.line_of(key), {}, parent.file
+        return empty
+    if not isinstance(node, YMap):
+        raise _err("must be a mapping", parent, key)
+    return node
+
+
+def _port(value: object, parent: YMap, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536:
+        raise _err("must be a port number", parent, key)
+    return value
+
+
+def _check_keys(node: YMap, allowed: set[str], where: str) -> None:
+    for key in node:
+        if key not in allowed:
+            raise _err(f"unknown key in {where} (expected one of {', '.join(sorted(allowed))})",
+                       node, key)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=str(path)) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError("not UTF-8 text", file=str(path)) from e
+
+
+def _load_doc(path: Path) -> tuple[YMap, str]:
+    text = _read(path)
+    doc = load_yaml(text, str(path))
+    if doc is None:
+        doc = YMap()
+        doc.line, doc.key_lines, doc.file = 1, {}, str(path)
+    if not isinstance(doc, YMap):
+        raise ConfigError("the file must hold a YAML mapping", file=str(path), line=1)
+    return doc, text
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.rules: list[Rule] = []
+        self.rule_where: dict[str, str] = {}
+        self.effects: dict[str, Effect] = {}
+        self.agents: dict[str, AgentScope] = {}
+        self.texts: list[str] = []
+        self.seen: set[Path] = set()
+
+    def add_rules(self, doc: YMap) -> None:
+        items = doc.get("rules")
+        if items is None:
+            return
+        if not isinstance(items, list):
+            raise _err("rules must be a list", doc, "rules")
+        for i, raw in enumerate(items):
+            rule = compile_rule(raw, doc.file, doc.line_of("rules") + i)
+            if rule.id in self.rule_where:
+                raise ConfigError(
+                    f"duplicate rule id (first defined at {self.rule_where[rule.id]})",
+                    file=rule.file, line=rule.line, rule_id=rule.id, key="id",
+                )
+            self.rule_where[rule.id] = f"{rule.file}:{rule.line}"
+            self.rules.append(rule)
+
+    def add_tools(self, doc: YMap) -> None:
+        tools = _map(doc.get("tools"), doc, "tools")
+        for name, spec in tools.items():
+            spec = _map(spec, tools, name)
+            _check_keys(spec, {"effect", "description"}, f"tools.{name}")
+            if "effect" in spec:
+                try:
+                    self.effects[normalize(name)] = Effect(spec["effect"])
+                except ValueError:
+                    raise _err("effect must be read or write", spec, "effect") from None
+
+    def add_agents(self, doc: YMap) -> None:
+        agents = _map(doc.get("agents"), doc, "agents")
+        for name, spec in agents.items():
+            spec = _map(spec, agents, name)
+            _check_keys(spec, {"tools", "description", "budgets"}, f"agents.{name}")
+            if "tools" in spec:
+                globs = spec["tools"]
+                if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
+                    raise _err("tools must be a list of tool names or globs", spec, "tools")
+                self.agents[name] = AgentScope(tuple(_glob(g) for g in globs), tuple(globs))
+
+    def include(self, doc: YMap, base: Path) -> None:
+        items = doc.get("include", [])
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise _err("include must be a list of file paths", doc, "include")
+        for item in items:
+            path = (base / item).resolve()
+            if path in self.seen:
+                raise _err(f"{item} is included twice (or includes itself)", doc, "include")
+            self.seen.add(path)
+            sub, text = _load_doc(path)
+            self.texts.append(text)
+            _check_keys(sub, INCLUDE_KEYS | {"include"}, "an included file")
+            self.add_tools(sub)
+            self.add_agents(sub)
+            self.add_rules(sub)
+            self.include(sub, path.parent)
+
+
+def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) -> Action:
+    try:
+        action = Action(value)
+    except ValueError:
+        action = None
+    if action not in allowed:
+        raise _err(f"must be one of {', '.join(a.value for a in allowed)}", node, key)
+    assert action is not None
+    return action
+
+
+def _upstreams(doc: YMap, env: Mapping[str, str]) -> dict[str, Upstream]:
+    node = _map(doc.get("upstreams"), doc, "upstreams")
+    specs: dict[str, tuple[str, str | None]] = {k: (v, None) for k, v in DEFAULT_UPSTREAMS.items()}
+    for name, spec in node.items():
+        spec = _map(spec, node, name)
+        _check_keys(spec, {"url", "api_key_env"}, f"upstreams.{name}")
+        url, key_env = spec.get("url"), spec.get("api_key_env")
+        if not isinstance(url, str):
+            raise _err("url is required", spec, "url")
+        if key_env is not None and not isinstance(key_env, str):
+            raise _err("api_key_env names an environment variable", spec, "api_key_env")
+        specs[name] = (url, key_env)
+    out: dict[str, Upstream] = {}
+    for name, (url, key_env) in specs.items():
+        override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
+        url = (override or url).rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise _err(f"upstream {name}: {url!r} is not an http(s) URL", node, name)
+        out[name] = Upstream(name, url, key_env)
+    return out
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    file = Path(path)
+    doc, text = _load_doc(file)
+    warnings: list[str] = []
+    for key in doc:
+        if key in NOT_YET:
+            warnings.append(
+                f"{doc.file}:{doc.line_of(key)}: {key}: not enforced by this version of tether"
+            )
+        elif key not in TOP_KEYS:
+            raise _err(f"unknown top-level key (expected one of "
+                       f"{', '.join(sorted(TOP_KEYS | NOT_YET))})", doc, key)
+
+    builder = _Builder()
+    builder.seen.add(file.resolve())
+    builder.texts.append(text)
+    builder.add_tools(doc)
+    builder.add_agents(doc)
+    builder.include(doc, file.parent)
+    builder.add_rules(doc)
+
+    defaults = _map(doc.get("defaults"), doc, "defaults")
+    _check_keys(defaults, {"action", "on_error", "undeclared_tools"}, "defaults")
+    default_action = _action(defaults.get("action", "allow"), defaults, "action", tuple(Action))
+    on_error = _action(defaults.get("on_error", "deny"), defaults, "on_error",
+                       (Action.DENY, Action.ALLOW))
+    undeclared = _action(defaults.get("undeclared_tools", "deny"), defaults, "undeclared_tools",
+                         (Action.DENY, Action.ALLOW))
+    if on_error is Action.ALLOW:
+        warnings.append(f"{doc.file}: defaults.on_error is allow: internal errors fail OPEN")
+
+    server = _map(doc.get("server"), doc, "server")
+    _check_keys(server, {"host", "port", "admin_port"}, "server")
+    limits = _map(doc.get("limits"), doc, "limits")
+    _check_keys(limits, {"max_body_bytes", "max_response_bytes", "upstream_timeout"}, "limits")
+    audit = _map(doc.get("audit"), doc, "audit")
+    _check_keys(audit, {"path"}, "audit")
+    admin = _map(doc.get("admin"), doc, "admin")
+    _check_keys(admin, {"token_env"}, "admin")
+    identity = _map(doc.get("identity"), doc, "identity")
+    _check_keys(identity, {"trust_headers"}, "identity")
+
+    def positive_int(node: YMap, key: str, default: int) -> int:
+        value = node.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise _err("must be a positive whole number", node, key)
+        return value
+
+    audit_path = audit.get("path", "audit.jsonl")
+    if audit_path is not None and not isinstance(audit_path, str):
+        raise _err("path must be a file path", audit, "path")
+    if isinstance(audit_path, str):
+        audit_path = str((file.parent / audit_path)) if not Path(audit_path).is_absolute() \
+            else audit_path
+    trust = identity.get("trust_headers", True)
+    if not isinstance(trust, bool):
+        raise _err("must be true or false", identity, "trust_headers")
+    host = server.get("host", "127.0.0.1")
+    if not isinstance(host, str):
+        raise _err("must be a host name or address", server, "host")
+    token_env = admin.get("token_env", "TETHER_ADMIN_TOKEN")
+    if not isinstance(token_env, str):
+        raise _err("names an environment variable", admin, "token_env")
+    timeout = limits.get("upstream_timeout", 600)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise _err("must be a number of seconds", limits, "upstream_timeout")
+
+    revision = hashlib.sha256("\0".join(builder.texts).encode()).hexdigest()[:12]
+    policy = Policy(
+        rules=tuple(builder.rules),
+        default_action=default_action,
+        on_error=on_error,
+        undeclared_tools=undeclared,
+        agents=builder.agents,
+        effects=builder.effects,
+        revision=revision,
+    )
+    return Config(
+        policy=policy,
+        upstreams=_upstreams(doc, env),
+        host=host,
+        port=_port(server.get("port", 8080), server, "port"),
+        admin_port=_port(server.get("admin_port", 9090), server, "admin_port"),
+        max_body_bytes=positive_int(limits, "max_body_bytes", DEFAULT_MAX_BODY),
+        max_response_bytes=positive_int(limits, "max_response_bytes", 64 * 1024 * 1024),
+        upstream_timeout_s=float(timeout),
+        audit_path=audit_path,
+        admin_token_env=token_env,
+        trust_identity_headers=trust,
+        source=str(file),
+        warnings=tuple(warnings),
+    )

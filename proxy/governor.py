@@ -1,0 +1,106 @@
+"""The decision step both front ends call: decide, record, count.
+
+`Governor.decide` is synchronous (the mitmproxy stream hook is) and never
+raises: a failure while deciding becomes a deny (or an allow under
+`on_error: allow`, counted apart), and a decision that cannot be audited is
+a deny too. Holds are part of the policy language, but the approval channel
+is not built yet, so a hold is enforced as a deny that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from .audit import AuditLog, AuditWriteError
+from .model import Action, Decision, Exchange, ToolCall
+from .policy.engine import PolicyEngine
+from .telemetry import Metrics
+
+log = logging.getLogger("tether.governor")
+
+INTERNAL_ERROR = "tether:internal-error"
+AUDIT_ERROR = "tether:audit-unavailable"
+NO_APPROVALS = "approval required, and this tether has no approval channel, so it is denied"
+
+
+class Governor:
+    def __init__(self, engine: PolicyEngine, audit: AuditLog, metrics: Metrics) -> None:
+        self.engine = engine
+        self.audit = audit
+        self.metrics = metrics
+
+    def decide(self, call: ToolCall, exchange: Exchange, *, request_id: str = "") -> Decision:
+        started = time.perf_counter()
+        policy_action: Action | None = None
+        try:
+            decision = self.engine.decide(call, exchange)
+            policy_action = decision.action
+            if decision.action is Action.HOLD:
+                message = f"{decision.message}; {NO_APPROVALS}" if decision.message else NO_APPROVALS
+                decision = Decision(Action.DENY, decision.rules, message, decision.on_deny,
+                                    decision.effect)
+        except Exception as e:  # noqa: BLE001 - any failure here must fail closed
+            log.exception("deciding a tool call failed")
+            decision = self._on_error(f"internal error while deciding: {type(e).__name__}")
+        elapsed = time.perf_counter() - started
+        record = {
+            "kind": "decision",
+            "decision_id": uuid.uuid4().hex,
+            "request_id": request_id,
+            "session": exchange.session,
+            "agent": exchange.agent,
+            "provider": exchange.provider,
+            "endpoint": exchange.endpoint,
+            "model": exchange.model,
+            "stream": exchange.stream,
+            "tool": call.name,
+            "call_id": call.id,
+            "arguments": call.arguments if call.arguments is not None else call.raw_arguments,
+            "action": decision.action.value,
+            "policy_action": policy_action.value if policy_action else None,
+            "rules": list(decision.rules),
+            "message": decision.message,
+            "effect": decision.effect.value,
+            "policy_revision": self.engine.revision,
+            "latency_ms": round(elapsed * 1000, 3),
+        }
+        try:
+            self.audit.write(record)
+        except AuditWriteError:
+            log.exception("audit write failed; denying")
+            self.metrics.fail_closed.labels("audit").inc()
+            decision = Decision(Action.DENY, (AUDIT_ERROR,), "the audit log cannot be written")
+        self.metrics.decision_seconds.observe(elapsed)
+        for rule in decision.rules or ("none",):
+            self.metrics.decisions.labels(exchange.provider, decision.action.value, rule).inc()
+        return decision
+
+    def _on_error(self, reason: str) -> Decision:
+        if self.engine.policy.on_error is Action.ALLOW:
+            self.metrics.fail_open.labels("decide").inc()
+            return Decision(Action.ALLOW, (INTERNAL_ERROR,), reason)
+        self.metrics.fail_closed.labels("decide").inc()
+        return Decision(Action.DENY, (INTERNAL_ERROR,), reason)
+
+    def reject(self, *, provider: str, status: int, code: str, message: str,
+               request_id: str, session: str | None = None, agent: str | None = None,
+               endpoint: str = "") -> None:
+        """Record a request that was refused as a whole (bad input, bad upstream)."""
+        try:
+            self.audit.write({
+                "kind": "request",
+                "request_id": request_id,
+                "provider": provider,
+                "endpoint": endpoint,
+                "session": session,
+                "agent": agent,
+                "status": status,
+                "code": code,
+                "message": message,
+                "policy_revision": self.engine.revision,
+            })
+        except AuditWriteError:
+            log.exception("audit write failed for a rejected request")
+            self.metrics.fail_closed.labels("audit").inc()

@@ -1,0 +1,107 @@
+"""The neutral model every provider parses into and the policy decides on.
+
+Plain frozen dataclasses, no I/O. A provider turns its wire format into these;
+the policy engine reads them and returns a `Decision`; the front ends
+(server/, forward/) carry them between the two.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Action(enum.StrEnum):
+    """What happens to one tool call. Ordered by strictness: deny > hold > allow."""
+
+    ALLOW = "allow"
+    HOLD = "hold"
+    DENY = "deny"
+
+    @property
+    def strictness(self) -> int:
+        return _STRICTNESS[self]
+
+
+_STRICTNESS = {Action.ALLOW: 0, Action.HOLD: 1, Action.DENY: 2}
+
+
+class Effect(enum.StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+class OnDeny(enum.StrEnum):
+    """How a deny reaches the agent: the call rewritten into text, or an HTTP 403."""
+
+    REWRITE = "rewrite"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call the model asked for.
+
+    `raw_arguments` is the argument text exactly as the model produced it;
+    `arguments` is its parsed form, or None when it did not parse, in which case
+    `problem` says why. A call with a `problem` is always denied.
+    """
+
+    id: str
+    name: str
+    raw_arguments: str
+    arguments: Mapping[str, object] | None
+    index: int = 0
+    choice: int = 0
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request to an LLM API, as far as the policy needs to know it."""
+
+    provider: str
+    model: str
+    declared_tools: tuple[str, ...] = ()
+    stream: bool = False
+    session: str | None = None
+    agent: str | None = None
+    endpoint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTrace:
+    """Whether one rule matched a call, and why (for `tether explain` and audit)."""
+
+    rule_id: str
+    matched: bool
+    reason: str
+    action: Action | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict on one tool call. `rules` names every rule that matched."""
+
+    action: Action
+    rules: tuple[str, ...] = ()
+    message: str = ""
+    on_deny: OnDeny = OnDeny.REWRITE
+    effect: Effect = Effect.WRITE
+    timeout_s: float | None = None
+    trace: tuple[RuleTrace, ...] = field(default=(), compare=False)
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW

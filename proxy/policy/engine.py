@@ -1,0 +1,139 @@
+"""One decision per tool call, from every rule that matches.
+
+The law, as IAM's explicit deny: every matching rule counts and the strictest
+action wins (deny over hold over allow), so the order of rules never opens a
+hole. Built-in checks run as if they were rules with reserved ids:
+
+  tether:malformed-call    the call's arguments did not parse, or it was cut off
+  tether:undeclared-tool   the request did not declare a tool of that exact name
+  tether:agent-scope       the agent has a tool scope and the tool is outside it
+
+`defaults.action` applies when nothing matches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..model import Action, Decision, Effect, Exchange, OnDeny, RuleTrace, ToolCall
+from .names import normalize
+from .rules import Rule, Subject
+
+READ_PREFIXES = ("get_", "list_", "describe_")
+
+MALFORMED = "tether:malformed-call"
+UNDECLARED = "tether:undeclared-tool"
+SCOPE = "tether:agent-scope"
+DEFAULT = "tether:default"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentScope:
+    tools: tuple[re.Pattern[str], ...]
+    globs: tuple[str, ...]
+
+    def permits(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self.tools)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rules: tuple[Rule, ...] = ()
+    default_action: Action = Action.ALLOW
+    on_error: Action = Action.DENY
+    undeclared_tools: Action = Action.DENY
+    agents: Mapping[str, AgentScope] = field(default_factory=dict)
+    effects: Mapping[str, Effect] = field(default_factory=dict)
+    revision: str = ""
+
+
+def effect_of(name: str, effects: Mapping[str, Effect]) -> Effect:
+    """Declared effect, else read for get_/list_/describe_ names, else write."""
+    declared = effects.get(name)
+    if declared is not None:
+        return declared
+    return Effect.READ if name.startswith(READ_PREFIXES) else Effect.WRITE
+
+
+class PolicyEngine:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._agents = {normalize(k): v for k, v in policy.agents.items()}
+
+    @property
+    def revision(self) -> str:
+        return self.policy.revision
+
+    def decide(self, call: ToolCall, exchange: Exchange, *, explain: bool = False) -> Decision:
+        name = normalize(call.name)
+        effect = effect_of(name, self.policy.effects)
+        traces: list[RuleTrace] = []
+
+        if call.problem:
+            traces.append(RuleTrace(MALFORMED, True, call.problem, Action.DENY))
+        if self.policy.undeclared_tools is Action.DENY and call.name not in exchange.declared_tools:
+            declared = ", ".join(repr(t) for t in exchange.declared_tools) or "none"
+            traces.append(
+                RuleTrace(
+                    UNDECLARED,
+                    True,
+                    f"the request declared no tool named {call.name!r} (declared: {declared})",
+                    Action.DENY,
+                )
+            )
+        scope = self._agents.get(normalize(exchange.agent)) if exchange.agent else None
+        if scope is not None and not scope.permits(name):
+            traces.append(
+                RuleTrace(
+                    SCOPE,
+                    True,
+                    f"agent {exchange.agent!r} may use only {', '.join(scope.globs)}",
+                    Action.DENY,
+                )
+            )
+
+        subject = Subject(call=call, name=name, agent=exchange.agent, effect=effect)
+        by_id: dict[str, Rule] = {}
+        for rule in self.policy.rules:
+            trace = rule.evaluate(subject)
+            if trace.matched:
+                traces.append(trace)
+                by_id[rule.id] = rule
+            elif explain:
+                traces.append(trace)
+
+        matched = [t for t in traces if t.matched]
+        if not matched:
+            return Decision(
+                action=self.policy.default_action,
+                rules=(),
+                message=f"no rule matched; defaults.action is {self.policy.default_action}",
+                effect=effect,
+                trace=tuple(traces),
+            )
+        action = max((t.action or Action.DENY for t in matched), key=lambda a: a.strictness)
+        winners = [t for t in matched if t.action is action]
+        messages: list[str] = []
+        for t in winners:
+            rule = by_id.get(t.rule_id)
+            text = (rule.message or rule.description) if rule else t.reason
+            if text and text not in messages:
+                messages.append(text)
+        winning_rules = [by_id[t.rule_id] for t in winners if t.rule_id in by_id]
+        on_deny = (
+            OnDeny.ERROR
+            if any(r.on_deny is OnDeny.ERROR for r in winning_rules)
+            else OnDeny.REWRITE
+        )
+        timeouts = [r.timeout_s for r in winning_rules if r.timeout_s is not None]
+        return Decision(
+            action=action,
+            rules=tuple(t.rule_id for t in matched),
+            message="; ".join(messages),
+            on_deny=on_deny,
+            effect=effect,
+            timeout_s=min(timeouts) if timeouts else None,
+            trace=tuple(traces),
+        )

@@ -1,0 +1,131 @@
+"""An incremental Server-Sent Events codec (WHATWG HTML, "server-sent events").
+
+`SSEDecoder.feed(bytes)` returns the events completed by those bytes, whatever
+the chunking: a line may be split anywhere, a CR LF pair may straddle two
+reads, and UTF-8 is decoded only on whole lines, so a multi-byte character
+split across reads is never broken. Malformed input (invalid UTF-8, a line
+over the limit) raises `ProtocolError`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ProtocolError
+
+MAX_LINE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    data: str
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEDecoder:
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._buf = bytearray()
+        self._max_line = max_line
+        self._pending_cr = False
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+        self._has_fields = False
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        if not chunk:
+            return events
+        if self._pending_cr:
+            # A CR ended the previous read; a LF now is the second half of CR LF.
+            self._pending_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        self._buf += chunk
+        start = 0
+        buf = self._buf
+        n = len(buf)
+        while start < n:
+            nl = buf.find(b"\n", start)
+            cr = buf.find(b"\r", start, nl if nl >= 0 else n)
+            if cr >= 0:
+                end, nxt = cr, cr + 1
+                if nxt < n and buf[nxt] == 0x0A:
+                    nxt += 1
+                elif nxt == n:
+                    self._pending_cr = True
+            elif nl >= 0:
+                end, nxt = nl, nl + 1
+            else:
+                break
+            self._line(bytes(buf[start:end]), events)
+            start = nxt
+        del buf[:start]
+        if len(buf) > self._max_line:
+            raise ProtocolError(f"server-sent event line longer than {self._max_line} bytes")
+        return events
+
+    def flush(self) -> list[SSEEvent]:
+        """The stream ended: a trailing unterminated event is incomplete and is discarded,
+        as the SSE specification requires, but a partial line is reported."""
+        if self._buf:
+            raise ProtocolError("stream ended in the middle of a server-sent event line")
+        return []
+
+    @property
+    def mid_event(self) -> bool:
+        """True when fields of an event have arrived but not its terminating blank line."""
+        return self._has_fields or bool(self._buf)
+
+    def _line(self, raw: bytes, events: list[SSEEvent]) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"server-sent event is not valid UTF-8: {e}") from e
+        if not line:
+            if self._has_fields and self._data:
+                events.append(SSEEvent("\n".join(self._data), self._event, self._id, self._retry))
+            self._data, self._event, self._retry, self._has_fields = [], None, None, False
+            return
+        if line[0] == ":":
+            return
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        self._has_fields = True
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._id = value
+        elif name == "retry":
+            if value.isdigit():
+                self._retry = int(value)
+
+
+def encode(event: SSEEvent) -> bytes:
+    out: list[str] = []
+    if event.event is not None:
+        out.append(f"event: {event.event}\n")
+    if event.id is not None:
+        out.append(f"id: {event.id}\n")
+    if event.retry is not None:
+        out.append(f"retry: {event.retry}\n")
+    for line in event.data.split("\n"):
+        out.append(f"data: {line}\n")
+    out.append("\n")
+    return "".join(out).encode("utf-8")
+
+
+def encode_data(data: str) -> bytes:
+    return encode(SSEEvent(data))
+
+
+def comment(text: str = "") -> bytes:
+    """A keep-alive comment line; clients ignore it."""
+    return f": {text}\n\n".encode()

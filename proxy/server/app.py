@@ -1,0 +1,108 @@
+"""The two aiohttp applications: the proxy port (agents) and the admin port (people).
+
+They never share routes: the admin port holds what an agent must not reach.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from ..audit import AuditLog
+from ..config import Config
+from ..errors import RouteNotFound
+from ..governor import Governor
+from ..policy.engine import PolicyEngine
+from ..telemetry import Metrics
+from .errors import error_middleware
+from .llm import Context, LLMRoutes
+
+log = logging.getLogger("tether.server")
+
+CONTEXT = web.AppKey("context", Context)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@dataclass(slots=True)
+class Tether:
+    """A built tether: its two apps and the governor they share."""
+
+    config: Config
+    governor: Governor
+    proxy: web.Application
+    admin: web.Application
+
+    async def close(self) -> None:
+        self.governor.audit.close()
+
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    raise RouteNotFound(f"no route for {request.path}; known prefixes: /openai/")
+
+
+def build(config: Config) -> Tether:
+    metrics = Metrics()
+    governor = Governor(PolicyEngine(config.policy), AuditLog(config.audit_path), metrics)
+    proxy = web.Application(middlewares=[error_middleware],
+                            client_max_size=config.max_body_bytes)
+    holder: dict[str, Context] = {}
+
+    async def client_ctx(app: web.Application) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                        sock_read=config.upstream_timeout_s)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                         auto_decompress=True, trust_env=False) as client:
+            ctx = Context(config, governor, client)
+            holder["ctx"] = ctx
+            app[CONTEXT] = ctx
+            yield
+
+    proxy.cleanup_ctx.append(client_ctx)
+
+    async def openai(request: web.Request) -> web.StreamResponse:
+        return await LLMRoutes(request.app[CONTEXT]).openai(request)
+
+    proxy.router.add_route("*", "/openai/{tail:.*}", openai)
+    proxy.router.add_route("*", "/{tail:.*}", _not_found)
+
+    admin = web.Application()
+    admin[METRICS] = metrics
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = "ctx" in holder
+        return web.json_response({"status": "ready" if ready else "starting",
+                                  "policy_revision": config.policy.revision},
+                                 status=200 if ready else 503)
+
+    async def metrics_route(request: web.Request) -> web.Response:
+        return web.Response(body=request.app[METRICS].render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/metrics", metrics_route)
+    return Tether(config, governor, proxy, admin)
+
+
+async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:
+    """Start both apps; returns the runners (stop them with `runner.cleanup()`)."""
+    runners: list[web.AppRunner] = []
+    for app, p in ((tether.proxy, port), (tether.admin, admin_port)):
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, p).start()
+        runners.append(runner)
+    return runners
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    addresses = runner.addresses
+    return int(addresses[0][1])

@@ -1,0 +1,48 @@
+"""Prometheus metrics. Each server owns its own registry (tests run several).
+
+Label values are bounded: provider and action are closed sets, and a rule label
+is a rule id from the loaded config or a built-in `tether:` id. No session id
+or tool argument is ever a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(
+            "tether_tool_decisions",
+            "Tool-call decisions, by provider, action and matching rule",
+            ["provider", "action", "rule"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "tether_requests",
+            "Requests on the proxy port, by provider and the status returned",
+            ["provider", "status"],
+            registry=self.registry,
+        )
+        self.fail_closed = Counter(
+            "tether_fail_closed",
+            "Decisions turned into deny because deciding failed",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.fail_open = Counter(
+            "tether_fail_open",
+            "Decisions turned into allow because deciding failed and on_error is allow",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "tether_decision_seconds",
+            "Time to decide one tool call",
+            registry=self.registry,
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+from proxy import config as config_mod
+from proxy.server.app import Tether, bound_port, build, start
+from tests.fakes import FakeOpenAI
+
+POLICY = """
+tools:
+  get_weather: {effect: read}
+rules:
+  - id: no-prod-deletes
+    description: Nothing tagged production or production-candidate is deleted
+    match:
+      tool: ["delete_*", "terminate_*"]
+      args: {tags.env: {in: [production, production-candidate]}}
+    action: deny
+    message: Deleting production resources is not allowed
+  - id: no-drop
+    match: {tool: drop_database}
+    action: deny
+    on_deny: error
+    message: Dropping databases is never allowed
+  - id: writes-held
+    match: {tool: resize_volume}
+    action: hold
+"""
+
+
+@dataclass
+class Stack:
+    fake: FakeOpenAI
+    tether: Tether
+    base_url: str
+    admin_url: str
+    proxy_url: str
+    audit_path: Path
+    clients: list[AsyncOpenAI] = field(default_factory=list)
+
+    def client(self, **kw: Any) -> AsyncOpenAI:
+        client = AsyncOpenAI(base_url=self.base_url, api_key="sk-agent", max_retries=0, **kw)
+        self.clients.append(client)
+        return client
+
+    def audit(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [r for r in self.audit() if r["kind"] == "decision"]
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, bound_port(runner)
+
+
+MakeStack = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
+    runners: list[web.AppRunner] = []
+    tethers: list[Tether] = []
+    stacks: list[Stack] = []
+
+    async def make(policy: str = POLICY, fake: FakeOpenAI | None = None,
+                   extra: str = "") -> Stack:
+        fake = fake or FakeOpenAI()
+        runner, fake_port = await _serve(fake.app())
+        runners.append(runner)
+        cfg_path = tmp_path / f"tether-{len(tethers)}.yaml"
+        audit_path = tmp_path / f"audit-{len(tethers)}.jsonl"
+        cfg_path.write_text(f"audit: {{path: {audit_path}}}\n{extra}\n{policy}")
+        cfg = config_mod.load(cfg_path, env={"TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{fake_port}"})
+        tether = build(cfg)
+        tethers.append(tether)
+        proxy_runner, admin_runner = await start(tether, host="127.0.0.1", port=0, admin_port=0)
+        runners.extend([proxy_runner, admin_runner])
+        port = bound_port(proxy_runner)
+        made = Stack(
+            fake=fake,
+            tether=tether,
+            base_url=f"http://127.0.0.1:{port}/openai/v1",
+            admin_url=f"http://127.0.0.1:{bound_port(admin_runner)}",
+            proxy_url=f"http://127.0.0.1:{port}",
+            audit_path=audit_path,
+        )
+        stacks.append(made)
+        return made
+
+    yield make
+    for made in stacks:
+        for client in made.clients:
+            await client.close()
+    for runner in reversed(runners):
+        await runner.cleanup()
+    for tether in tethers:
+        await tether.close()
+
+
+@pytest.fixture
+async def stack(make_stack: MakeStack) -> Stack:
+    return await make_stack()
