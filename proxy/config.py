@@ -60,9 +60,11 @@ class Config:
     warnings: tuple[str, ...] = ()
 
 
-def _err(message: str, node: YMap | None, key: str | None = None) -> ConfigError:
+def _err(message: str, node: YMap | None, key: str | None = None,
+         section: str | None = None) -> ConfigError:
     line = node.line_of(key) if node is not None and key else (node.line if node else None)
-    return ConfigError(message, file=node.file if node else None, line=line, key=key)
+    label = f"{section}.{key}" if section and key else key
+    return ConfigError(message, file=node.file if node else None, line=line, key=label)
 
 
 def _map(node: object, parent: YMap, key: str) -> YMap:
@@ -84,8 +86,8 @@ def _port(value: object, parent: YMap, key: str) -> int:
 def _check_keys(node: YMap, allowed: set[str], where: str) -> None:
     for key in node:
         if key not in allowed:
-            raise _err(f"unknown key in {where} (expected one of {', '.join(sorted(allowed))})",
-                       node, key)
+            raise _err(f"unknown key (expected one of {', '.join(sorted(allowed))})",
+                       node, key, where)
 
 
 def _read(path: Path) -> str:
@@ -179,7 +181,8 @@ def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) ->
     except ValueError:
         action = None
     if action not in allowed:
-        raise _err(f"must be one of {', '.join(a.value for a in allowed)}", node, key)
+        raise _err(f"must be one of {', '.join(a.value for a in allowed)}", node, key,
+                   "defaults")
     assert action is not None
     return action
 

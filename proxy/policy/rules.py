@@ -258,7 +258,7 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
     for key in match:
         if key not in MATCH_KEYS:
             raise where(f"unknown key (expected one of {', '.join(sorted(MATCH_KEYS))})",
-                        f"match.{key}")
+                        f"match.{key}", match.line_of(key) if isinstance(match, YMap) else None)
 
     def mwhere(key: str) -> Callable[[str], ConfigError]:
         line = match.line_of(key) if isinstance(match, YMap) else None

@@ -48,7 +48,8 @@ class LLMRoutes:
         upstream = self.ctx.config.upstreams.get("openai")
         if upstream is None:
             raise RouteNotFound("no 'openai' upstream is configured")
-        tail = canonical_tail(request.match_info["tail"])
+        # The raw path, not aiohttp's decoded one: `%2F` must be seen to be refused.
+        tail = canonical_tail(request.rel_url.raw_path.removeprefix("/openai/"))
         canon = tail.strip("/").lower()
         if canon.startswith(NOT_YET_GOVERNED):
             raise NotGoverned(f"/openai/{tail} carries tool calls that this version of tether "

@@ -1,0 +1,203 @@
+"""tether's command line: serve | demo | check | test | explain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import ConfigError
+from .model import Exchange, ToolCall
+from .policy.engine import PolicyEngine
+from .providers.arguments import parse_arguments
+
+log = logging.getLogger("tether")
+
+
+def _load(path: str) -> config_mod.Config:
+    cfg = config_mod.load(path)
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int) -> None:
+    from .server.app import bound_port, build, start
+
+    tether = build(cfg)
+    runners = await start(tether, host=host, port=port, admin_port=admin_port)
+    print(
+        f"tether: proxy on http://{host}:{bound_port(runners[0])} "
+        f"(OpenAI: /openai/v1), admin on http://{host}:{bound_port(runners[1])}, "
+        f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for runner in reversed(runners):
+        await runner.cleanup()
+    await tether.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    for up in cfg.upstreams.values():
+        if up.api_key_env and not os.environ.get(up.api_key_env):
+            print(f"warning: upstream {up.name}: {up.api_key_env} is not set; "
+                  "the agent's own key is passed through", file=sys.stderr)
+    asyncio.run(_serve(cfg, args.host or cfg.host,
+                       cfg.port if args.port is None else args.port,
+                       cfg.admin_port if args.admin_port is None else args.admin_port))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            cfg = _load(path)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{path}: ok ({len(cfg.policy.rules)} rules, revision {cfg.policy.revision})")
+    return 1 if failed else 0
+
+
+def _explain_call(engine: PolicyEngine, tool: str, raw: str, agent: str | None,
+                  declared: Sequence[str] | None) -> tuple[ToolCall, Exchange]:
+    arguments, problem = parse_arguments(raw)
+    call = ToolCall(id="explain", name=tool, raw_arguments=raw,
+                    arguments=None if problem else arguments, problem=problem)
+    exchange = Exchange(provider="cli", model="", agent=agent,
+                        declared_tools=tuple(declared) if declared is not None else (tool,))
+    return call, exchange
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    engine = PolicyEngine(cfg.policy)
+    call, exchange = _explain_call(engine, args.tool, args.args, args.agent, None)
+    decision = engine.decide(call, exchange, explain=True)
+    print(f"decision: {decision.action.value}")
+    if decision.message:
+        print(f"message:  {decision.message}")
+    print(f"effect:   {decision.effect.value}")
+    for t in decision.trace:
+        mark = "MATCH" if t.matched else "no   "
+        action = f" -> {t.action.value}" if t.matched and t.action else ""
+        print(f"  {mark} {t.rule_id}{action}: {t.reason}")
+    if not decision.rules:
+        print(f"  (no rule matched: defaults.action {cfg.policy.default_action.value})")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from .policy.source import load_yaml
+
+    passed = failed = 0
+    for path in args.files:
+        file = Path(path)
+        try:
+            doc = load_yaml(file.read_text(encoding="utf-8"), str(file))
+            if not isinstance(doc, dict) or not isinstance(doc.get("config"), str):
+                raise ConfigError("a test file needs 'config: PATH' and 'cases: [...]'",
+                                  file=str(file))
+            cfg = _load(str(file.parent / doc["config"]))
+            cases = doc.get("cases")
+            if not isinstance(cases, list):
+                raise ConfigError("'cases' must be a list", file=str(file))
+        except (ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        engine = PolicyEngine(cfg.policy)
+        for i, case in enumerate(cases):
+            name = case.get("name", f"case {i + 1}") if isinstance(case, dict) else f"case {i + 1}"
+            if not isinstance(case, dict) or "tool" not in case or "expect" not in case:
+                print(f"FAIL {file}: {name}: a case needs 'tool' and 'expect'")
+                failed += 1
+                continue
+            raw = case["args"] if isinstance(case.get("args"), str) else json.dumps(
+                case.get("args", {}))
+            call, exchange = _explain_call(engine, str(case["tool"]), raw, case.get("agent"),
+                                           case.get("declared"))
+            decision = engine.decide(call, exchange)
+            want_rules = set(case.get("rules", []))
+            ok = decision.action.value == case["expect"] and want_rules <= set(decision.rules)
+            if ok:
+                passed += 1
+                if args.verbose:
+                    print(f"PASS {file}: {name}")
+            else:
+                failed += 1
+                print(f"FAIL {file}: {name}: got {decision.action.value} "
+                      f"(rules: {', '.join(decision.rules) or 'none'}), want {case['expect']}"
+                      + (f" (rules: {', '.join(sorted(want_rules))})" if want_rules else ""))
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.janitor import run_demo
+
+    return asyncio.run(run_demo(rules=args.rules, out=sys.stdout))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tether", description="Govern LLM agents' tool calls.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", required=True, help="the config YAML")
+    s.add_argument("--host", default=None, help="listen address (default from config)")
+    s.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
+    s.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
+    s.add_argument("--forward-port", type=int, default=None,
+                   help="HTTP_PROXY listener (not available in this version)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check", help="validate config and rule files")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("test", help="run policy test cases")
+    t.add_argument("files", nargs="+")
+    t.set_defaults(func=cmd_test)
+
+    e = sub.add_parser("explain", help="show the decision on one call and every rule's verdict")
+    e.add_argument("--config", required=True)
+    e.add_argument("--tool", required=True)
+    e.add_argument("--args", default="{}", help="the call's arguments as JSON text")
+    e.add_argument("--agent", default=None)
+    e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("demo", help="the cloud janitor story, offline")
+    d.add_argument("--rules", default=None, help="rule file (default: the packaged janitor.yaml)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "forward_port", None) is not None:
+        print("error: --forward-port (HTTP_PROXY mode) is not available in this version",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

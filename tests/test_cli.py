@@ -1,0 +1,153 @@
+"""The command line, run as a user runs it: as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+
+from tests.fakes import Call, FakeOpenAI, Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tether(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_check_accepts_the_example_config() -> None:
+    result = tether("check", "rules/tether.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "rules/tether.yaml: ok (3 rules" in result.stdout
+
+
+def test_check_fails_with_file_line_and_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - id: ok\n    action: allow\n  - id: broken\n    match:\n"
+                   "      args: {size: {gt: huge}}\n    action: deny\n")
+    result = tether("check", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}:6: rule broken: match.args.size: gt needs a number" in result.stderr
+
+
+def test_policy_tests_pass_and_a_wrong_expectation_fails(tmp_path: Path) -> None:
+    result = tether("test", "rules/tests/janitor_test.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed, 0 failed" in result.stdout
+    wrong = tmp_path / "wrong_test.yaml"
+    wrong.write_text(f"config: {ROOT / 'rules/tether.yaml'}\ncases:\n"
+                     "  - {name: prod delete is allowed, tool: delete_volume, "
+                     "args: {tags: {env: production}}, expect: allow}\n")
+    result = tether("test", str(wrong))
+    assert result.returncode == 1
+    assert "FAIL" in result.stdout and "got deny" in result.stdout
+
+
+def test_explain_names_every_rule() -> None:
+    result = tether("explain", "--config", "rules/tether.yaml", "--tool", "delete_volume",
+                    "--args", '{"volume_id": "v", "tags": {"env": "production-candidate"}}')
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "decision: deny"
+    assert any(line.strip().startswith("MATCH no-prod-deletes") for line in lines)
+    assert any(line.strip().startswith("MATCH deletes-only-disposable") for line in lines)
+    assert any(line.strip().startswith("no    no-drop-database") for line in lines)
+
+
+def test_demo_runs_offline_and_shows_allowed_and_denied() -> None:
+    started = time.monotonic()
+    result = tether("demo", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30
+    out = result.stdout
+    assert "deleted in the cloud: vol-0a1" in out
+    assert "still in the cloud:   vol-0b2 (production-candidate), vol-0c3 (production)" in out
+    denied = [line for line in out.splitlines() if " DENY " in line]
+    assert len(denied) == 1 and "no-prod-deletes" in denied[0] and "vol-0b2" in denied[0]
+    assert "4 calls allowed, 1 denied" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[tuple[FakeOpenAI, int]]:
+    """The fake OpenAI in a thread of its own, so a sync SDK client can call a subprocess."""
+    import asyncio
+    import threading
+
+    fake = FakeOpenAI(script=lambda body: Reply(calls=(
+        Call("get_weather", '{"city": "Oslo"}'),
+        Call("delete_volume", '{"volume_id": "v", "tags": {"env": "production"}}'))))
+    port = _free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = web.AppRunner(fake.app(), access_log=None)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield fake, port
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_serve_governs_requests_from_the_sdk(tmp_path: Path,
+                                             fake_upstream: tuple[FakeOpenAI, int]) -> None:
+    fake, upstream_port = fake_upstream
+    port, admin = _free_port(), _free_port()
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "tether.yaml"
+    config.write_text(f"include: [{ROOT / 'rules/janitor.yaml'}]\naudit: {{path: {audit}}}\n")
+    env = {**os.environ, "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{upstream_port}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
+         "--admin-port", str(admin)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert f"proxy on http://127.0.0.1:{port}" in banner
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/openai/v1", api_key="sk-x",
+                               max_retries=0)
+        r = client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "go"}],
+            tools=[{"type": "function", "function": {"name": n}}
+                   for n in ("get_weather", "delete_volume")])
+        client.close()
+        assert [c.function.name for c in r.choices[0].message.tool_calls or []
+                if c.type == "function"] == ["get_weather"]
+        assert "no-prod-deletes" in (r.choices[0].message.content or "")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == 0
+    actions = [json.loads(line)["action"] for line in audit.read_text().splitlines()]
+    assert actions == ["allow", "deny"]
+    assert len(fake.requests) == 1

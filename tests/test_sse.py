@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import ProtocolError
+from proxy.providers.sse import SSEDecoder, SSEEvent, encode
+from tests.streaming import split_at
+
+RECORDED = (
+    b": keep-alive\n\n"
+    b"event: message\ndata: {\"a\": \"caf\xc3\xa9 \xe2\x9c\x93\"}\n\n"
+    b"data: line one\r\ndata: line two\r\n\r\n"
+    b"id: 7\rretry: 1500\rdata: cr only\r\r"
+    b"data:no-space\n\n"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    SSEEvent('{"a": "café ✓"}', event="message"),
+    SSEEvent("line one\nline two"),
+    SSEEvent("cr only", id="7", retry=1500),
+    SSEEvent("no-space", id="7"),  # the last event id persists, as the spec says
+    SSEEvent("[DONE]", id="7"),
+]
+
+
+def decode(pieces: list[bytes]) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    events = [e for p in pieces for e in decoder.feed(p)]
+    return events + decoder.flush()
+
+
+def test_whole_stream() -> None:
+    assert decode([RECORDED]) == EXPECTED
+
+
+def test_one_byte_per_read() -> None:
+    assert decode([RECORDED[i:i + 1] for i in range(len(RECORDED))]) == EXPECTED
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(RECORDED)), max_size=40))
+def test_any_rechunking_gives_the_same_events(cuts: list[int]) -> None:
+    assert decode(split_at(RECORDED, cuts)) == EXPECTED
+
+
+@given(st.text(min_size=1).filter(lambda t: "\r" not in t), st.sampled_from([None, "x"]))
+def test_encode_then_decode_round_trips(data: str, event: str | None) -> None:
+    ev = SSEEvent(data.replace("\r", ""), event=event)
+    assert decode([encode(ev)]) == [ev]
+
+
+def test_invalid_utf8_is_an_error() -> None:
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        SSEDecoder().feed(b"data: \xff\xfe\n\n")
+
+
+def test_partial_line_at_end_is_an_error() -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b'data: {"cut')
+    with pytest.raises(ProtocolError, match="middle"):
+        decoder.flush()
+
+
+def test_overlong_line_is_an_error() -> None:
+    with pytest.raises(ProtocolError, match="longer"):
+        SSEDecoder(max_line=16).feed(b"data: " + b"x" * 32)
