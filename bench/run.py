@@ -230,8 +230,9 @@ async def bench(args: argparse.Namespace) -> int:
         fake_port = int(line.split()[-1])
         (tmp / "tether.yaml").write_text(CONFIG.format(port=fake_port, audit=tmp / "audit.jsonl"))
         env = {**os.environ, "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{fake_port}"}
+        profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
         tether, line = await spawn(
-            [str(Path(sys.executable).parent / "tether"), "serve", "--config",
+            [sys.executable, *profile, "-m", "proxy", "serve", "--config",
              str(tmp / "tether.yaml"), "--host", "127.0.0.1", "--port", "0",
              "--admin-port", "0"], tmp / "tether.log", env)
         procs.append(tether)
@@ -307,6 +308,9 @@ def main() -> int:
                    help="fake upstream latency before answering (default 20)")
     p.add_argument("--event-delay-ms", type=float, default=1.0,
                    help="fake upstream pause between SSE events (default 1)")
+    p.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                   help="run tether under cProfile and write its stats to FILE "
+                        "(inflates the proxied figures; for finding where time goes)")
     p.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_fake:

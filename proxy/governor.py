@@ -45,7 +45,7 @@ class Governor:
             log.exception("deciding a tool call failed")
             decision = self._on_error(f"internal error while deciding: {type(e).__name__}")
         elapsed = time.perf_counter() - started
-        record = {
+        record: dict[str, object] = {
             "kind": "decision",
             "decision_id": uuid.uuid4().hex,
             "request_id": request_id,

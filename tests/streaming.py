@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.model import Decision, ToolCall
 from proxy.providers.base import Step, StreamFilter
@@ -20,7 +21,7 @@ class Run:
         decoder = SSEDecoder()
         return [e.data for e in decoder.feed(self.output)]
 
-    def chunks(self) -> list[dict[str, object]]:
+    def chunks(self) -> list[dict[str, Any]]:
         return [json.loads(e) for e in self.events() if e != "[DONE]"]
 
 

@@ -171,10 +171,10 @@ def test_stream_rewrites_denied_call_and_keeps_allowed_ones() -> None:
     assert [(n, a) for n, _, a in run.decided] == [
         ("get_weather", "allow"), ("delete_volume", "deny"), ("list_volumes", "allow")]
     chunks = run.chunks()
-    calls = [tc for c in chunks for ch in c["choices"] for tc in ch["delta"].get("tool_calls") or []]  # type: ignore[union-attr,index]
+    calls = [tc for c in chunks for ch in c["choices"] for tc in ch["delta"].get("tool_calls") or []]
     assert [(tc["index"], tc["function"]["name"], tc["function"]["arguments"]) for tc in calls] == [
         (0, "get_weather", TURN.calls[0].arguments), (1, "list_volumes", "{}")]
-    text = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])  # type: ignore[union-attr,index]
+    text = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
     assert text.startswith(TURN.content or "") and "delete_volume" in text
     assert run.events()[-1] == "[DONE]"
     assert chunks[-1]["usage"] is not None
@@ -183,8 +183,8 @@ def test_stream_rewrites_denied_call_and_keeps_allowed_ones() -> None:
 def test_stream_all_denied_turns_finish_reason_to_stop() -> None:
     turn = Reply(calls=(Call("delete_volume", '{"tags": {"env": "production"}}'),))
     run = run_stream(ChatStream(), stream_events(turn, "m"), decide)
-    reasons = [ch["finish_reason"] for c in run.chunks() for ch in c["choices"]  # type: ignore[union-attr]
-               if ch["finish_reason"]]  # type: ignore[index]
+    reasons = [ch["finish_reason"] for c in run.chunks() for ch in c["choices"]
+               if ch["finish_reason"]]
     assert reasons == ["stop"]
 
 
@@ -240,8 +240,8 @@ def test_error_event_inside_a_200_denies_open_calls_and_passes_the_error() -> No
 def test_legacy_function_call_stream() -> None:
     turn = Reply(calls=(Call("get_weather", '{"city": "Oslo"}'),), legacy_function_call=True)
     run = run_stream(ChatStream(), stream_events(turn, "m"), decide)
-    fc = [ch["delta"]["function_call"] for c in run.chunks() for ch in c["choices"]  # type: ignore[union-attr,index]
-          if "function_call" in ch["delta"]]  # type: ignore[index]
+    fc = [ch["delta"]["function_call"] for c in run.chunks() for ch in c["choices"]
+          if "function_call" in ch["delta"]]
     assert fc == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
 
 

@@ -117,8 +117,8 @@ class PolicyEngine:
         winners = [t for t in matched if t.action is action]
         messages: list[str] = []
         for t in winners:
-            rule = by_id.get(t.rule_id)
-            text = (rule.message or rule.description) if rule else t.reason
+            found = by_id.get(t.rule_id)
+            text = (found.message or found.description) if found else t.reason
             if text and text not in messages:
                 messages.append(text)
         winning_rules = [by_id[t.rule_id] for t in winners if t.rule_id in by_id]

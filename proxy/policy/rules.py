@@ -234,7 +234,7 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         if key not in RULE_KEYS:
             raise where(f"unknown key (expected one of {', '.join(sorted(RULE_KEYS))})", key)
     try:
-        action = Action(raw.get("action"))
+        action = Action(str(raw.get("action")))
     except ValueError:
         raise where("action must be allow, deny or hold", "action") from None
     message = raw.get("message", "")
@@ -285,9 +285,11 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         if not isinstance(spec, dict) or not spec:
             raise where("a condition is a mapping like {in: [a, b]}", key, line)
         for op, operand in spec.items():
-            conditions.append(
-                _condition(str(path), str(op), operand, lambda m, k=key, n=line: where(m, k, n))
-            )
+
+            def at(message: str, k: str = key, n: int | None = line) -> ConfigError:
+                return where(message, k, n)
+
+            conditions.append(_condition(str(path), str(op), operand, at))
     return Rule(
         id=rule_id,
         action=action,

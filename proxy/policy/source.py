@@ -47,7 +47,7 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> YMap:
     return out
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)  # type: ignore[arg-type]
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
 def load_yaml(text: str, file: str | None = None) -> object:

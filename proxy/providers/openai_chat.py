@@ -490,7 +490,9 @@ class ChatStream:
 
     def _buffer(self, state: _Choice, choice: int, delta: JSONObject) -> None:
         pieces: list[tuple[int, object, object, object]] = []
-        for tc in delta.get("tool_calls") or []:
+        tool_calls = delta.get("tool_calls") or []
+        assert isinstance(tool_calls, list)
+        for tc in tool_calls:
             assert isinstance(tc, dict)
             fn = tc.get("function") or {}
             if not isinstance(fn, dict):
