@@ -188,6 +188,9 @@ async def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:
     ("/openai/v1/chat%2fcompletions", 400),
     ("/openai/v1/models/../chat/completions", 400),
     ("/openai/v1//chat/completions", 400),
+    ("/openai/chat/completions", 404),
+    ("/openai/v2/chat/completions", 404),
+    ("/openai/v1/responses/r1/input_items", 501),
 ])
 async def test_routes_that_are_refused(stack: Stack, path: str, status: int) -> None:
     got, error = await post(stack, b'{"model": "gpt-x", "messages": []}', path)

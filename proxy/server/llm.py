@@ -26,10 +26,14 @@ from .upstream import canonical_tail, forward_headers, read_body, return_headers
 
 log = logging.getLogger("tether.server")
 
-GOVERNED = {"v1/chat/completions"}
-# Endpoints that carry tool calls in a format this version does not read yet:
-# refused rather than passed through ungoverned.
-NOT_YET_GOVERNED = ("v1/responses", "v1/assistants", "v1/threads", "v1/realtime")
+# A path is governed by what it ends in, not by its exact spelling, so an upstream
+# configured with a path of its own (`http://vllm:8000/v1`) cannot open a
+# second, ungoverned door to the same endpoint.
+CHAT = ("chat", "completions")
+CHAT_PATH = "v1/chat/completions"
+# Segments of endpoints that carry tool calls in a format this version does not
+# read yet: refused rather than passed through ungoverned.
+NOT_YET_GOVERNED = {"responses", "assistants", "threads", "realtime"}
 
 
 @dataclass(slots=True)
@@ -50,13 +54,14 @@ class LLMRoutes:
             raise RouteNotFound("no 'openai' upstream is configured")
         # The raw path, not aiohttp's decoded one: `%2F` must be seen to be refused.
         tail = canonical_tail(request.rel_url.raw_path.removeprefix("/openai/"))
-        canon = tail.strip("/").lower()
-        if canon.startswith(NOT_YET_GOVERNED):
+        segments = [s for s in tail.lower().split("/") if s]
+        if NOT_YET_GOVERNED.intersection(segments):
             raise NotGoverned(f"/openai/{tail} carries tool calls that this version of tether "
                               "cannot govern yet, so it is refused rather than passed through")
-        if canon in GOVERNED:
-            if request.method != "POST" or tail != canon:
-                raise RouteNotFound(f"{request.method} /openai/{tail} is not a chat endpoint")
+        if tuple(segments[-2:]) == CHAT:
+            if request.method != "POST" or tail != CHAT_PATH:
+                raise RouteNotFound(f"{request.method} /openai/{tail}: the chat endpoint is "
+                                    f"POST /openai/{CHAT_PATH}")
             return await self._chat(request, upstream, tail)
         return await self._pass_through(request, upstream, tail)
 
