@@ -265,3 +265,32 @@ def test_one_byte_per_read_gives_same_output_and_decisions() -> None:
     run = run_stream(ChatStream(), [RECORDED[i:i + 1] for i in range(len(RECORDED))], decide)
     assert run.output == WHOLE.output
     assert run.decided == _nonstream_decisions(TURN)
+
+
+def _interleaved(a: list[bytes], b: list[bytes]) -> list[bytes]:
+    """Two choices' events merged round-robin, as OpenAI streams n>1."""
+    out: list[bytes] = []
+    for i in range(max(len(a), len(b))):
+        out += a[i:i + 1] + b[i:i + 1]
+    return out
+
+
+def test_interleaved_choices_are_decided_per_choice() -> None:
+    other = Reply(calls=(Call("delete_volume", '{"tags": {"env": "production"}}'),
+                         Call("get_weather", '{"city": "Rome"}')))
+    events_0 = stream_events(TURN, "m")[:-1]  # without [DONE]
+    events_1 = [e.replace(b'"index": 0, "delta"', b'"index": 1, "delta"')
+                for e in stream_events(other, "m")[:-1]]
+    run = run_stream(ChatStream(), _interleaved(events_0, events_1) + [b"data: [DONE]\n\n"],
+                     decide)
+    assert sorted(run.decided) == sorted(_nonstream_decisions(TURN) + _nonstream_decisions(other))
+    by_choice: dict[int, list[tuple[int, str]]] = {0: [], 1: []}
+    finishes: dict[int, str] = {}
+    for chunk in run.chunks():
+        for ch in chunk["choices"]:
+            for tc in ch["delta"].get("tool_calls") or []:
+                by_choice[ch["index"]].append((tc["index"], tc["function"]["name"]))
+            if ch["finish_reason"]:
+                finishes[ch["index"]] = ch["finish_reason"]
+    assert by_choice == {0: [(0, "get_weather"), (1, "list_volumes")], 1: [(0, "get_weather")]}
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
