@@ -1,7 +1,8 @@
-"""Wire formats. The registry is an explicit list; order does not matter."""
+"""Providers (route prefixes) and their wire formats. The registry is an explicit list."""
 
-from .openai_chat import OpenAIChatProvider
+from .base import Provider
+from .openai import OpenAIProvider
 
-PROVIDERS = [OpenAIChatProvider()]
+PROVIDERS: list[Provider] = [OpenAIProvider()]
 
-__all__ = ["PROVIDERS", "OpenAIChatProvider"]
+__all__ = ["PROVIDERS", "OpenAIProvider", "Provider"]

@@ -1,8 +1,12 @@
-"""What every wire-format module provides, and the pieces they share.
+"""What every provider and wire format provides, and the pieces they share.
 
-A provider is sans-IO: it turns request and response bytes into the neutral
-model and renders rewritten bytes back. Its stream filter is an incremental
-object driven by the front end:
+A *provider* is an API family behind one route prefix (`/openai/`,
+`/anthropic/` ...): it classifies request paths into routes and shapes errors
+the way that API does. A *wire format* is one request/response codec
+(Chat Completions, Responses, Messages ...). Both are sans-IO: bytes in,
+neutral model or bytes out.
+
+A format's stream filter is an incremental object driven by the front end:
 
     step = stream.feed(chunk)          # or stream.close() at end of input
     while True:
@@ -18,8 +22,9 @@ leave" holds in a stream while text before the calls flows at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..model import Decision, Exchange, ToolCall, Usage
@@ -33,7 +38,7 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
-    """What a provider reads from the agent's request body."""
+    """What a format reads from the agent's request body (and route)."""
 
     model: str
     stream: bool
@@ -64,6 +69,59 @@ class StreamFilter(Protocol):
     def failed(self) -> str | None: ...
 
 
+class WireFormat(Protocol):
+    """One request/response codec."""
+
+    name: str
+
+    def parse_request(self, body: bytes, route: Route) -> ParsedRequest: ...
+
+    def parse_response(self, body: bytes) -> ParsedResponse: ...
+
+    def render_response(self, parsed: ParsedResponse, decisions: Sequence[Decision]) -> bytes: ...
+
+    def stream(self, route: Route) -> StreamFilter: ...
+
+    def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
+                     ) -> ErrorReply: ...
+
+
+class RouteKind(enum.Enum):
+    GOVERNED = "governed"  # tool calls are read and decided
+    PASS = "pass"          # forwarded unchanged (models list, embeddings ...)
+    REFUSE = "refuse"      # answered with an error, nothing forwarded
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: RouteKind
+    format: WireFormat | None = None
+    upstream_path: str = ""      # path to append to the upstream base URL
+    model: str | None = None     # when the path names it (Bedrock, Gemini, Azure)
+    stream: bool | None = None   # when the path decides it (converse-stream ...)
+    status: int = 404            # for REFUSE
+    message: str = ""            # for REFUSE
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    """An API family behind one route prefix; `name` is also its upstream's name."""
+
+    name: str
+
+    def route(self, method: str, path: str, query: Mapping[str, str]) -> Route: ...
+
+    def error(self, status: int, message: str, code: str) -> ErrorReply: ...
+
+
 def denial_text(call: ToolCall, decision: Decision) -> str:
     """The text the model reads in place of a denied call."""
     rules = ", ".join(decision.rules) or "policy"
@@ -72,6 +130,11 @@ def denial_text(call: ToolCall, decision: Decision) -> str:
         f"[tether] The tool call {call.name!r} was denied by {rules}: {message}. "
         "It was not executed."
     )
+
+
+def denial_summary(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> str:
+    return " ".join(denial_text(c, d) for c, d in zip(calls, decisions, strict=True)
+                    if not d.allowed)
 
 
 def exchange_for(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import BadRequest, ProtocolError, UpstreamError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
 from .arguments import parse_arguments
-from .base import ParsedRequest, Step, denial_text
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, Step, denial_summary, denial_text
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
 
 type JSONObject = dict[str, object]
@@ -45,9 +45,9 @@ def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
     return out
 
 
-def parse_request(body: bytes) -> ParsedRequest:
+def parse_request(body: bytes, default_model: str = "") -> ParsedRequest:
     obj = _loads_object(body, "request body")
-    model = obj.get("model", "")
+    model = obj.get("model", default_model)
     if not isinstance(model, str):
         raise BadRequest("'model' must be a string")
     stream = obj.get("stream", False)
@@ -218,15 +218,25 @@ def render_response(response: ChatResponse, decisions: Sequence[Decision]) -> by
     return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               501: "not_implemented_error", 502: "upstream_error", 504: "upstream_error"}
+
+
 def error_body(message: str, *, kind: str, code: str) -> bytes:
     return json.dumps(
         {"error": {"message": message, "type": kind, "param": None, "code": code}}
     ).encode()
 
 
-def denied_error(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> bytes:
-    texts = [denial_text(c, d) for c, d in zip(calls, decisions, strict=True) if not d.allowed]
-    return error_body(" ".join(texts), kind="permission_error", code="tool_call_denied")
+def error_reply(status: int, message: str, code: str) -> ErrorReply:
+    """An error in OpenAI's shape (also Azure OpenAI's)."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return ErrorReply(status, error_body(message, kind=kind, code=code))
+
+
+def denied_error(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> ErrorReply:
+    return error_reply(403, denial_summary(calls, decisions), "tool_call_denied")
 
 
 @dataclass(slots=True)
@@ -552,17 +562,27 @@ class ChatStream:
         return encode_data(json.dumps(chunk, ensure_ascii=False))
 
 
-class OpenAIChatProvider:
-    """Chat Completions, as served by OpenAI (and, later, Azure OpenAI)."""
+class OpenAIChat:
+    """The Chat Completions wire format, as OpenAI and Azure OpenAI serve it."""
 
-    name = NAME
+    name = "openai.chat"
 
-    parse_request = staticmethod(parse_request)
-    parse_response = staticmethod(parse_response)
-    render_response = staticmethod(render_response)
-    error_body = staticmethod(error_body)
-    denied_error = staticmethod(denied_error)
+    def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
+        return parse_request(body, route.model or "")
 
-    @staticmethod
-    def stream() -> ChatStream:
+    def parse_response(self, body: bytes) -> ChatResponse:
+        return parse_response(body)
+
+    def render_response(self, parsed: ParsedResponse, decisions: Sequence[Decision]) -> bytes:
+        assert isinstance(parsed, ChatResponse)
+        return render_response(parsed, decisions)
+
+    def stream(self, route: Route) -> ChatStream:
         return ChatStream()
+
+    def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
+                     ) -> ErrorReply:
+        return denied_error(calls, decisions)
+
+
+CHAT = OpenAIChat()

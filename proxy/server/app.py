@@ -6,7 +6,7 @@ They never share routes: the admin port holds what an agent must not reach.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -17,6 +17,8 @@ from ..config import Config
 from ..errors import RouteNotFound
 from ..governor import Governor
 from ..policy.engine import PolicyEngine
+from ..providers import PROVIDERS
+from ..providers.base import Provider
 from ..telemetry import Metrics
 from .errors import error_middleware
 from .llm import Context, LLMRoutes
@@ -41,7 +43,15 @@ class Tether:
 
 
 async def _not_found(request: web.Request) -> web.StreamResponse:
-    raise RouteNotFound(f"no route for {request.path}; known prefixes: /openai/")
+    known = ", ".join(f"/{p.name}/" for p in PROVIDERS)
+    raise RouteNotFound(f"no route for {request.path}; known prefixes: {known}")
+
+
+def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await LLMRoutes(request.app[CONTEXT]).handle(request, provider)
+
+    return handle
 
 
 def build(config: Config) -> Tether:
@@ -64,10 +74,8 @@ def build(config: Config) -> Tether:
 
     proxy.cleanup_ctx.append(client_ctx)
 
-    async def openai(request: web.Request) -> web.StreamResponse:
-        return await LLMRoutes(request.app[CONTEXT]).openai(request)
-
-    proxy.router.add_route("*", "/openai/{tail:.*}", openai)
+    for provider in PROVIDERS:
+        proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
     admin = web.Application()

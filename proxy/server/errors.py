@@ -1,8 +1,8 @@
 """Errors on the proxy port, in the shape of the provider the agent speaks.
 
-One middleware turns every `TetherError` (and anything unexpected) into a
-provider-shaped JSON error: the agent's SDK raises its own exception type with
-a readable message, never a stack trace.
+One middleware turns every `TetherError` (and anything unexpected) into the
+error body of the provider whose route was called, so the agent's SDK raises
+its own exception type with a readable message, never a stack trace.
 """
 
 from __future__ import annotations
@@ -13,38 +13,35 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..errors import RequestError, TetherError, UpstreamError
-from ..providers import openai_chat
+from ..providers import PROVIDERS
+from ..providers.base import ErrorReply, Provider
 
 log = logging.getLogger("tether.server")
 
-PROVIDER_KEY = web.RequestKey("tether.provider", str)
+PROVIDER_KEY = web.RequestKey("tether.provider", Provider)
+DEFAULT = PROVIDERS[0]
 
 
-def error_response(
-    provider: str,
-    status: int,
-    message: str,
-    *,
-    kind: str,
-    code: str,
-    retry: bool | None = None,
-) -> web.Response:
-    # Every route speaks OpenAI's error shape until the other providers land.
-    body = openai_chat.error_body(message, kind=kind, code=code)
-    headers = {"x-tether-error": code}
+def reply(error: ErrorReply, *, retry: bool | None = None, code: str = "") -> web.Response:
+    headers = dict(error.headers)
+    if code:
+        headers["x-tether-error"] = code
     if retry is not None:
         headers["x-should-retry"] = "true" if retry else "false"
-    return web.Response(status=status, body=body, content_type="application/json",
+    return web.Response(status=error.status, body=error.body, content_type=error.content_type,
                         headers=headers)
 
 
-def from_exception(provider: str, e: TetherError) -> web.Response:
-    if isinstance(e, RequestError):
-        return error_response(provider, e.status, e.message, kind=e.kind, code=e.code,
-                              retry=False)
-    if isinstance(e, UpstreamError):
-        return error_response(provider, e.status, e.message, kind=e.kind, code=e.code)
-    return error_response(provider, 500, str(e), kind="internal_error", code="internal_error")
+def status_and_code(e: TetherError) -> tuple[int, str]:
+    if isinstance(e, RequestError | UpstreamError):
+        return e.status, e.code
+    return 500, "internal_error"
+
+
+def from_exception(provider: Provider, e: TetherError) -> web.Response:
+    status, code = status_and_code(e)
+    retry = False if isinstance(e, RequestError) else None
+    return reply(provider.error(status, str(e), code), retry=retry, code=code)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,9 +54,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException:
         raise
     except TetherError as e:
-        return from_exception(request.get(PROVIDER_KEY, "openai"), e)
+        return from_exception(request.get(PROVIDER_KEY, DEFAULT), e)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(request.get(PROVIDER_KEY, "openai"), 500,
-                              "tether hit an internal error; the request was not forwarded",
-                              kind="internal_error", code="internal_error")
+        provider = request.get(PROVIDER_KEY, DEFAULT)
+        return reply(provider.error(500, "tether hit an internal error; the request was not "
+                                    "forwarded", "internal_error"), code="internal_error")

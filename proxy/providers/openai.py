@@ -1,0 +1,40 @@
+"""OpenAI behind `/openai/`: which paths are governed, passed or refused.
+
+A path is governed by what it ends in, not by its exact spelling, so an
+upstream configured with a path of its own (`http://vllm:8000/v1`) cannot open
+a second, ungoverned door to the same endpoint: one spelling is governed, the
+near-misses are refused, everything else passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .base import ErrorReply, Route, RouteKind
+from .openai_chat import CHAT, error_reply
+
+CHAT_PATH = "v1/chat/completions"
+# Segments of endpoints that carry tool calls in a format this version does not
+# read yet: refused rather than passed through ungoverned.
+NOT_YET_GOVERNED = {"responses", "assistants", "threads", "realtime"}
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
+        segments = [s for s in path.lower().split("/") if s]
+        if NOT_YET_GOVERNED.intersection(segments):
+            return Route(RouteKind.REFUSE, status=501, message=(
+                f"/{self.name}/{path} carries tool calls that this version of tether cannot "
+                "govern yet, so it is refused rather than passed through"))
+        if segments[-2:] == ["chat", "completions"]:
+            if method != "POST" or path != CHAT_PATH:
+                return Route(RouteKind.REFUSE, status=404, message=(
+                    f"{method} /{self.name}/{path}: the chat endpoint is "
+                    f"POST /{self.name}/{CHAT_PATH}"))
+            return Route(RouteKind.GOVERNED, CHAT, upstream_path=path)
+        return Route(RouteKind.PASS, upstream_path=path)
+
+    def error(self, status: int, message: str, code: str) -> ErrorReply:
+        return error_reply(status, message, code)
