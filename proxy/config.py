@@ -30,9 +30,15 @@ TOP_KEYS = {
 NOT_YET = {"apis", "budgets", "store", "opa", "auth", "approvals", "slack", "telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
 
+# Every provider's upstream, by name. Azure has no default: its URL names the
+# customer's resource, so the azure routes answer 404 until one is configured.
 DEFAULT_UPSTREAMS = {
     "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "bedrock": "https://bedrock-runtime.us-east-1.amazonaws.com",
+    "gemini": "https://generativelanguage.googleapis.com",
 }
+KNOWN_UPSTREAMS = {*DEFAULT_UPSTREAMS, "azure"}
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 
 
@@ -41,6 +47,7 @@ class Upstream:
     name: str
     url: str
     api_key_env: str | None = None
+    region: str | None = None  # AWS region for SigV4 (bedrock); from the URL when absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,24 +196,31 @@ def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) ->
 
 def _upstreams(doc: YMap, env: Mapping[str, str]) -> dict[str, Upstream]:
     node = _map(doc.get("upstreams"), doc, "upstreams")
-    specs: dict[str, tuple[str, str | None]] = {k: (v, None) for k, v in DEFAULT_UPSTREAMS.items()}
+    specs: dict[str, tuple[str, str | None, str | None]] = {
+        k: (v, None, None) for k, v in DEFAULT_UPSTREAMS.items()}
     for name, spec in node.items():
         spec = _map(spec, node, name)
-        _check_keys(spec, {"url", "api_key_env"}, f"upstreams.{name}")
-        url, key_env = spec.get("url"), spec.get("api_key_env")
+        _check_keys(spec, {"url", "api_key_env", "region"}, f"upstreams.{name}")
+        url, key_env, region = spec.get("url"), spec.get("api_key_env"), spec.get("region")
         if not isinstance(url, str):
             raise _err("url is required", spec, "url")
         if key_env is not None and not isinstance(key_env, str):
             raise _err("api_key_env names an environment variable", spec, "api_key_env")
-        specs[name] = (url, key_env)
+        if region is not None and not isinstance(region, str):
+            raise _err("region is an AWS region name", spec, "region")
+        specs[name] = (url, key_env, region)
+    for name in KNOWN_UPSTREAMS - specs.keys():
+        override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
+        if override:
+            specs[name] = (override, None, None)
     out: dict[str, Upstream] = {}
-    for name, (url, key_env) in specs.items():
+    for name, (url, key_env, region) in specs.items():
         override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
         url = (override or url).rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise _err(f"upstream {name}: {url!r} is not an http(s) URL", node, name)
-        out[name] = Upstream(name, url, key_env)
+        out[name] = Upstream(name, url, key_env, region)
     return out
 
 

@@ -4,7 +4,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
@@ -36,9 +36,16 @@ rules:
 """
 
 
+class Upstream(Protocol):
+    """A fake upstream: anything that builds an aiohttp app."""
+
+    def app(self) -> web.Application: ...
+
+
 @dataclass
 class Stack:
     fake: FakeOpenAI
+    fakes: dict[str, Upstream]
     tether: Tether
     base_url: str
     admin_url: str
@@ -77,15 +84,24 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     tethers: list[Tether] = []
     stacks: list[Stack] = []
 
-    async def make(policy: str = POLICY, fake: FakeOpenAI | None = None,
-                   extra: str = "") -> Stack:
+    async def make(policy: str = POLICY, fake: FakeOpenAI | None = None, extra: str = "",
+                   upstreams: dict[str, Upstream] | None = None) -> Stack:
+        """A tether with the given policy in front of fake upstreams, all on loopback.
+
+        `fake` is the OpenAI upstream; `upstreams` adds others by name
+        (anthropic, bedrock, gemini, azure), each reached via TETHER_UPSTREAM_<NAME>.
+        """
         fake = fake or FakeOpenAI()
-        runner, fake_port = await _serve(fake.app())
-        runners.append(runner)
+        fakes: dict[str, Upstream] = {"openai": fake, **(upstreams or {})}
+        env: dict[str, str] = {}
+        for name, upstream in fakes.items():
+            runner, fake_port = await _serve(upstream.app())
+            runners.append(runner)
+            env[f"TETHER_UPSTREAM_{name.upper()}"] = f"http://127.0.0.1:{fake_port}"
         cfg_path = tmp_path / f"tether-{len(tethers)}.yaml"
         audit_path = tmp_path / f"audit-{len(tethers)}.jsonl"
         cfg_path.write_text(f"audit: {{path: {audit_path}}}\n{extra}\n{policy}")
-        cfg = config_mod.load(cfg_path, env={"TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{fake_port}"})
+        cfg = config_mod.load(cfg_path, env=env)
         tether = build(cfg)
         tethers.append(tether)
         proxy_runner, admin_runner = await start(tether, host="127.0.0.1", port=0, admin_port=0)
@@ -93,6 +109,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
         port = bound_port(proxy_runner)
         made = Stack(
             fake=fake,
+            fakes=fakes,
             tether=tether,
             base_url=f"http://127.0.0.1:{port}/openai/v1",
             admin_url=f"http://127.0.0.1:{bound_port(admin_runner)}",

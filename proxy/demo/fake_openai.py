@@ -168,7 +168,16 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        # Azure OpenAI's spellings of the same endpoint.
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure)
+        app.router.add_post("/openai/v1/chat/completions", self._chat)
         return app
+
+    async def _azure(self, request: web.Request) -> web.StreamResponse:
+        if "api-version" not in request.query:
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}},
+                                     status=404)
+        return await self._chat(request)
 
     def _next(self, body: Body) -> Turn:
         if self.turns:
@@ -191,7 +200,7 @@ class FakeOpenAI:
             await asyncio.sleep(self.first_delay_s)
         if isinstance(turn, RawReply):
             return await self._raw(request, turn)
-        model = str(body.get("model", "gpt-fake"))
+        model = str(body.get("model") or request.match_info.get("deployment", "gpt-fake"))
         if not body.get("stream"):
             return web.json_response(completion(turn, model))
         options = body.get("stream_options") or {}

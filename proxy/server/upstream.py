@@ -20,7 +20,14 @@ HOP_BY_HOP = {
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 NOT_RETURNED = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie"}
 TETHER_HEADERS = ("x-tether-",)
-AUTH_HEADERS = ("authorization", "api-key", "x-api-key")
+AUTH_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+# How each upstream takes the key tether holds for it (`api_key_env`).
+AUTH_STYLE = {
+    "openai": ("Authorization", "Bearer {}"),
+    "azure": ("api-key", "{}"),
+    "anthropic": ("x-api-key", "{}"),
+    "gemini": ("x-goog-api-key", "{}"),
+}
 _AMBIGUOUS = re.compile(r"%2e|%2f|%5c|%00|\\|\x00|;|/\.\.?(/|$)|^\.\.?(/|$)", re.IGNORECASE)
 
 
@@ -52,7 +59,8 @@ def forward_headers(headers: Mapping[str, str], upstream: Upstream,
     if key:
         for name in AUTH_HEADERS:
             out.popall(name, None)
-        out["Authorization"] = f"Bearer {key}"
+        header, template = AUTH_STYLE.get(upstream.name, ("Authorization", "Bearer {}"))
+        out[header] = template.format(key)
     out["Accept-Encoding"] = "gzip, deflate"
     return out
 
