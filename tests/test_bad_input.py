@@ -191,6 +191,11 @@ async def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:
     ("/openai/chat/completions", 404),
     ("/openai/v2/chat/completions", 404),
     ("/openai/v1/responses/r1/input_items", 501),
+    ("/openai/v1/chat/complet%69ons", 400),
+    ("/openai/v1/chat/completions%3b", 400),
+    ("/openai/v1/chat/completions;x=1", 400),
+    ("/openai/v1/chat/%2e%2e/chat/completions", 400),
+    ("/openai/v1/chat/completions%", 400),
 ])
 async def test_routes_that_are_refused(stack: Stack, path: str, status: int) -> None:
     got, error = await post(stack, b'{"model": "gpt-x", "messages": []}', path)

@@ -10,6 +10,7 @@ from .openai_chat import error_reply
 
 
 class AnthropicProvider:
+    path_escapes: frozenset[str] = frozenset()
     name = "anthropic"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:

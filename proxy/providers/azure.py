@@ -17,6 +17,7 @@ from .openai_chat import CHAT, error_reply
 
 
 class AzureProvider:
+    path_escapes: frozenset[str] = frozenset()
     name = "azure"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:

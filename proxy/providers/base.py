@@ -113,9 +113,15 @@ class ErrorReply:
 
 
 class Provider(Protocol):
-    """An API family behind one route prefix; `name` is also its upstream's name."""
+    """An API family behind one route prefix; `name` is also its upstream's name.
+
+    `route` gets the path after the prefix still percent-encoded, already checked
+    for ambiguity: no needless escapes, so comparing segments is safe. Escapes
+    of `/`, `.`, `\\`, NUL and `;` appear only if named in `path_escapes`.
+    """
 
     name: str
+    path_escapes: frozenset[str]
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route: ...
 

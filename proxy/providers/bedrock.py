@@ -10,6 +10,7 @@ from .openai_chat import error_reply
 
 
 class BedrockProvider:
+    path_escapes: frozenset[str] = frozenset()
     name = "bedrock"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:

@@ -10,6 +10,7 @@ from .openai_chat import error_reply
 
 
 class GeminiProvider:
+    path_escapes: frozenset[str] = frozenset()
     name = "gemini"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:

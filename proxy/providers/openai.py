@@ -20,6 +20,7 @@ NOT_YET_GOVERNED = {"responses", "assistants", "threads", "realtime"}
 
 
 class OpenAIProvider:
+    path_escapes: frozenset[str] = frozenset()
     name = "openai"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RouteNotFound, TetherError, UpstreamError
@@ -22,7 +23,7 @@ from ..governor import Governor
 from ..model import Decision, Exchange, OnDeny, ToolCall
 from ..providers.base import Provider, Route, RouteKind, Step, StreamFilter, exchange_for
 from .errors import PROVIDER_KEY, reply, status_and_code
-from .upstream import canonical_tail, forward_headers, read_body, return_headers
+from .upstream import canonical_tail, forward_headers, read_body, return_headers, sign_request
 
 log = logging.getLogger("tether.server")
 
@@ -58,7 +59,8 @@ class LLMRoutes:
         if upstream is None:
             raise RouteNotFound(f"no {provider.name!r} upstream is configured")
         # The raw path, not aiohttp's decoded one: `%2F` must be seen to be refused.
-        path = canonical_tail(request.rel_url.raw_path.removeprefix(f"/{provider.name}/"))
+        path = canonical_tail(request.rel_url.raw_path.removeprefix(f"/{provider.name}/"),
+                              provider.path_escapes)
         route = provider.route(request.method, path, request.query)
         if route.kind is RouteKind.REFUSE:
             refusal = {501: NotGoverned, 400: BadRequest}.get(route.status, RouteNotFound)
@@ -76,9 +78,11 @@ class LLMRoutes:
         agent = request.headers.get("x-tether-agent") or None
         return session, agent
 
-    def _url(self, upstream: Upstream, route: Route, request: web.Request) -> str:
+    def _url(self, upstream: Upstream, route: Route, request: web.Request) -> URL:
+        """The upstream URL with the path bytes exactly as judged (no re-encoding)."""
         url = f"{upstream.url}/{route.upstream_path}"
-        return f"{url}?{request.query_string}" if request.query_string else url
+        query = request.rel_url.raw_query_string
+        return URL(f"{url}?{query}" if query else url, encoded=True)
 
     async def _govern(self, request: web.Request, call: Call) -> web.StreamResponse:
         fmt = call.route.format
@@ -91,10 +95,11 @@ class LLMRoutes:
             raise
         exchange = exchange_for(call.provider.name, parsed, session=call.session or parsed.user,
                                 agent=call.agent, endpoint=call.route.upstream_path)
-        headers = forward_headers(request.headers, call.upstream)
+        url = self._url(call.upstream, call.route, request)
+        headers = sign_request(call.upstream, "POST", str(url),
+                               forward_headers(request.headers, call.upstream), body)
         try:
-            async with self.ctx.client.post(self._url(call.upstream, call.route, request),
-                                            data=body, headers=headers) as resp:
+            async with self.ctx.client.post(url, data=body, headers=headers) as resp:
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if resp.status != 200:
                     return await self._upstream_error(resp, ctype, call, exchange)
