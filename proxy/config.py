@@ -20,14 +20,15 @@ from .policy.engine import AgentScope, Policy
 from .policy.names import normalize
 from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
+from .sessions.budgets import Budgets, parse_budgets
 
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
-    "server", "limits", "identity",
+    "server", "limits", "identity", "budgets", "store",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
-NOT_YET = {"apis", "budgets", "store", "opa", "auth", "approvals", "slack", "telemetry"}
+NOT_YET = {"apis", "opa", "auth", "approvals", "slack", "telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
 
 # Every provider's upstream, by name. Azure has no default: its URL names the
@@ -63,6 +64,10 @@ class Config:
     audit_path: str | None = "audit.jsonl"
     admin_token_env: str = "TETHER_ADMIN_TOKEN"
     trust_identity_headers: bool = True
+    budgets: Budgets = field(default_factory=Budgets)
+    store_url: str = "memory"
+    on_store_error: Action = Action.DENY
+    agent_keys: Mapping[str, str] = field(default_factory=dict)  # sha256(key) -> agent
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -123,6 +128,8 @@ class _Builder:
         self.rule_where: dict[str, str] = {}
         self.effects: dict[str, Effect] = {}
         self.agents: dict[str, AgentScope] = {}
+        self.agent_nodes: dict[str, object] = {}
+        self.agent_keys: dict[str, str] = {}
         self.texts: list[str] = []
         self.seen: set[Path] = set()
 
@@ -157,7 +164,19 @@ class _Builder:
         agents = _map(doc.get("agents"), doc, "agents")
         for name, spec in agents.items():
             spec = _map(spec, agents, name)
-            _check_keys(spec, {"tools", "description", "budgets"}, f"agents.{name}")
+            _check_keys(spec, {"tools", "description", "budgets", "key_sha256"}, f"agents.{name}")
+            self.agent_nodes[name] = spec
+            hashes = spec.get("key_sha256", [])
+            if not isinstance(hashes, list) or not all(
+                    isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+                    for h in hashes):
+                raise _err("must be a list of lower-case hex SHA-256 digests of API keys",
+                           spec, "key_sha256", f"agents.{name}")
+            for h in hashes:
+                if h in self.agent_keys and self.agent_keys[h] != name:
+                    raise _err(f"this key already names agent {self.agent_keys[h]!r}", spec,
+                               "key_sha256", f"agents.{name}")
+                self.agent_keys[h] = name
             if "tools" in spec:
                 globs = spec["tools"]
                 if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
@@ -247,12 +266,17 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     builder.add_rules(doc)
 
     defaults = _map(doc.get("defaults"), doc, "defaults")
-    _check_keys(defaults, {"action", "on_error", "undeclared_tools"}, "defaults")
+    _check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error"}, "defaults")
     default_action = _action(defaults.get("action", "allow"), defaults, "action", tuple(Action))
     on_error = _action(defaults.get("on_error", "deny"), defaults, "on_error",
                        (Action.DENY, Action.ALLOW))
     undeclared = _action(defaults.get("undeclared_tools", "deny"), defaults, "undeclared_tools",
                          (Action.DENY, Action.ALLOW))
+    on_store_error = _action(defaults.get("on_store_error", "deny"), defaults, "on_store_error",
+                             (Action.DENY, Action.ALLOW))
+    if on_store_error is Action.ALLOW:
+        warnings.append(f"{doc.file}: defaults.on_store_error is allow: budgets fail OPEN "
+                        "when the session store is down")
     if on_error is Action.ALLOW:
         warnings.append(f"{doc.file}: defaults.on_error is allow: internal errors fail OPEN")
 
@@ -292,6 +316,16 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
         raise _err("must be a number of seconds", limits, "upstream_timeout")
 
+    budgets_node = doc.get("budgets")
+    if budgets_node is not None and not isinstance(budgets_node, YMap):
+        raise _err("must be a mapping", doc, "budgets")
+    budgets = parse_budgets(budgets_node, builder.agent_nodes)
+    store_url = doc.get("store", "memory")
+    if not isinstance(store_url, str) or not (
+            store_url == "memory" or store_url.startswith(("redis://", "rediss://", "unix://"))):
+        raise _err("must be memory or a redis:// URL", doc, "store")
+    store_url = env.get("TETHER_STORE", store_url)
+
     revision = hashlib.sha256("\0".join(builder.texts).encode()).hexdigest()[:12]
     policy = Policy(
         rules=tuple(builder.rules),
@@ -314,6 +348,10 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         audit_path=audit_path,
         admin_token_env=token_env,
         trust_identity_headers=trust,
+        budgets=budgets,
+        store_url=store_url,
+        on_store_error=on_store_error,
+        agent_keys=builder.agent_keys,
         source=str(file),
         warnings=tuple(warnings),
     )

@@ -8,7 +8,9 @@ A verdict is a value (`model.Decision`); a failure is one of these.
     │   ├── BadRequest           400: malformed JSON, wrong types
     │   ├── PayloadTooLarge      413: body over the configured limit
     │   ├── RouteNotFound        404: no such route
+    │   ├── BudgetExceeded       429: a budget is spent or the session was stopped
     │   └── NotGoverned          501: an endpoint that carries tool calls tether cannot yet read
+    ├── StoreUnavailable   503: the session store cannot be reached (fail closed)
     └── UpstreamError      502: the upstream answered something we cannot read
         └── ProtocolError        a stream that breaks its own framing or JSON
 
@@ -82,6 +84,25 @@ class NotGoverned(RequestError):
     status = 501
     code = "endpoint_not_governed"
     kind = "not_implemented_error"
+
+
+class BudgetExceeded(RequestError):
+    status = 429
+    code = "budget_exceeded"
+    kind = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(TetherError):
+    status = 503
+    code = "session_store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
 
 
 class UpstreamError(TetherError):

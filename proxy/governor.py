@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from .audit import AuditLog, AuditWriteError
-from .model import Action, Decision, Exchange, ToolCall
-from .policy.engine import PolicyEngine
+from .model import Action, Decision, Exchange, RuleTrace, ToolCall
+from .policy.engine import PolicyEngine, merge
 from .telemetry import Metrics
 
 log = logging.getLogger("tether.governor")
@@ -31,11 +32,13 @@ class Governor:
         self.audit = audit
         self.metrics = metrics
 
-    def decide(self, call: ToolCall, exchange: Exchange, *, request_id: str = "") -> Decision:
+    def decide(self, call: ToolCall, exchange: Exchange, *, request_id: str = "",
+               extra: Sequence[RuleTrace] = ()) -> Decision:
+        """`extra`: verdicts from outside the rules (loop breakers, per-tool budgets)."""
         started = time.perf_counter()
         policy_action: Action | None = None
         try:
-            decision = self.engine.decide(call, exchange)
+            decision = merge(self.engine.decide(call, exchange), extra)
             policy_action = decision.action
             if decision.action is Action.HOLD:
                 message = f"{decision.message}; {NO_APPROVALS}" if decision.message else NO_APPROVALS

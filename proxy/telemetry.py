@@ -37,6 +37,24 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.budget_trips = Counter(
+            "tether_budget_trips",
+            "Requests refused (enforce) or that would have been (shadow) by a budget",
+            ["scope", "budget", "mode"],
+            registry=self.registry,
+        )
+        self.loop_trips = Counter(
+            "tether_loop_trips",
+            "Tool calls that tripped a loop breaker",
+            ["rule", "mode"],
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "tether_session_store_errors",
+            "Session store operations that failed",
+            ["operation"],
+            registry=self.registry,
+        )
         self.decision_seconds = Histogram(
             "tether_decision_seconds",
             "Time to decide one tool call",

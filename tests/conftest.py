@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,7 +12,8 @@ from openai import AsyncOpenAI
 
 from proxy import config as config_mod
 from proxy.server.app import Tether, bound_port, build, start
-from tests.fakes import FakeOpenAI
+from tests.fakes import Call, FakeOpenAI, Reply
+from tests.redis_server import RedisServer, free_port
 
 POLICY = """
 tools:
@@ -132,3 +133,52 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
 @pytest.fixture
 async def stack(make_stack: MakeStack) -> Stack:
     return await make_stack()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole run; tests use distinct session ids."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may stop and start."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[tuple[FakeOpenAI, int]]:
+    """The fake OpenAI in a thread of its own, so a sync SDK client can call a subprocess."""
+    import asyncio
+    import threading
+
+    fake = FakeOpenAI(script=lambda body: Reply(calls=(
+        Call("get_weather", '{"city": "Oslo"}'),
+        Call("delete_volume", '{"volume_id": "v", "tags": {"env": "production"}}'))))
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = web.AppRunner(fake.app(), access_log=None)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield fake, port
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()

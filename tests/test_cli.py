@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-import pytest
-from aiohttp import web
 
-from tests.fakes import Call, FakeOpenAI, Reply
+from tests.fakes import FakeOpenAI
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,47 +74,10 @@ def test_demo_runs_offline_and_shows_allowed_and_denied() -> None:
     assert "4 calls allowed, 1 denied" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def fake_upstream() -> Iterator[tuple[FakeOpenAI, int]]:
-    """The fake OpenAI in a thread of its own, so a sync SDK client can call a subprocess."""
-    import asyncio
-    import threading
-
-    fake = FakeOpenAI(script=lambda body: Reply(calls=(
-        Call("get_weather", '{"city": "Oslo"}'),
-        Call("delete_volume", '{"volume_id": "v", "tags": {"env": "production"}}'))))
-    port = _free_port()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runner = web.AppRunner(fake.app(), access_log=None)
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    ready.wait(10)
-    yield fake, port
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
 def test_serve_governs_requests_from_the_sdk(tmp_path: Path,
                                              fake_upstream: tuple[FakeOpenAI, int]) -> None:
     fake, upstream_port = fake_upstream
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     audit = tmp_path / "audit.jsonl"
     config = tmp_path / "tether.yaml"
     config.write_text(f"include: [{ROOT / 'rules/janitor.yaml'}]\naudit: {{path: {audit}}}\n")

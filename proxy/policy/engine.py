@@ -14,7 +14,7 @@ hole. Built-in checks run as if they were rules with reserved ids:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..model import Action, Decision, Effect, Exchange, OnDeny, RuleTrace, ToolCall
@@ -55,6 +55,22 @@ def effect_of(name: str, effects: Mapping[str, Effect]) -> Effect:
     if declared is not None:
         return declared
     return Effect.READ if name.startswith(READ_PREFIXES) else Effect.WRITE
+
+
+def merge(decision: Decision, extra: Sequence[RuleTrace]) -> Decision:
+    """A decision joined with verdicts from outside the rules (loop breakers, budgets):
+    the same law, every match counts and the strictest wins."""
+    matched = [t for t in extra if t.matched]
+    if not matched:
+        return decision
+    action = max([decision.action, *(t.action or Action.DENY for t in matched)],
+                 key=lambda a: a.strictness)
+    messages = [t.reason for t in matched if t.action is action]
+    if decision.action is action and decision.rules:
+        messages.insert(0, decision.message)
+    return Decision(action, decision.rules + tuple(t.rule_id for t in matched),
+                    "; ".join(m for m in messages if m), decision.on_deny, decision.effect,
+                    decision.timeout_s, decision.trace + tuple(matched))
 
 
 class PolicyEngine:

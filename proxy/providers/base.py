@@ -45,6 +45,9 @@ class ParsedRequest:
     declared_tools: tuple[str, ...]
     user: str | None = None
     include_usage: bool = False
+    max_output_tokens: int | None = None
+    # System prompt and first user message: identifies a conversation across turns.
+    fingerprint: str | None = None
 
 
 class ParsedResponse(Protocol):

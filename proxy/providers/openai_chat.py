@@ -75,13 +75,46 @@ def parse_request(body: bytes, default_model: str = "") -> ParsedRequest:
     options = obj.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     user = obj.get("user")
+    max_out = obj.get("max_completion_tokens", obj.get("max_tokens"))
+    if max_out is not None and (not isinstance(max_out, int) or isinstance(max_out, bool)
+                                or max_out < 0):
+        raise BadRequest("'max_completion_tokens' / 'max_tokens' must be a whole number")
     return ParsedRequest(
         model=model,
         stream=bool(stream),
         declared_tools=tuple(names),
-        user=user if isinstance(user, str) else None,
+        user=user if isinstance(user, str) and user else None,
         include_usage=include_usage,
+        max_output_tokens=max_out,
+        fingerprint=_fingerprint(obj.get("messages")),
     )
+
+
+def _fingerprint(messages: object) -> str | None:
+    """System/developer messages and the first user message, canonically."""
+    if not isinstance(messages, list):
+        return None
+    parts: list[object] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") in ("system", "developer"):
+            parts.append(m.get("content"))
+        elif m.get("role") == "user":
+            parts.append(m.get("content"))
+            break
+    if not parts:
+        return None
+    return json.dumps(parts, sort_keys=True, ensure_ascii=False)
+
+
+def with_usage(body: bytes) -> bytes:
+    """The request with `stream_options.include_usage` on, so a stream reports its usage."""
+    obj = json.loads(body)
+    options = obj.get("stream_options")
+    obj["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                             "include_usage": True}
+    return json.dumps(obj, ensure_ascii=False).encode()
 
 
 def _usage(obj: object) -> Usage | None:
@@ -264,7 +297,10 @@ LEGACY = -1
 class ChatStream:
     """Filters one Chat Completions SSE stream; see `providers.base` for the protocol."""
 
-    def __init__(self) -> None:
+    def __init__(self, strip_usage: bool = False) -> None:
+        """`strip_usage`: tether asked for usage the client did not; drop the usage chunk."""
+        self._strip_usage = strip_usage
+        self.output_units = 0  # content and argument deltas seen: ~ tokens, if usage never comes
         self._decoder = SSEDecoder()
         self._queue: deque[SSEEvent] = deque()
         self._choices: dict[int, _Choice] = {}
@@ -461,10 +497,13 @@ class ChatStream:
     def _pass(self, event: SSEEvent, obj: JSONObject) -> bytes:
         """Apply one chunk: buffer its tool-call fragments, release everything else."""
         self._template = {k: v for k, v in obj.items() if k not in ("choices", "usage")}
-        if "usage" in obj and obj["usage"] is not None:
-            self._usage = _usage(obj["usage"])
         choices = obj.get("choices") or []
         assert isinstance(choices, list)
+        if "usage" in obj and obj["usage"] is not None:
+            self._usage = _usage(obj["usage"])
+            if self._strip_usage and not choices:
+                return b""
+        self.output_units += len(choices)
         touched = False
         kept: list[object] = []
         for ch in choices:
@@ -579,6 +618,13 @@ class OpenAIChat:
 
     def stream(self, route: Route) -> ChatStream:
         return ChatStream()
+
+    def stream_with_usage(self, body: bytes, request: ParsedRequest) -> tuple[bytes, ChatStream]:
+        """For budgets: a stream must report its usage. If the client did not ask for it,
+        ask upstream anyway and hide the extra usage chunk from the client."""
+        if request.include_usage:
+            return body, ChatStream()
+        return with_usage(body), ChatStream(strip_usage=True)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply:

@@ -19,27 +19,38 @@ from ..governor import Governor
 from ..policy.engine import PolicyEngine
 from ..providers import PROVIDERS
 from ..providers.base import Provider
+from ..sessions.guard import SessionGuard
+from ..sessions.redis_store import RedisStore
+from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
+from .admin import build_admin
 from .errors import error_middleware
 from .llm import Context, LLMRoutes
 
 log = logging.getLogger("tether.server")
 
 CONTEXT = web.AppKey("context", Context)
-METRICS = web.AppKey("metrics", Metrics)
 
 
 @dataclass(slots=True)
 class Tether:
-    """A built tether: its two apps and the governor they share."""
+    """A built tether: its two apps and the governor and guard they share."""
 
     config: Config
     governor: Governor
+    guard: SessionGuard
     proxy: web.Application
     admin: web.Application
 
     async def close(self) -> None:
+        await self.guard.store.close()
         self.governor.audit.close()
+
+
+def make_store(url: str) -> Store:
+    if url == "memory":
+        return MemoryStore()
+    return RedisStore(url)
 
 
 async def _not_found(request: web.Request) -> web.StreamResponse:
@@ -56,7 +67,10 @@ def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.Stream
 
 def build(config: Config) -> Tether:
     metrics = Metrics()
-    governor = Governor(PolicyEngine(config.policy), AuditLog(config.audit_path), metrics)
+    audit = AuditLog(config.audit_path)
+    governor = Governor(PolicyEngine(config.policy), audit, metrics)
+    guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
+                         config.on_store_error)
     proxy = web.Application(middlewares=[error_middleware],
                             client_max_size=config.max_body_bytes)
     holder: dict[str, Context] = {}
@@ -67,7 +81,7 @@ def build(config: Config) -> Tether:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
                                          auto_decompress=True, trust_env=False) as client:
-            ctx = Context(config, governor, client)
+            ctx = Context(config, governor, guard, client)
             holder["ctx"] = ctx
             app[CONTEXT] = ctx
             yield
@@ -78,26 +92,8 @@ def build(config: Config) -> Tether:
         proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
-    admin = web.Application()
-    admin[METRICS] = metrics
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        ready = "ctx" in holder
-        return web.json_response({"status": "ready" if ready else "starting",
-                                  "policy_revision": config.policy.revision},
-                                 status=200 if ready else 503)
-
-    async def metrics_route(request: web.Request) -> web.Response:
-        return web.Response(body=request.app[METRICS].render(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-    admin.router.add_get("/healthz", healthz)
-    admin.router.add_get("/readyz", readyz)
-    admin.router.add_get("/metrics", metrics_route)
-    return Tether(config, governor, proxy, admin)
+    admin = build_admin(config, metrics, guard, lambda: "ctx" in holder)
+    return Tether(config, governor, guard, proxy, admin)
 
 
 async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..errors import RequestError, TetherError, UpstreamError
+from ..errors import BudgetExceeded, RequestError, StoreUnavailable, TetherError, UpstreamError
 from ..providers import PROVIDERS
 from ..providers.base import ErrorReply, Provider
 
@@ -33,7 +33,7 @@ def reply(error: ErrorReply, *, retry: bool | None = None, code: str = "") -> we
 
 
 def status_and_code(e: TetherError) -> tuple[int, str]:
-    if isinstance(e, RequestError | UpstreamError):
+    if isinstance(e, RequestError | UpstreamError | StoreUnavailable):
         return e.status, e.code
     return 500, "internal_error"
 
@@ -41,7 +41,10 @@ def status_and_code(e: TetherError) -> tuple[int, str]:
 def from_exception(provider: Provider, e: TetherError) -> web.Response:
     status, code = status_and_code(e)
     retry = False if isinstance(e, RequestError) else None
-    return reply(provider.error(status, str(e), code), retry=retry, code=code)
+    response = reply(provider.error(status, str(e), code), retry=retry, code=code)
+    if isinstance(e, BudgetExceeded) and e.retry_after is not None:
+        response.headers["retry-after"] = str(e.retry_after)
+    return response
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
@@ -21,7 +22,17 @@ from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RouteNotFound, TetherError, UpstreamError
 from ..governor import Governor
 from ..model import Decision, Exchange, OnDeny, ToolCall
-from ..providers.base import Provider, Route, RouteKind, Step, StreamFilter, exchange_for
+from ..providers.base import (
+    ParsedRequest,
+    Provider,
+    Route,
+    RouteKind,
+    Step,
+    StreamFilter,
+    exchange_for,
+)
+from ..sessions.guard import Admission, SessionGuard
+from ..sessions.identity import agent_of, session_of
 from .errors import PROVIDER_KEY, reply, status_and_code
 from .upstream import canonical_tail, forward_headers, read_body, return_headers, sign_request
 
@@ -30,10 +41,19 @@ log = logging.getLogger("tether.server")
 STREAM_TYPES = {"text/event-stream", "application/vnd.amazon.eventstream"}
 
 
+@runtime_checkable
+class ReportsUsage(Protocol):
+    """A format that can make a stream report its usage when the client did not ask."""
+
+    def stream_with_usage(self, body: bytes, request: ParsedRequest
+                          ) -> tuple[bytes, StreamFilter]: ...
+
+
 @dataclass(slots=True)
 class Context:
     config: Config
     governor: Governor
+    guard: SessionGuard
     client: aiohttp.ClientSession
 
 
@@ -47,6 +67,7 @@ class Call:
     rid: str
     session: str | None
     agent: str | None
+    admission: Admission | None = None
 
 
 class LLMRoutes:
@@ -67,16 +88,11 @@ class LLMRoutes:
             raise refusal(route.message)
         if route.kind is RouteKind.PASS:
             return await self._pass_through(request, upstream, route)
-        session, agent = self._identity(request)
-        call = Call(provider, route, upstream, uuid.uuid4().hex, session, agent)
+        trust = self.ctx.config.trust_identity_headers
+        agent = agent_of(request.headers, self.ctx.config.agent_keys, trust)
+        session = request.headers.get("x-tether-session") if trust else None
+        call = Call(provider, route, upstream, uuid.uuid4().hex, session or None, agent)
         return await self._govern(request, call)
-
-    def _identity(self, request: web.Request) -> tuple[str | None, str | None]:
-        if not self.ctx.config.trust_identity_headers:
-            return None, None
-        session = request.headers.get("x-tether-session") or None
-        agent = request.headers.get("x-tether-agent") or None
-        return session, agent
 
     def _url(self, upstream: Upstream, route: Route, request: web.Request) -> URL:
         """The upstream URL with the path bytes exactly as judged (no re-encoding)."""
@@ -90,29 +106,41 @@ class LLMRoutes:
         try:
             body = await read_body(request, self.ctx.config.max_body_bytes)
             parsed = fmt.parse_request(body, call.route)
+            call.session = session_of(request.headers, parsed, call.agent,
+                                      self.ctx.config.trust_identity_headers)
+            call.admission = await self.ctx.guard.admit(
+                agent=call.agent, session=call.session, model=parsed.model,
+                body_bytes=len(body), max_output=parsed.max_output_tokens)
         except TetherError as e:
             self._reject(call, e)
             raise
-        exchange = exchange_for(call.provider.name, parsed, session=call.session or parsed.user,
+        exchange = exchange_for(call.provider.name, parsed, session=call.session,
                                 agent=call.agent, endpoint=call.route.upstream_path)
+        stream: StreamFilter | None = None
+        if parsed.stream and isinstance(fmt, ReportsUsage):
+            body, stream = fmt.stream_with_usage(body, parsed)
         url = self._url(call.upstream, call.route, request)
-        headers = sign_request(call.upstream, "POST", str(url),
-                               forward_headers(request.headers, call.upstream), body)
         try:
+            headers = sign_request(call.upstream, "POST", str(url),
+                                   forward_headers(request.headers, call.upstream), body)
             async with self.ctx.client.post(url, data=body, headers=headers) as resp:
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if resp.status != 200:
+                    await self.ctx.guard.release(call.admission)
                     return await self._upstream_error(resp, ctype, call, exchange)
                 if ctype in STREAM_TYPES or (call.route.stream and ctype == "application/json"):
-                    return await self._stream(request, resp, call, exchange)
+                    return await self._stream(request, resp, call, exchange,
+                                              stream or fmt.stream(call.route))
                 if ctype == "application/json":
                     return await self._whole(resp, call, exchange)
                 raise UpstreamError(f"the upstream answered 200 with {ctype or 'no content type'}"
                                     ", not JSON or an event stream")
         except TetherError as e:
+            await self.ctx.guard.release(call.admission)
             self._reject(call, e)
             raise
         except (aiohttp.ClientError, TimeoutError) as e:
+            await self.ctx.guard.release(call.admission)
             err = UpstreamError(f"the upstream could not be reached: {type(e).__name__}")
             self._reject(call, err)
             raise err from e
@@ -138,8 +166,14 @@ class LLMRoutes:
         self.ctx.governor.metrics.requests.labels(call.provider.name, str(resp.status)).inc()
         return web.Response(status=resp.status, body=body, headers=return_headers(resp.headers))
 
-    def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, rid: str) -> list[Decision]:
-        return [self.ctx.governor.decide(c, exchange, request_id=rid) for c in calls]
+    async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call
+                      ) -> list[Decision]:
+        decisions = []
+        for c in calls:
+            trace = await self.ctx.guard.check_call(call.admission, c)
+            decisions.append(self.ctx.governor.decide(
+                c, exchange, request_id=call.rid, extra=(trace,) if trace else ()))
+        return decisions
 
     async def _whole(self, resp: aiohttp.ClientResponse, call: Call,
                      exchange: Exchange) -> web.Response:
@@ -150,7 +184,8 @@ class LLMRoutes:
         if len(body) > limit:
             raise UpstreamError(f"the upstream response is over the {limit}-byte limit")
         parsed = fmt.parse_response(body)
-        decisions = self._decide(parsed.calls, exchange, call.rid)
+        await self.ctx.guard.settle(call.admission, parsed.usage)
+        decisions = await self._decide(parsed.calls, exchange, call)
         self.ctx.governor.metrics.requests.labels(call.provider.name, "200").inc()
         if any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions):
             return reply(fmt.denied_error(parsed.calls, decisions), retry=False,
@@ -159,25 +194,25 @@ class LLMRoutes:
         return web.Response(status=200, body=out, headers=return_headers(resp.headers))
 
     async def _stream(self, request: web.Request, resp: aiohttp.ClientResponse, call: Call,
-                      exchange: Exchange) -> web.StreamResponse:
-        fmt = call.route.format
-        assert fmt is not None
+                      exchange: Exchange, stream: StreamFilter) -> web.StreamResponse:
         out = web.StreamResponse(status=200, headers=return_headers(resp.headers))
         out.headers["Cache-Control"] = "no-cache"
-        await out.prepare(request)
-        stream: StreamFilter = fmt.stream(call.route)
         try:
+            await out.prepare(request)
             try:
                 async for chunk in resp.content.iter_any():
-                    await self._drive(stream, stream.feed(chunk), out, exchange, call.rid)
+                    await self._drive(stream, stream.feed(chunk), out, exchange, call)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     TimeoutError) as e:
                 log.warning("upstream stream broke: %s", type(e).__name__)
-            await self._drive(stream, stream.close(), out, exchange, call.rid)
+            await self._drive(stream, stream.close(), out, exchange, call)
         except ConnectionResetError:
-            # The agent went away. Nothing more is sent; decided calls are audited.
+            # The agent went away: stop reading upstream (which stops its generation),
+            # charge what was used so far. Decided calls are already audited.
             log.info("client disconnected mid-stream (request %s)", call.rid)
             return out
+        finally:
+            await self._settle_stream(call, stream)
         status = "200" if stream.failed is None else "200-error"
         self.ctx.governor.metrics.requests.labels(call.provider.name, status).inc()
         if stream.failed:
@@ -188,14 +223,19 @@ class LLMRoutes:
         await out.write_eof()
         return out
 
+    async def _settle_stream(self, call: Call, stream: StreamFilter) -> None:
+        units = getattr(stream, "output_units", None)
+        await self.ctx.guard.settle(call.admission, stream.usage,
+                                    units if isinstance(units, int) else None)
+
     async def _drive(self, stream: StreamFilter, step: Step, out: web.StreamResponse,
-                     exchange: Exchange, rid: str) -> None:
+                     exchange: Exchange, call: Call) -> None:
         while True:
             if step.data:
                 await out.write(step.data)
             if not step.pending:
                 return
-            step = stream.decide(self._decide(step.pending, exchange, rid))
+            step = stream.decide(await self._decide(step.pending, exchange, call))
 
     async def _pass_through(self, request: web.Request, upstream: Upstream,
                             route: Route) -> web.StreamResponse:

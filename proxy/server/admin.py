@@ -1,0 +1,91 @@
+"""The admin port: health, metrics, and the state people act on.
+
+Never served on the proxy port, so an agent cannot reach it. Everything but
+`/metrics` and the health checks needs `Authorization: Bearer <token>`, the
+token read from the environment variable the config names
+(`admin.token_env`, default TETHER_ADMIN_TOKEN). With no token configured those
+routes answer 503: fail closed rather than open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from ..config import Config
+from ..errors import StoreUnavailable
+from ..sessions.guard import SessionGuard
+from ..telemetry import Metrics
+
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _problem(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+def token_middleware(token_env: str) -> Middleware:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        token = os.environ.get(token_env, "")
+        if not token:
+            return _problem(503, f"the admin API is disabled: set {token_env}")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _problem(401, "a valid admin bearer token is required")
+        return await handler(request)
+
+    return check
+
+
+def build_admin(config: Config, metrics: Metrics, guard: SessionGuard,
+                ready: Callable[[], bool]) -> web.Application:
+    app = web.Application(middlewares=[token_middleware(config.admin_token_env)])
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        problems = [] if ready() else ["starting"]
+        try:
+            await guard.store.ping()
+        except StoreUnavailable as e:
+            problems.append(e.message)
+        return web.json_response({"status": "ready" if not problems else "not ready",
+                                  "problems": problems,
+                                  "policy_revision": config.policy.revision},
+                                 status=200 if not problems else 503)
+
+    async def metrics_route(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def session(request: web.Request) -> web.Response:
+        agent = request.query.get("agent") or None
+        try:
+            status = await guard.status(agent, request.match_info["id"])
+        except StoreUnavailable as e:
+            return _problem(503, e.message)
+        return web.json_response(status)
+
+    async def reset(request: web.Request) -> web.Response:
+        agent = request.query.get("agent") or None
+        try:
+            await guard.reset(agent, request.match_info["id"])
+        except StoreUnavailable as e:
+            return _problem(503, e.message)
+        return web.json_response({"reset": request.match_info["id"], "agent": agent})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_route)
+    app.router.add_get("/v1/sessions/{id}", session)
+    app.router.add_post("/v1/sessions/{id}/reset", reset)
+    return app
