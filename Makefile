@@ -16,7 +16,7 @@ PYTHON312 ?= $(shell \
 	  done; \
 	fi)
 
-.PHONY: setup run demo test lint bench clean
+.PHONY: setup system-deps run demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then \
@@ -29,13 +29,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Services the tests run for real: redis-server (Debian package). The tests start
+# and stop their own redis-server processes; this only makes sure the binary is there.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "error: the tests need redis-server (apt-get install redis-server)" >&2; exit 1; fi; }
+
 run: $(STAMP)
 	$(BIN)/tether serve --config rules/tether.yaml
 
 demo: $(STAMP)
 	$(BIN)/tether demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
