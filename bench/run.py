@@ -4,9 +4,10 @@ One run starts a fake upstream (proxy/demo/fake_openai.py, fixed latency) and
 `tether serve` as two child processes, then drives both from this process at a
 fixed concurrency, alternating direct (client -> fake) and proxied
 (client -> tether -> fake) phases so that machine noise falls on both alike.
-It prints a table and writes bench/results/bench-<time>.json.
+It prints a table and writes bench/results/bench-<time>.json. See bench/README.md.
 
-    .venv/bin/python bench/run.py [--rounds 6] [--phase-seconds 2.5] [--concurrency 8]
+    .venv/bin/python bench/run.py [--concurrency 8] [--rounds 6] [--phase-seconds 2.5]
+                                  [--workloads chat,stream,models] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -107,22 +108,27 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 # --- load
 
+WORKLOADS = ("chat", "stream", "models")  # models: GET /models, an ungoverned pass-through
+
+
 @dataclass
 class Cell:
-    """Samples of one (workload, target) pair, over all rounds."""
+    """Samples of one (workload, target) pair, summed over all rounds."""
 
     latency: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     seconds: float = 0.0
     errors: int = 0
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # process -> [user, sys]
 
 
 def body(n: int, stream: bool) -> dict[str, Any]:
@@ -131,12 +137,18 @@ def body(n: int, stream: bool) -> dict[str, Any]:
             "messages": [{"role": "user", "content": f"{ask} (request {n})"}]}
 
 
-async def one(http: aiohttp.ClientSession, url: str, n: int, stream: bool
+async def one(http: aiohttp.ClientSession, base: str, workload: str, n: int
               ) -> tuple[float, float | None]:
     """One request; returns (total latency, time to first content token) in seconds."""
     t0 = time.perf_counter()
     ttft: float | None = None
-    async with http.post(url, json=body(n, stream)) as resp:
+    if workload == "models":
+        async with http.get(f"{base}/models") as resp:
+            if resp.status != 200 or not (await resp.json())["data"]:
+                raise RuntimeError(f"HTTP {resp.status}")
+        return time.perf_counter() - t0, None
+    stream = workload == "stream"
+    async with http.post(f"{base}/chat/completions", json=body(n, stream)) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
         if not stream:
@@ -159,19 +171,18 @@ async def one(http: aiohttp.ClientSession, url: str, n: int, stream: bool
         return time.perf_counter() - t0, ttft
 
 
-async def phase(http: aiohttp.ClientSession, url: str, stream: bool, seconds: float,
+async def phase(http: aiohttp.ClientSession, base: str, workload: str, seconds: float,
                 concurrency: int, cell: Cell | None) -> None:
     """`concurrency` closed-loop workers for `seconds` (results go to `cell` unless warm-up)."""
     counter = iter(range(MAX_REQUESTS_PER_PHASE))
-    start = time.perf_counter()
-    deadline = start + seconds
+    deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         for n in counter:
             if time.perf_counter() >= deadline:
                 return
             try:
-                total, ttft = await one(http, url, n, stream)
+                total, ttft = await one(http, base, workload, n)
             except (aiohttp.ClientError, RuntimeError, TimeoutError, ValueError, KeyError) as e:
                 if cell is None:
                     raise
@@ -184,8 +195,19 @@ async def phase(http: aiohttp.ClientSession, url: str, stream: bool, seconds: fl
                     cell.ttft.append(ttft)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    if cell is not None:
-        cell.seconds += time.perf_counter() - start
+
+
+async def measured(http: aiohttp.ClientSession, base: str, workload: str, args: argparse.Namespace,
+                   cell: Cell, pids: dict[str, int]) -> None:
+    """One phase, adding its wall time and each process's CPU time to `cell`."""
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    t0 = time.perf_counter()
+    await phase(http, base, workload, args.phase_seconds, args.concurrency, cell)
+    cell.seconds += time.perf_counter() - t0
+    for name, pid in pids.items():
+        used = cell.cpu.setdefault(name, [0.0, 0.0])
+        for i, (after, before) in enumerate(zip(cpu_seconds(pid), cpu0[name], strict=True)):
+            used[i] += after - before
 
 
 # --- reporting
@@ -201,7 +223,10 @@ def pct(samples: list[float], q: float) -> float:
 def summary(cell: Cell, samples: list[float]) -> dict[str, float]:
     return {"n": len(samples), "errors": cell.errors, "p50_ms": pct(samples, 50),
             "p90_ms": pct(samples, 90), "p99_ms": pct(samples, 99), "max_ms": pct(samples, 100),
-            "req_per_s": len(cell.latency) / cell.seconds if cell.seconds else 0.0}
+            "req_per_s": len(cell.latency) / cell.seconds if cell.seconds else 0.0,
+            **{f"cpu_{name}_cores": sum(u) / cell.seconds for name, u in cell.cpu.items()},
+            **{f"cpu_{name}_{kind}_ms_per_req": 1000 * u[i] / max(len(cell.latency), 1)
+               for name, u in cell.cpu.items() for i, kind in enumerate(("user", "sys"))}}
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -214,87 +239,105 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
                      f"{t['p99_ms']:>8.2f}{t['p50_ms'] - d['p50_ms']:>11.2f}"
                      f"{t['p99_ms'] - d['p99_ms']:>8.2f}{d['req_per_s']:>14.0f}"
                      f"{t['req_per_s']:>8.0f}")
+    lines.append("\nCPU, in cores busy: load generator + fake + tether = total (of the machine's)")
+    procs = ("loadgen", "fake", "tether")
+    for name, row in results.items():
+        if name == "TTFT":  # the same requests as "stream latency"
+            continue
+        busy = [f"{target} " + " + ".join(f"{r[f'cpu_{p}_cores']:.2f}" for p in procs)
+                + f" = {sum(r[f'cpu_{p}_cores'] for p in procs):.2f}"
+                for target, r in row.items()]
+        t = row["tether"]
+        lines.append(f"  {name:<19}{'  |  '.join(busy)}  |  tether CPU/request "
+                     f"{t['cpu_tether_user_ms_per_req']:.2f} user + "
+                     f"{t['cpu_tether_sys_ms_per_req']:.2f} sys ms")
     return "\n".join(lines)
 
 
 # --- main
 
+async def start_children(args: argparse.Namespace, tmp: Path,
+                         procs: list[asyncio.subprocess.Process]) -> dict[str, str]:
+    """Start the fake upstream and tether; returns the base URL of each."""
+    fake, line = await spawn(
+        [sys.executable, __file__, "--serve-fake", "--first-delay-ms", str(args.first_delay_ms),
+         "--event-delay-ms", str(args.event_delay_ms)], tmp / "fake.log")
+    procs.append(fake)
+    fake_port = int(line.split()[-1])
+    (tmp / "tether.yaml").write_text(CONFIG.format(port=fake_port, audit=tmp / "audit.jsonl"))
+    env = {**os.environ, "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{fake_port}"}
+    cmd = ([sys.executable, "-m", "cProfile", "-o", str(args.profile), "-m", "proxy"]
+           if args.profile else [str(Path(sys.executable).parent / "tether")])
+    tether, line = await spawn(
+        [*cmd, "serve", "--config", str(tmp / "tether.yaml"), "--host", "127.0.0.1",
+         "--port", "0", "--admin-port", "0"], tmp / "tether.log", env)
+    procs.append(tether)
+    proxy_port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    return {"direct": f"http://127.0.0.1:{fake_port}/v1",
+            "tether": f"http://127.0.0.1:{proxy_port}/openai/v1"}
+
+
+def audited(path: Path) -> dict[str, int]:
+    actions: dict[str, int] = {}
+    if not path.exists():
+        return actions
+    with path.open() as audit:
+        for record in map(json.loads, audit):
+            if record.get("kind") == "decision":
+                actions[record["action"]] = actions.get(record["action"], 0) + 1
+    return actions
+
+
 async def bench(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     procs: list[asyncio.subprocess.Process] = []
+    workloads = args.workloads.split(",")
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # -> finally
     try:
-        fake, line = await spawn(
-            [sys.executable, __file__, "--serve-fake", "--first-delay-ms", str(args.first_delay_ms),
-             "--event-delay-ms", str(args.event_delay_ms)], tmp / "fake.log")
-        procs.append(fake)
-        fake_port = int(line.split()[-1])
-        (tmp / "tether.yaml").write_text(CONFIG.format(port=fake_port, audit=tmp / "audit.jsonl"))
-        env = {**os.environ, "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{fake_port}"}
-        profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
-        tether, line = await spawn(
-            [sys.executable, *profile, "-m", "proxy", "serve", "--config",
-             str(tmp / "tether.yaml"), "--host", "127.0.0.1", "--port", "0",
-             "--admin-port", "0"], tmp / "tether.log", env)
-        procs.append(tether)
-        proxy_port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        urls = {"direct": f"http://127.0.0.1:{fake_port}/v1/chat/completions",
-                "tether": f"http://127.0.0.1:{proxy_port}/openai/v1/chat/completions"}
-        print(f"fake upstream pid {fake.pid} port {fake_port}; tether pid {tether.pid} port "
-              f"{proxy_port}; concurrency {args.concurrency}, {args.rounds} rounds x "
-              f"{args.phase_seconds}s per phase", flush=True)
-
-        cells = {(s, t): Cell() for s in (False, True) for t in urls}
+        bases = await start_children(args, tmp, procs)
+        pids = {"loadgen": os.getpid(), "fake": procs[0].pid, "tether": procs[1].pid}
+        print(f"pids {pids}; {bases}\nconcurrency {args.concurrency}, {args.rounds} rounds x "
+              f"{len(workloads)} workloads x 2 targets x {args.phase_seconds}s", flush=True)
+        cells = {(w, t): Cell() for w in workloads for t in bases}
         connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            for stream in (False, True):  # warm-up (discarded)
-                for url in urls.values():
-                    await phase(http, url, stream, args.warmup_seconds, args.concurrency, None)
-            tether_cpu = 0.0
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=30)) as http:
+            for workload in workloads:  # warm-up, discarded
+                for base in bases.values():
+                    await phase(http, base, workload, args.warmup_seconds, args.concurrency, None)
             for r in range(args.rounds):
-                order = list(urls) if r % 2 == 0 else list(reversed(urls))
-                for stream in (False, True):
+                order = list(bases) if r % 2 == 0 else list(reversed(bases))
+                for workload in workloads:
                     for target in order:
-                        cpu0 = cpu_seconds(tether.pid)
-                        await phase(http, urls[target], stream, args.phase_seconds,
-                                    args.concurrency, cells[(stream, target)])
-                        if target == "tether":
-                            tether_cpu += cpu_seconds(tether.pid) - cpu0
+                        await measured(http, bases[target], workload, args,
+                                       cells[(workload, target)], pids)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
-
-        results: dict[str, dict[str, dict[str, float]]] = {}
-        for name, stream, attr in (("non-stream latency", False, "latency"),
-                                   ("stream latency", True, "latency"),
-                                   ("TTFT", True, "ttft")):
-            results[name] = {t: summary(cells[(stream, t)], getattr(cells[(stream, t)], attr))
-                             for t in urls}
-        proxied = sum(len(cells[(s, "tether")].latency) for s in (False, True))
-        actions: dict[str, int] = {}
-        with (tmp / "audit.jsonl").open() as audit:
-            for record in map(json.loads, audit):
-                if record.get("kind") == "decision":
-                    actions[record["action"]] = actions.get(record["action"], 0) + 1
-        print()
-        print(table(results))
-        print(f"\ntether CPU time: {1000 * tether_cpu / max(proxied, 1):.2f} ms per proxied "
-              f"request ({proxied} requests); errors: "
-              f"{sum(c.errors for c in cells.values())}; audited decisions (with warm-up): "
+        rows = [("non-stream latency", "chat", "latency"), ("stream latency", "stream", "latency"),
+                ("TTFT", "stream", "ttft"), ("GET /models", "models", "latency")]
+        results = {name: {t: summary(cells[(w, t)], getattr(cells[(w, t)], attr)) for t in bases}
+                   for name, w, attr in rows if w in workloads}
+        actions = audited(tmp / "audit.jsonl")
+        errors = sum(c.errors for c in cells.values())
+        print(f"\n{table(results)}\n\nerrors: {errors}; audited decisions (with warm-up): "
               + ", ".join(f"{a} {n}" for a, n in sorted(actions.items())))
         out = HERE / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({
             "settings": vars(args), "nproc": os.cpu_count(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "results": results,
-            "tether_cpu_ms_per_request": 1000 * tether_cpu / max(proxied, 1),
-            "audited_decisions": actions,
-        }, indent=2) + "\n")
+            "platform": platform.platform(), "results": results, "audited_decisions": actions,
+        }, indent=2, default=str) + "\n")
         print(f"results written to {out}")
-        failed = any(c.errors for c in cells.values()) or not actions.get("deny")
+        failed = errors > 0 or (not actions.get("deny") and workloads != ["models"])
     finally:
         for proc in reversed(procs):
             await stop(proc)
-    shutil.rmtree(tmp)  # kept when the run failed, for the child logs
-    return 1 if failed else 0
+    if failed:
+        print(f"failed; child logs kept in {tmp}", file=sys.stderr)
+        return 1
+    shutil.rmtree(tmp)
+    return 0
 
 
 def main() -> int:
@@ -308,6 +351,10 @@ def main() -> int:
                    help="fake upstream latency before answering (default 20)")
     p.add_argument("--event-delay-ms", type=float, default=1.0,
                    help="fake upstream pause between SSE events (default 1)")
+    p.add_argument("--workloads", default="chat,stream",
+                   help="comma-separated, of: chat (non-streaming), stream, models (GET "
+                        "/models, which tether passes through ungoverned: the cost of the "
+                        "extra HTTP hop alone). Default chat,stream")
     p.add_argument("--profile", type=Path, default=None, metavar="FILE",
                    help="run tether under cProfile and write its stats to FILE "
                         "(inflates the proxied figures; for finding where time goes)")
@@ -317,9 +364,14 @@ def main() -> int:
         asyncio.run(serve_fake(args.first_delay_ms / 1000, args.event_delay_ms / 1000))
         return 0
     if not (1 <= args.concurrency <= 256 and 1 <= args.rounds <= 100
-            and 0 < args.phase_seconds <= 600):
-        p.error("concurrency 1-256, rounds 1-100, phase-seconds in (0, 600]")
-    return asyncio.run(bench(args))
+            and 0 < args.phase_seconds <= 600 and 0 <= args.warmup_seconds <= 600):
+        p.error("concurrency 1-256, rounds 1-100, phase/warm-up seconds up to 600")
+    if not args.workloads or not set(args.workloads.split(",")) <= set(WORKLOADS):
+        p.error(f"--workloads: a comma-separated subset of {','.join(WORKLOADS)}")
+    try:
+        return asyncio.run(bench(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
 
 
 if __name__ == "__main__":

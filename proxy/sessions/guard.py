@@ -132,7 +132,7 @@ class SessionGuard:
         cost = self.budgets.prices.cost_micro_usd(admission.model, usage)
         actual = {"tokens": usage.total_tokens, "input_tokens": usage.input_tokens,
                   "output_tokens": usage.output_tokens, "cost_usd": cost, "llm_calls": 1}
-        deltas = [replace(c, amount=actual[c.field] - c.amount) for c in admission.reserved]
+        deltas = [c._replace(amount=actual[c.field] - c.amount) for c in admission.reserved]
         await self._adjust("settle", deltas)
 
     async def release(self, admission: Admission | None) -> None:
@@ -140,7 +140,7 @@ class SessionGuard:
         if admission is None or admission.done:
             return
         admission.done = True
-        await self._adjust("release", [replace(c, amount=-c.amount) for c in admission.reserved])
+        await self._adjust("release", [c._replace(amount=-c.amount) for c in admission.reserved])
 
     async def _adjust(self, op: str, deltas: list[Counter]) -> None:
         try:

@@ -76,36 +76,47 @@ class MemoryStore:
         self._buckets: TLRUCache[str, _Bucket] = TLRUCache(maxsize, ttu=_ttu, timer=time.time)
 
     def _get(self, bucket: str, ttl_s: int) -> _Bucket:
+        """The bucket, created if absent. Its expiry is pushed out lazily (re-inserting
+        into the cache is the expensive part): a bucket idle for `ttl_s` is gone, one
+        in use is refreshed whenever less than half its time is left."""
         found = self._buckets.get(bucket)
-        expires = time.time() + ttl_s
-        if found is None:
-            found = _Bucket(expires)
-        elif found.expires < expires:
-            found.expires = expires
-        self._buckets[bucket] = found  # re-insert: refreshes the expiry
+        now = time.time()
+        if found is None or found.expires - now < ttl_s / 2:
+            if found is None:
+                found = _Bucket(now + ttl_s)
+            found.expires = max(found.expires, now + ttl_s)
+            self._buckets[bucket] = found
         return found
+
+    def _apply(self, counters: Sequence[Counter]) -> None:
+        current: _Bucket | None = None
+        name = ""
+        for c in counters:  # counters come grouped by bucket
+            if not c.amount:
+                continue
+            if current is None or c.bucket != name:
+                current, name = self._get(c.bucket, c.ttl_s), c.bucket
+            current.fields[c.field] = current.fields.get(c.field, 0) + c.amount
 
     async def reserve(self, counters: Sequence[Counter]) -> Reserved:
         blocked: list[Counter] = []
         shadow: list[Counter] = []
+        found: _Bucket | None = None
+        name: str | None = None
         for c in counters:
             if c.limit is None or c.amount <= 0:
                 continue
-            found = self._buckets.get(c.bucket)
+            if c.bucket != name:
+                found, name = self._buckets.get(c.bucket), c.bucket
             used = found.fields.get(c.field, 0) if found else 0
             if used + c.amount > c.limit:
                 (shadow if c.shadow else blocked).append(c)
         if not blocked:
-            for c in counters:
-                b = self._get(c.bucket, c.ttl_s)
-                b.fields[c.field] = b.fields.get(c.field, 0) + c.amount
+            self._apply(counters)
         return Reserved(tuple(blocked), tuple(shadow))
 
     async def adjust(self, counters: Sequence[Counter]) -> None:
-        for c in counters:
-            if c.amount:
-                b = self._get(c.bucket, c.ttl_s)
-                b.fields[c.field] = b.fields.get(c.field, 0) + c.amount
+        self._apply(counters)
 
     async def first_seen(self, bucket: str, now: float, ttl_s: int) -> float:
         b = self._get(bucket, ttl_s)
