@@ -407,3 +407,29 @@ def test_two_tether_processes_share_one_redis_budget(
                 proc.stdout.close()
     assert sorted(statuses) == [200] * 5 + [429] * 25
     assert len(fake.requests) == 5
+
+
+async def test_anthropic_budget_error_has_anthropics_shape(make_stack: MakeStack) -> None:
+    import anthropic
+
+    from proxy.demo.fake_anthropic import FakeAnthropic
+
+    stack = await make_stack(extra=budget("llm_calls: 1"),
+                             upstreams={"anthropic": FakeAnthropic()})
+    client = anthropic.AsyncAnthropic(base_url=stack.proxy_url + "/anthropic", api_key="k",
+                                      max_retries=0,
+                                      default_headers={"X-Tether-Session": "anthropic"})
+    try:
+        await client.messages.create(model="claude-test", max_tokens=100,
+                                     messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(anthropic.RateLimitError) as info:
+            await client.messages.create(model="claude-test", max_tokens=100,
+                                         messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await client.close()
+    assert info.value.response.headers["x-should-retry"] == "false"
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error"
+    status = await session_status(stack, "anthropic")
+    assert status["spent"]["llm_calls"] == 1  # type: ignore[index]

@@ -1,12 +1,246 @@
-"""Placeholder until the anthropic wire format lands: every anthropic route is refused (501),
-never passed through ungoverned."""
+"""Anthropic behind `/anthropic/`: the Messages API's routes, requests, responses, errors.
+
+    POST v1/messages             governed: every `tool_use` block is decided
+    v1/messages/batches...       refused (501): batch results carry tool calls that
+                                 tether cannot hold back and decide yet
+    v1/messages/count_tokens,
+    v1/models ...                passed through unchanged
+
+Like the OpenAI routes, the messages endpoint is recognised by its last
+segment, so near-misses (`v1/messages/`, `v1/Messages`, `v2/messages`) are
+refused instead of opening a second, ungoverned door to it.
+
+Only `tool_use` blocks are governed; `server_tool_use` (web search, code
+execution ...), `mcp_tool_use`, their results and `thinking` blocks pass,
+because those tools run at Anthropic, not in the agent. Streams are filtered
+in `anthropic_stream`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from .base import ErrorReply, Route, RouteKind
-from .openai_chat import error_reply
+from ..errors import BadRequest, UpstreamError
+from ..model import Decision, ToolCall, Usage
+from .anthropic_stream import (
+    CUT_REASONS,
+    GOVERNED_BLOCK,
+    MessagesStream,
+    cut_problem,
+    error_body,
+    error_type,
+    tool_call,
+    usage_of,
+    usage_total,
+)
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary, denial_text
+
+type JSONObject = dict[str, object]
+
+MESSAGES_PATH = "v1/messages"
+# Segments of endpoints that carry tool calls tether does not read yet.
+NOT_YET_GOVERNED = {"batches"}
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
+    out: JSONObject = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_request(body: bytes) -> ParsedRequest:
+    """Model, stream, the declared tool names (custom and server tools alike, so a
+    call to anything else is undeclared) and `metadata.user_id` as the user."""
+    try:
+        obj = json.loads(body, object_pairs_hook=_strict_pairs)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = obj.get("model")
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    stream = obj.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean")
+    names: list[str] = []
+    tools = obj.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("'tools' must be an array")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise BadRequest(f"tools[{i}] must be an object")
+            name = tool.get("name")
+            if name is not None and not isinstance(name, str):
+                raise BadRequest(f"tools[{i}].name must be a string")
+            if name is not None:
+                names.append(name)
+    metadata = obj.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadRequest("'metadata' must be an object")
+    user = metadata.get("user_id") if metadata else None
+    if user is not None and not isinstance(user, str):
+        raise BadRequest("'metadata.user_id' must be a string")
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or max_tokens < 0):
+        raise BadRequest("'max_tokens' must be a whole number")
+    return ParsedRequest(model=model, stream=bool(stream), declared_tools=tuple(names),
+                         user=user or None, max_output_tokens=max_tokens,
+                         fingerprint=_fingerprint(obj.get("system"), obj.get("messages")))
+
+
+def _fingerprint(system: object, messages: object) -> str | None:
+    """The system prompt and the first user message: one conversation across turns."""
+    first = None
+    if isinstance(messages, list):
+        first = next((m.get("content") for m in messages
+                      if isinstance(m, dict) and m.get("role") == "user"), None)
+    if system is None and first is None:
+        return None
+    return json.dumps([system, first], sort_keys=True, ensure_ascii=False)
+
+
+# --- whole responses --------------------------------------------------------------------
+
+
+class _Pairs(dict[str, object]):
+    """An object that held a duplicate key: every pair is kept, so a tool's input is
+    refused for it (parse_arguments), exactly as the same input in a stream is."""
+
+    pairs: list[tuple[str, object]]
+
+
+def _keep_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
+    if len({k for k, _ in pairs}) == len(pairs):
+        return dict(pairs)
+    out = _Pairs(pairs)
+    out.pairs = pairs
+    return out
+
+
+def _dumps(value: object) -> str:
+    """JSON text of a tool's input, duplicate keys included."""
+    if isinstance(value, dict):
+        items = value.pairs if isinstance(value, _Pairs) else list(value.items())
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_dumps(v)}"
+                               for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_dumps(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _duplicates(value: object) -> bool:
+    if isinstance(value, _Pairs):
+        return True
+    if isinstance(value, dict):
+        return any(_duplicates(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_duplicates(v) for v in value)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesResponse:
+    body: bytes
+    calls: tuple[ToolCall, ...]
+    usage: Usage | None
+
+
+def parse_response(body: bytes) -> MessagesResponse:
+    try:
+        obj = json.loads(body, object_pairs_hook=_keep_pairs)
+        if not isinstance(obj, dict):
+            raise UpstreamError("upstream response must be a JSON object")
+        content = obj.get("content")
+        if not isinstance(content, list):
+            raise UpstreamError("upstream response has no 'content' array")
+        stop_reason = obj.get("stop_reason")
+        calls: list[ToolCall] = []
+        for i, block in enumerate(content):
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise UpstreamError(f"upstream content[{i}] has no type")
+            if block["type"] != GOVERNED_BLOCK:
+                continue
+            call_id, name, arguments = block.get("id"), block.get("name"), block.get("input")
+            if not isinstance(call_id, str) or not isinstance(name, str) \
+                    or not isinstance(arguments, dict) or isinstance(block, _Pairs):
+                raise UpstreamError(f"upstream tool_use content[{i}] has no id, name or input")
+            # The last block of an answer cut by max_tokens is a cut-off call.
+            cut = isinstance(stop_reason, str) and stop_reason in CUT_REASONS
+            problem = cut_problem(str(stop_reason)) if cut and i == len(content) - 1 else None
+            calls.append(tool_call(id=call_id, name=name, raw=_dumps(arguments), index=i,
+                                   problem=problem))
+            block["input"] = {}  # checked as a call; not part of the envelope below
+        if _duplicates(obj):
+            raise UpstreamError("upstream response holds a duplicate key")
+    except RecursionError as e:
+        raise UpstreamError("upstream response is nested too deeply") from e
+    except ValueError as e:
+        raise UpstreamError(f"upstream response is not valid JSON: {e}") from e
+    fields: dict[str, int] = {}
+    usage_of(fields, obj.get("usage"))
+    return MessagesResponse(body, tuple(calls), usage_total(fields))
+
+
+def render_response(response: MessagesResponse, decisions: Sequence[Decision]) -> bytes:
+    """Denied tool_use blocks become text blocks in place; the original bytes if none is."""
+    if all(d.allowed for d in decisions):
+        return response.body
+    obj = json.loads(response.body)
+    content = obj["content"]
+    kept = 0
+    for call, decision in zip(response.calls, decisions, strict=True):
+        if decision.allowed:
+            kept += 1
+        else:
+            content[call.index] = {"type": "text", "text": denial_text(call, decision)}
+    if not kept and obj.get("stop_reason") == "tool_use":
+        obj["stop_reason"] = "end_turn"
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def error_reply(status: int, message: str) -> ErrorReply:
+    """An error in Anthropic's shape, its `type` the one Anthropic uses for the status."""
+    return ErrorReply(status, error_body(message, error_type(status)))
+
+
+class AnthropicMessages:
+    """The Messages wire format."""
+
+    name = "anthropic.messages"
+
+    def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
+        return parse_request(body)
+
+    def parse_response(self, body: bytes) -> MessagesResponse:
+        return parse_response(body)
+
+    def render_response(self, parsed: ParsedResponse, decisions: Sequence[Decision]) -> bytes:
+        assert isinstance(parsed, MessagesResponse)
+        return render_response(parsed, decisions)
+
+    def stream(self, route: Route) -> MessagesStream:
+        return MessagesStream()
+
+    def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
+                     ) -> ErrorReply:
+        return error_reply(403, denial_summary(calls, decisions))
+
+
+MESSAGES = AnthropicMessages()
 
 
 class AnthropicProvider:
@@ -14,8 +248,19 @@ class AnthropicProvider:
     name = "anthropic"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
-        return Route(RouteKind.REFUSE, status=501,
-                     message=f"/{self.name}/ is not governed by this version of tether yet")
+        segments = [s for s in path.lower().split("/") if s]
+        if NOT_YET_GOVERNED.intersection(segments):
+            return Route(RouteKind.REFUSE, status=501, message=(
+                f"/{self.name}/{path}: message batch results carry tool calls that this "
+                "version of tether cannot govern yet, so batches are refused rather than "
+                "passed through"))
+        if segments[-1:] == ["messages"]:
+            if method != "POST" or path != MESSAGES_PATH:
+                return Route(RouteKind.REFUSE, status=404, message=(
+                    f"{method} /{self.name}/{path}: the messages endpoint is "
+                    f"POST /{self.name}/{MESSAGES_PATH}"))
+            return Route(RouteKind.GOVERNED, MESSAGES, upstream_path=path)
+        return Route(RouteKind.PASS, upstream_path=path)
 
     def error(self, status: int, message: str, code: str) -> ErrorReply:
-        return error_reply(status, message, code)
+        return error_reply(status, message)

@@ -1,0 +1,384 @@
+"""Anthropic Messages streams (sans-IO), and the pieces whole responses share with them.
+
+A stream is a series of named SSE events: `message_start`; per content block
+`content_block_start`, `content_block_delta`s and `content_block_stop`; then
+`message_delta` (stop_reason, cumulative usage) and `message_stop`. `ping` may
+come anywhere and `error` ends the stream. Blocks follow one another with
+`index` 0, 1, 2 ..., and the SDKs accumulate content *by that index* (a start
+appends, a delta edits `content[index]`), so tether never renumbers: a denied
+block becomes a text block at the same index.
+
+Only `tool_use` blocks are governed: they are the calls the agent will run.
+`server_tool_use`, `mcp_tool_use`, their result blocks, `thinking` and
+`redacted_thinking` pass through, because server tools run at Anthropic, not in
+the agent, and their results are already in the answer when the agent sees it.
+
+A `tool_use` block is held from its start until the first event after its
+stop, which tells whether the answer ended right there with stop_reason
+`max_tokens` (the call was cut off and is denied). An allowed block is re-emitted
+as its original start event, one `input_json_delta` carrying every fragment's
+text concatenated (so the SDK's accumulated `input` is what the upstream sent),
+and its original stop event. Pings pass at once, even while a block is held:
+they carry nothing and keep the client's connection alive.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ProtocolError
+from ..model import Decision, OnDeny, ToolCall, Usage
+from .arguments import parse_arguments
+from .base import Step, denial_text
+from .sse import SSEDecoder, SSEEvent, encode
+
+type JSONObject = dict[str, object]
+
+# Stop reasons that end an answer wherever the model was, mid tool call included.
+CUT_REASONS = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
+GOVERNED_BLOCK = "tool_use"
+# The error types Anthropic uses per HTTP status.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+               429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
+USAGE_INPUT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, kind: str) -> bytes:
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}},
+                      ensure_ascii=False).encode()
+
+
+def error_event(message: str, kind: str) -> bytes:
+    return encode(SSEEvent(error_body(message, kind).decode(), event="error"))
+
+
+def cut_problem(reason: str) -> str:
+    return f"the response was cut off (stop_reason {reason}) in the middle of a tool call"
+
+
+def tool_call(*, id: str, name: str, raw: str, index: int, problem: str | None = None
+              ) -> ToolCall:
+    arguments, why = parse_arguments(raw)
+    problem = problem or why
+    return ToolCall(id=id, name=name, raw_arguments=raw,
+                    arguments=None if problem else arguments, index=index, problem=problem)
+
+
+def usage_of(fields: dict[str, int], usage: object) -> None:
+    """Fold one usage object into `fields`. Counts are cumulative totals, so a later
+    value replaces an earlier one; a field left out keeps its earlier value."""
+    if isinstance(usage, dict):
+        for key in (*USAGE_INPUT, "output_tokens"):
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                fields[key] = value
+
+
+def usage_total(fields: dict[str, int]) -> Usage | None:
+    """Cached input tokens count as input: a budget is about everything the model read."""
+    if not fields:
+        return None
+    return Usage(input_tokens=sum(fields.get(k, 0) for k in USAGE_INPUT),
+                 output_tokens=fields.get("output_tokens", 0))
+
+
+def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
+    out: JSONObject = {}
+    for key, value in pairs:
+        if key in out:
+            raise ProtocolError(f"upstream stream event holds a duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _event(kind: str, body: JSONObject) -> bytes:
+    return encode(SSEEvent(json.dumps(body, ensure_ascii=False), event=kind))
+
+
+@dataclass(slots=True)
+class _Tool:
+    """A tool_use block held back: its original start and stop events and input text."""
+
+    index: int
+    id: str
+    name: str
+    start: SSEEvent
+    fragments: list[str] = field(default_factory=list)
+    stop: SSEEvent | None = None
+    problem: str | None = None
+
+
+class MessagesStream:
+    """Filters one Messages SSE stream; see `providers.base` for the protocol."""
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self._queue: deque[SSEEvent] = deque()
+        self._started = False
+        self._next_index = 0
+        self._open: set[int] = set()       # blocks passed through and not yet stopped
+        self._held: _Tool | None = None
+        self._pending: ToolCall | None = None
+        self._kept = 0
+        self._denied = 0
+        self._finished = False             # a message_delta with a stop_reason arrived
+        self._ended = False
+        self._eof = False
+        self._final = b""
+        self._usage: dict[str, int] = {}
+        self._failed: str | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        return usage_total(self._usage)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the stream was ended with an error event, or None."""
+        return self._failed
+
+    def feed(self, chunk: bytes) -> Step:
+        if self._ended:
+            return Step()
+        try:
+            self._queue.extend(self._decoder.feed(chunk))
+        except ProtocolError as e:
+            return self._fail(e.message)
+        return self._run()
+
+    def close(self) -> Step:
+        """The upstream ended. Without message_stop (or a final message_delta) the
+        answer was cut: a held call is denied and the client gets an error event."""
+        if self._ended:
+            return Step()
+        try:
+            self._decoder.flush()
+        except ProtocolError as e:
+            return self._fail(e.message)
+        self._eof = True
+        return self._run()
+
+    def decide(self, decisions: Sequence[Decision]) -> Step:
+        call, held = self._pending, self._held
+        if call is None or held is None or len(decisions) != 1:
+            raise ValueError("one decision is needed for the pending call")
+        decision = decisions[0]
+        self._pending = self._held = None
+        if self._ended:
+            # The stream failed while the call was open: it is denied, never released.
+            final, self._final = self._final, b""
+            return Step(final)
+        if not decision.allowed and decision.on_deny is OnDeny.ERROR:
+            self._ended = True
+            self._failed = "tool call denied"
+            self._queue.clear()
+            return Step(error_event(denial_text(call, decision), "permission_error"))
+        out = self._render(held, call, decision)
+        step = self._run()
+        return Step(out + step.data, step.pending)
+
+    def _fail(self, message: str, *, notify: bool = True) -> Step:
+        """End the stream with an error event; a held call is still decided (as denied)."""
+        self._ended = True
+        self._failed = message
+        self._queue.clear()
+        self._final = error_event(message, "api_error") if notify else b""
+        if self._held is not None:
+            problem = f"{message}; the tool call was not released"
+            self._pending = self._complete(self._held, problem)
+            return Step(b"", (self._pending,))
+        final, self._final = self._final, b""
+        return Step(final)
+
+    def _complete(self, held: _Tool, problem: str | None = None) -> ToolCall:
+        return tool_call(id=held.id, name=held.name, raw="".join(held.fragments),
+                         index=held.index, problem=problem or held.problem)
+
+    def _run(self) -> Step:
+        out = bytearray()
+        while self._queue and self._pending is None and not self._ended:
+            event = self._queue[0]
+            try:
+                kind, obj = self._read(event)
+                if kind == "error":
+                    self._queue.popleft()
+                    out += encode(event)
+                    step = self._fail("the upstream sent an error event mid-stream", notify=False)
+                    return Step(bytes(out) + step.data, step.pending)
+                if kind == "ping":
+                    self._queue.popleft()
+                    out += encode(event)
+                    continue
+                if self._held is not None:
+                    if self._hold(self._held, kind, obj, event):
+                        self._pending = self._complete(self._held)
+                        return Step(bytes(out), (self._pending,))
+                    continue
+                self._queue.popleft()
+                out += self._pass(kind, obj, event)
+            except ProtocolError as e:
+                step = self._fail(e.message)
+                return Step(bytes(out) + step.data, step.pending)
+        if self._eof and not self._queue and self._pending is None and not self._ended:
+            if self._held is not None or not self._finished:
+                step = self._fail("the upstream stream ended before the response was complete")
+                return Step(bytes(out) + step.data, step.pending)
+            self._ended = True
+        return Step(bytes(out))
+
+    def _read(self, event: SSEEvent) -> tuple[str, JSONObject]:
+        """The event's type. The SDKs dispatch on the SSE event name and parse the data,
+        so the two must agree; an event without a name is refused, not guessed at. An
+        `error` event is passed on whatever its data: the SDKs raise on the name alone."""
+        if event.event == "error":
+            return "error", {}
+        try:
+            obj = json.loads(event.data, object_pairs_hook=_strict_pairs)
+        except (ValueError, RecursionError) as e:
+            raise ProtocolError("upstream stream event is not valid JSON") from e
+        if not isinstance(obj, dict):
+            raise ProtocolError("upstream stream event is not a JSON object")
+        kind = obj.get("type")
+        if not isinstance(kind, str) or event.event != kind:
+            raise ProtocolError(f"upstream stream event {event.event!r} carries data of type "
+                                f"{kind!r}")
+        return kind, obj
+
+    def _hold(self, held: _Tool, kind: str, obj: JSONObject, event: SSEEvent) -> bool:
+        """Take the next event while a tool_use block is held; True when it is complete."""
+        if held.stop is None:
+            if kind == "content_block_delta" and _index(obj) == held.index:
+                delta = obj.get("delta")
+                if not isinstance(delta, dict) or delta.get("type") != "input_json_delta" \
+                        or not isinstance(delta.get("partial_json"), str):
+                    raise ProtocolError(f"tool_use block {held.index} got a delta that is not "
+                                        "input_json_delta text")
+                held.fragments.append(str(delta["partial_json"]))
+                self._queue.popleft()
+                return False
+            if kind == "content_block_stop" and _index(obj) == held.index:
+                held.stop = event
+                self._queue.popleft()
+                return False
+            reason = _stop_reason(obj) if kind == "message_delta" else None
+            if reason not in CUT_REASONS:
+                raise ProtocolError(f"upstream sent {kind} while tool_use block {held.index} "
+                                    "was still open")
+        elif kind in ("content_block_delta", "content_block_stop", "message_stop"):
+            # message_stop here means no message_delta: the stop_reason, which says
+            # whether this call was cut off, never came.
+            raise ProtocolError(f"upstream sent {kind} right after tool_use block {held.index}")
+        elif kind == "message_delta":
+            reason = _stop_reason(obj)
+        else:
+            return True
+        if reason in CUT_REASONS:
+            assert reason is not None
+            held.problem = cut_problem(reason)
+        return True
+
+    def _pass(self, kind: str, obj: JSONObject, event: SSEEvent) -> bytes:
+        """Apply one event with no block held: hold a tool_use start, release the rest."""
+        if kind == "message_start":
+            message = obj.get("message")
+            if self._started or not isinstance(message, dict):
+                raise ProtocolError("upstream sent a second or malformed message_start")
+            if message.get("content"):
+                raise ProtocolError("upstream message_start carries content blocks")
+            self._started = True
+            usage_of(self._usage, message.get("usage"))
+            return encode(event)
+        if not self._started:
+            raise ProtocolError(f"upstream sent {kind} before message_start")
+        if kind == "content_block_start":
+            return self._start(_index(obj), obj, event)
+        if kind in ("content_block_delta", "content_block_stop"):
+            index = _index(obj)
+            if index not in self._open:
+                raise ProtocolError(f"upstream sent {kind} for content block {index}, which is "
+                                    "not open")
+            if kind == "content_block_stop":
+                self._open.discard(index)
+            return encode(event)
+        if kind == "message_delta":
+            reason = _stop_reason(obj)
+            usage_of(self._usage, obj.get("usage"))
+            self._finished = self._finished or reason is not None
+            if reason == "tool_use" and self._denied and not self._kept:
+                delta = obj["delta"]
+                assert isinstance(delta, dict)
+                body = {**obj, "delta": {**delta, "stop_reason": "end_turn"}}
+                return encode(SSEEvent(json.dumps(body, ensure_ascii=False), event.event,
+                                       event.id, event.retry))
+            return encode(event)
+        if kind == "message_stop":
+            if not self._finished:
+                raise ProtocolError("upstream sent message_stop before message_delta")
+            self._ended = True
+        # Unknown event types pass: the SDKs build content only from the events above.
+        return encode(event)
+
+    def _start(self, index: int, obj: JSONObject, event: SSEEvent) -> bytes:
+        if index != self._next_index or self._finished:
+            raise ProtocolError(f"upstream started content block {index} out of order")
+        block = obj.get("content_block")
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise ProtocolError(f"upstream content block {index} has no type")
+        self._next_index += 1
+        if block["type"] != GOVERNED_BLOCK:
+            self._open.add(index)
+            return encode(event)
+        call_id, name = block.get("id"), block.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise ProtocolError(f"upstream tool_use block {index} has no id or name")
+        if block.get("input", {}) != {}:
+            # The SDKs would start from this input and overwrite it with the deltas:
+            # two sources for one call's arguments. Refused rather than guessed.
+            raise ProtocolError(f"upstream tool_use block {index} starts with input; input "
+                                "must arrive as input_json_delta")
+        self._held = _Tool(index, call_id, name, event)
+        return b""
+
+    def _render(self, held: _Tool, call: ToolCall, decision: Decision) -> bytes:
+        index = held.index
+        stop = _event("content_block_stop", {"type": "content_block_stop", "index": index})
+        if decision.allowed:
+            self._kept += 1
+            out = encode(held.start)
+            if held.fragments:
+                out += _event("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": call.raw_arguments}})
+            return out + (encode(held.stop) if held.stop is not None else stop)
+        self._denied += 1
+        return (_event("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": {"type": "text", "text": ""}})
+                + _event("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": denial_text(call, decision)}})
+                + stop)
+
+
+def _index(obj: JSONObject) -> int:
+    index = obj.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ProtocolError(f"upstream {obj.get('type')} has no valid index")
+    return index
+
+
+def _stop_reason(obj: JSONObject) -> str | None:
+    delta = obj.get("delta")
+    if not isinstance(delta, dict):
+        raise ProtocolError("upstream message_delta has no delta object")
+    reason = delta.get("stop_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ProtocolError("upstream stop_reason is not a string")
+    return reason
