@@ -181,7 +181,10 @@ async def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path, status", [
     ("/elsewhere/v1/chat/completions", 404),
-    ("/openai/v1/responses", 501),
+    ("/openai/v1/responses/", 404),
+    ("/openai/v1/responses/resp_1", 501),
+    ("/openai/v1/conversations/c1/items", 501),
+    ("/openai/v1/chat/completions/chatcmpl-1/messages", 501),
     ("/openai/v1/threads/t1/runs", 501),
     ("/openai/v1/chat/completions/", 404),
     ("/openai/v1/Chat/Completions", 404),

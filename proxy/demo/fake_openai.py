@@ -171,7 +171,15 @@ class FakeOpenAI:
         # Azure OpenAI's spellings of the same endpoint.
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure)
         app.router.add_post("/openai/v1/chat/completions", self._chat)
+        # The Responses API, and Azure's spellings of it (fake_responses serves them).
+        for path in ("/v1/responses", "/openai/v1/responses", "/openai/responses"):
+            app.router.add_post(path, self._responses)
         return app
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        from .fake_responses import serve  # it builds on this module's Reply and Call
+
+        return await serve(self, request)
 
     async def _azure(self, request: web.Request) -> web.StreamResponse:
         if "api-version" not in request.query:

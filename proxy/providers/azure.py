@@ -2,6 +2,7 @@
 
     openai/deployments/{deployment}/chat/completions?api-version=...   (classic)
     openai/v1/chat/completions                                       (v1 API)
+    openai/responses?api-version=...  and  openai/v1/responses        (Responses API)
 
 The deployment names the model when the body does not. Keys go in `api-key`.
 Errors have OpenAI's shape, which Azure shares.
@@ -14,6 +15,9 @@ from collections.abc import Mapping
 from .base import ErrorReply, Route, RouteKind
 from .openai import NOT_YET_GOVERNED
 from .openai_chat import CHAT, error_reply
+from .openai_responses import RESPONSES
+
+RESPONSES_PATHS = (["openai", "v1", "responses"], ["openai", "responses"])
 
 
 class AzureProvider:
@@ -23,11 +27,21 @@ class AzureProvider:
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
         segments = [s for s in path.split("/") if s]
         lower = [s.lower() for s in segments]
+        if lower[-1:] == ["responses"]:
+            if method == "POST" and path == "/".join(segments) and segments in RESPONSES_PATHS:
+                return Route(RouteKind.GOVERNED, RESPONSES, upstream_path=path)
+            return Route(RouteKind.REFUSE, status=404, message=(
+                f"{method} /{self.name}/{path}: the responses endpoints are POST "
+                f"/{self.name}/openai/responses and /{self.name}/openai/v1/responses"))
         if NOT_YET_GOVERNED.intersection(lower):
             return Route(RouteKind.REFUSE, status=501, message=(
                 f"/{self.name}/{path} carries tool calls that this version of tether cannot "
                 "govern yet, so it is refused rather than passed through"))
         if lower[-2:] != ["chat", "completions"]:
+            if any(lower[i:i + 2] == ["chat", "completions"] for i in range(len(lower))):
+                return Route(RouteKind.REFUSE, status=501, message=(
+                    f"/{self.name}/{path}: stored chat completions hold the original tool "
+                    "calls, which this version of tether does not rewrite, so they are refused"))
             return Route(RouteKind.PASS, upstream_path=path)
         exact = path == "/".join(segments) and method == "POST"
         if exact and lower[:2] == ["openai", "v1"] and len(segments) == 4:

@@ -12,11 +12,15 @@ from collections.abc import Mapping
 
 from .base import ErrorReply, Route, RouteKind
 from .openai_chat import CHAT, error_reply
+from .openai_responses import RESPONSES
 
 CHAT_PATH = "v1/chat/completions"
+RESPONSES_PATH = "v1/responses"
 # Segments of endpoints that carry tool calls in a format this version does not
-# read yet: refused rather than passed through ungoverned.
-NOT_YET_GOVERNED = {"responses", "assistants", "threads", "realtime"}
+# read yet: refused rather than passed through ungoverned. Only `POST v1/responses`
+# itself is governed: a stored response and its input items hold the original,
+# unrewritten calls; so do conversation items and stored chat completions.
+NOT_YET_GOVERNED = {"responses", "assistants", "threads", "realtime", "conversations"}
 
 
 class OpenAIProvider:
@@ -25,6 +29,12 @@ class OpenAIProvider:
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
         segments = [s for s in path.lower().split("/") if s]
+        if segments[-1:] == ["responses"]:
+            if method != "POST" or path != RESPONSES_PATH:
+                return Route(RouteKind.REFUSE, status=404, message=(
+                    f"{method} /{self.name}/{path}: the responses endpoint is "
+                    f"POST /{self.name}/{RESPONSES_PATH}"))
+            return Route(RouteKind.GOVERNED, RESPONSES, upstream_path=path)
         if NOT_YET_GOVERNED.intersection(segments):
             return Route(RouteKind.REFUSE, status=501, message=(
                 f"/{self.name}/{path} carries tool calls that this version of tether cannot "
@@ -35,6 +45,10 @@ class OpenAIProvider:
                     f"{method} /{self.name}/{path}: the chat endpoint is "
                     f"POST /{self.name}/{CHAT_PATH}"))
             return Route(RouteKind.GOVERNED, CHAT, upstream_path=path)
+        if any(segments[i:i + 2] == ["chat", "completions"] for i in range(len(segments))):
+            return Route(RouteKind.REFUSE, status=501, message=(
+                f"/{self.name}/{path}: stored chat completions hold the original tool calls, "
+                "which this version of tether does not rewrite, so they are refused"))
         return Route(RouteKind.PASS, upstream_path=path)
 
     def error(self, status: int, message: str, code: str) -> ErrorReply:

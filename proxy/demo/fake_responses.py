@@ -1,0 +1,214 @@
+"""The Responses API side of the fake OpenAI server: bodies and streams from `Reply`.
+
+`FakeOpenAI` serves `POST /v1/responses` (and Azure's spellings) from the same
+queue of turns as chat. A `Reply` becomes output items in order: a `message`
+for its content, then one item per call: `function_call` for a `Call`,
+`custom_tool_call` for a `CustomCall` (its `arguments` is the free-text input),
+and a built-in item such as `web_search_call` for a `ServerCall`.
+
+Streams are what the API sends: one SSE message per write, `event: <type>` and
+`data:` holding the same `type` and a `sequence_number` from 0, text deltas of
+a few characters, argument deltas of `fragment` characters, and no `[DONE]`.
+A `finish_reason` of `length` or `content_filter` cuts the last item in half and
+ends the stream `response.incomplete`; `failed` ends it `response.failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .fake_openai import Body, Call, RawReply, Reply
+
+if TYPE_CHECKING:
+    from .fake_openai import FakeOpenAI
+
+_ids = itertools.count(1)
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+@dataclass(frozen=True, slots=True)
+class CustomCall(Call):
+    """A call to a custom (freeform) tool; `arguments` is its raw input text."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCall(Call):
+    """An item of a tool OpenAI runs itself: `name` is the item type (`web_search_call`),
+    `arguments` JSON of its other fields."""
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def _replies(turn: Reply | tuple[Reply, ...]) -> tuple[Reply, ...]:
+    return turn if isinstance(turn, tuple) else (turn,)
+
+
+def _items(turn: Reply | tuple[Reply, ...], n: int) -> list[Body]:
+    """Every output item, complete."""
+    items: list[Body] = []
+    for reply in _replies(turn):
+        if reply.content is not None:
+            items.append({"id": f"msg_{n}_{len(items)}", "type": "message", "status": "completed",
+                          "role": "assistant", "content": [
+                              {"type": "output_text", "annotations": [], "logprobs": [],
+                               "text": reply.content}]})
+        for i, call in enumerate(reply.calls):
+            call_id = call.id or f"call_{n}_{i}"
+            if isinstance(call, ServerCall):
+                items.append({"id": f"ws_{n}_{len(items)}", "type": call.name,
+                              "status": "completed", **json.loads(call.arguments)})
+            elif isinstance(call, CustomCall):
+                items.append({"id": f"ctc_{n}_{len(items)}", "type": "custom_tool_call",
+                              "status": "completed", "call_id": call_id, "name": call.name,
+                              "input": call.arguments})
+            else:
+                items.append({"id": f"fc_{n}_{len(items)}", "type": "function_call",
+                              "status": "completed", "arguments": call.arguments,
+                              "call_id": call_id, "name": call.name})
+    return items
+
+
+def _status(turn: Reply | tuple[Reply, ...]) -> str:
+    reason = _replies(turn)[-1].finish_reason
+    if reason == "failed":
+        return "failed"
+    return "incomplete" if reason in INCOMPLETE else "completed"
+
+
+def _text_field(item: Body) -> str | None:
+    return {"message": None, "function_call": "arguments", "custom_tool_call": "input"}.get(
+        item["type"])
+
+
+def _cut(item: Body) -> Body:
+    """The last item of an answer that was cut off: half its text, status incomplete."""
+    cut = {**item, "status": "incomplete"}
+    if item["type"] == "message":
+        text = item["content"][0]["text"]
+        cut["content"] = [{**item["content"][0], "text": text[:len(text) // 2]}]
+    elif (name := _text_field(item)) is not None:
+        cut[name] = item[name][:len(item[name]) // 2]
+    return cut
+
+
+def response(turn: Reply | tuple[Reply, ...], model: str, *, request: Body | None = None,
+             usage: tuple[int, int] = (24, 12), n: int | None = None) -> Body:
+    """The whole response object, as `POST /v1/responses` returns it without `stream`."""
+    n = next(_ids) if n is None else n
+    status = _status(turn)
+    output = _items(turn, n)
+    if status != "completed" and output:
+        output[-1] = _cut(output[-1])
+    reason = _replies(turn)[-1].finish_reason or ""
+    return {
+        "id": f"resp_fake{n}", "object": "response", "created_at": int(time.time()),
+        "status": status, "background": False,
+        "error": {"code": "server_error", "message": "The model failed."} if status == "failed"
+        else None,
+        "incomplete_details": {"reason": INCOMPLETE[reason]} if status == "incomplete" else None,
+        "instructions": None, "max_output_tokens": None, "model": model, "output": output,
+        "parallel_tool_calls": True, "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+        "store": True, "temperature": 1.0, "text": {"format": {"type": "text"}},
+        "tool_choice": "auto", "tools": (request or {}).get("tools") or [], "top_p": 1.0,
+        "truncation": "disabled", "user": None, "metadata": {},
+        "usage": {"input_tokens": usage[0], "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": usage[1], "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": usage[0] + usage[1]},
+    }
+
+
+def _item_events(index: int, item: Body, fragment: int, cut: bool) -> list[Body]:
+    """The events of one output item; a cut item stops halfway, without its `done`."""
+    started: Body = {**item, "status": "in_progress"}
+    where: Body = {"item_id": item["id"], "output_index": index}
+    events: list[Body] = []
+    if item["type"] == "message":
+        part = item["content"][0]
+        text = part["text"]
+        started["content"] = []
+        events += [{"type": "response.output_item.added", "output_index": index, "item": started},
+                   {"type": "response.content_part.added", **where, "content_index": 0,
+                    "part": {**part, "text": ""}}]
+        deltas = _pieces(text, 4)
+        events += [{"type": "response.output_text.delta", **where, "content_index": 0,
+                    "delta": d, "logprobs": []} for d in deltas[:len(deltas) // 2 if cut else None]]
+        if not cut:
+            events += [{"type": "response.output_text.done", **where, "content_index": 0,
+                        "text": text, "logprobs": []},
+                       {"type": "response.content_part.done", **where, "content_index": 0,
+                        "part": part}]
+    elif (name := _text_field(item)) is not None:
+        started[name] = ""
+        kind = "function_call_arguments" if name == "arguments" else "custom_tool_call_input"
+        deltas = _pieces(item[name], fragment)
+        events.append({"type": "response.output_item.added", "output_index": index,
+                       "item": started})
+        events += [{"type": f"response.{kind}.delta", **where, "delta": d}
+                   for d in deltas[:len(deltas) // 2 if cut else None]]
+        if not cut:
+            events.append({"type": f"response.{kind}.done", **where, name: item[name]})
+    else:
+        events += [{"type": "response.output_item.added", "output_index": index, "item": started},
+                   {"type": f"response.{item['type']}.in_progress", **where},
+                   {"type": f"response.{item['type']}.completed", **where}]
+    if not cut:
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    return events
+
+
+def stream_events(turn: Reply | tuple[Reply, ...], model: str, *, request: Body | None = None,
+                  fragment: int = 3, usage: tuple[int, int] = (24, 12)) -> list[bytes]:
+    """The SSE messages of a streamed answer, one per element."""
+    n = next(_ids)
+    final = response(turn, model, request=request, usage=usage, n=n)
+    status = final["status"]
+    items = _items(turn, n)
+    initial = {**final, "status": "in_progress", "output": [], "usage": None, "error": None,
+               "incomplete_details": None}
+    events: list[Body] = [{"type": "response.created", "response": initial},
+                          {"type": "response.in_progress", "response": initial}]
+    for i, item in enumerate(items):
+        cut = status != "completed" and i == len(items) - 1
+        events += _item_events(i, item, fragment, cut)
+    events.append({"type": f"response.{status}", "response": final})
+    out = []
+    for seq, event in enumerate(events):
+        data = json.dumps({**event, "sequence_number": seq})
+        out.append(f"event: {event['type']}\ndata: {data}\n\n".encode())
+    return out
+
+
+async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses` for the fake server, from its queue or script."""
+    if request.path == "/openai/responses" and "api-version" not in request.query:
+        return web.json_response({"error": {"code": "404", "message": "Resource not found"}},
+                                 status=404)
+    body = await request.json()
+    fake.requests.append(body)
+    fake.headers.append(dict(request.headers))
+    turn = fake._next(body)
+    if fake.first_delay_s:
+        await asyncio.sleep(fake.first_delay_s)
+    if isinstance(turn, RawReply):
+        return await fake._raw(request, turn)
+    model = str(body.get("model") or "gpt-fake")
+    if not body.get("stream"):
+        return web.json_response(response(turn, model, request=body))
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    for event in stream_events(turn, model, request=body, fragment=fake.fragment):
+        await resp.write(event)
+        if fake.delay_s:
+            await asyncio.sleep(fake.delay_s)
+    await resp.write_eof()
+    return resp
