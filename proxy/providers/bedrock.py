@@ -1,21 +1,286 @@
-"""Placeholder until the bedrock wire format lands: every bedrock route is refused (501),
-never passed through ungoverned."""
+"""AWS Bedrock behind `/bedrock/`: the Converse API, whole and streamed (sans-IO).
+
+    POST model/{modelId}/converse          a JSON answer; calls are `toolUse` content blocks
+    POST model/{modelId}/converse-stream   the binary event stream (see bedrock_stream.py)
+
+The model id is one URL-encoded path segment: ARNs carry `%3A` and `%2F`, so
+`/` is the one reserved escape this provider accepts. Every other Bedrock path
+(invoke-model, invoke-model-with-response-stream, apply-guardrail ...) is
+refused with 501: invoke-model bodies carry each model vendor's own tool-call
+format, which tether does not read there, and tether signs what it forwards
+with its own AWS credentials, so passing a path through would lend them to an
+ungoverned call.
+
+Errors have Bedrock's shape: `{"message": ...}` with the exception name in
+`x-amzn-ErrorType`, which is where botocore (and the other AWS SDKs) read the
+error code from.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
-from .base import ErrorReply, Route, RouteKind
-from .openai_chat import error_reply
+from ..errors import BadRequest, UpstreamError
+from ..model import Decision, ToolCall, Usage
+from .arguments import parse_arguments
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary, denial_text
+
+if TYPE_CHECKING:
+    from .bedrock_stream import ConverseStream
+
+type JSONObject = dict[str, object]
+
+OPERATIONS = {"converse": False, "converse-stream": True}  # operation -> streamed
+TOOL_USE, END_TURN = "tool_use", "end_turn"
+# Stop reasons that mean the answer was cut short: a tool call that ends the
+# answer may be cut with it, so it is denied even if its input happens to parse.
+CUT_REASONS = frozenset({"max_tokens", "model_context_window_exceeded", "content_filtered",
+                         "guardrail_intervened", "malformed_tool_use", "malformed_model_output"})
+ERROR_TYPES = {400: "ValidationException", 403: "AccessDeniedException",
+               404: "ResourceNotFoundException", 408: "ModelTimeoutException",
+               413: "ValidationException", 429: "ThrottlingException",
+               503: "ServiceUnavailableException"}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "InternalServerException" if status >= 500
+                           else "ValidationException")
+
+
+def error_reply(status: int, message: str, code: str = "") -> ErrorReply:
+    """An error as Bedrock sends one; `code` (tether's own) travels in `x-tether-error`."""
+    return ErrorReply(status, json.dumps({"message": message}).encode(),
+                      headers={"x-amzn-ErrorType": error_type(status)})
+
+
+def cut_problem(reason: str) -> str:
+    return f"the response was cut off (stopReason {reason}) at the end of a tool call"
+
+
+class Duplicated(dict[str, object]):
+    """A JSON object that held a key twice (the last value is kept).
+
+    Parsers disagree on which duplicate wins, so an object marked so is never
+    trusted: a tool input holding one is denied, anywhere else it is refused.
+    """
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> JSONObject:
+    out: JSONObject = {}
+    duplicated = False
+    for key, value in pairs:
+        duplicated = duplicated or key in out
+        out[key] = value
+    return Duplicated(out) if duplicated else out
+
+
+def has_duplicate(value: object, skip: frozenset[int] = frozenset()) -> bool:
+    """Whether a parsed value holds a `Duplicated` object (iteratively: JSON may nest deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in skip:
+            continue
+        if isinstance(item, Duplicated):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def load_object(body: bytes | str, what: str) -> JSONObject:
+    """One JSON object, duplicates marked (see `Duplicated`); ValueError if it is not."""
+    try:
+        value = json.loads(body, object_pairs_hook=_pairs)
+    except RecursionError as e:
+        raise ValueError(f"{what} is nested too deeply") from e
+    except ValueError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
+
+
+def parse_request(body: bytes, route: Route) -> ParsedRequest:
+    try:
+        obj = load_object(body, "request body")
+    except ValueError as e:
+        raise BadRequest(str(e)) from e
+    if has_duplicate(obj):
+        raise BadRequest("request body holds a duplicate key")
+    names: list[str] = []
+    config = obj.get("toolConfig")
+    if config is not None:
+        if not isinstance(config, dict):
+            raise BadRequest("'toolConfig' must be an object")
+        tools = config.get("tools")
+        if not isinstance(tools, list):
+            raise BadRequest("'toolConfig.tools' must be an array")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise BadRequest(f"toolConfig.tools[{i}] must be an object")
+            for kind in ("toolSpec", "systemTool"):
+                spec = tool.get(kind)
+                if spec is None:
+                    continue
+                if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                    raise BadRequest(f"toolConfig.tools[{i}].{kind} must be an object with a name")
+                names.append(str(spec["name"]))
+    return ParsedRequest(model=route.model or "", stream=bool(route.stream),
+                         declared_tools=tuple(names))
+
+
+def usage_of(obj: object) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    def count(value: object) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return Usage(input_tokens=count(obj.get("inputTokens")),
+                 output_tokens=count(obj.get("outputTokens")))
+
+
+def tool_call(*, id: str, name: str, raw: str, index: int, problem: str | None = None) -> ToolCall:
+    arguments, why = parse_arguments(raw)
+    problem = problem or why
+    return ToolCall(id=id, name=name, raw_arguments=raw, arguments=None if problem else arguments,
+                    index=index, problem=problem)
+
+
+@dataclass(frozen=True, slots=True)
+class ConverseResponse:
+    body: bytes
+    obj: JSONObject
+    calls: tuple[ToolCall, ...]
+    usage: Usage | None
+
+
+def _content(obj: JSONObject) -> list[object]:
+    output = obj.get("output")
+    message = output.get("message") if isinstance(output, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        raise UpstreamError("upstream response has no 'output.message.content' array")
+    return content
+
+
+def parse_response(body: bytes) -> ConverseResponse:
+    try:
+        obj = load_object(body, "upstream response")
+    except ValueError as e:
+        raise UpstreamError(str(e)) from e
+    content = _content(obj)
+    reason = obj.get("stopReason")
+    if reason is not None and not isinstance(reason, str):
+        raise UpstreamError("upstream 'stopReason' is not a string")
+    calls: list[ToolCall] = []
+    inputs: set[int] = set()
+    for i, block in enumerate(content):
+        if not isinstance(block, dict):
+            raise UpstreamError(f"upstream content[{i}] is not an object")
+        if "toolUse" not in block:
+            continue
+        use = block["toolUse"]
+        if not isinstance(use, dict) or not isinstance(use.get("name"), str) \
+                or not isinstance(use.get("toolUseId"), str):
+            raise UpstreamError(f"upstream content[{i}].toolUse has no name or toolUseId")
+        problem = cut_problem(str(reason)) if reason in CUT_REASONS and i == len(content) - 1 \
+            else None
+        if "input" not in use:
+            raw, problem = "", problem or "the toolUse block has no input"
+        else:
+            inputs.add(id(use["input"]))
+            if has_duplicate(use["input"]):
+                problem = problem or "tool-call arguments hold a duplicate key"
+            try:
+                raw = json.dumps(use["input"], ensure_ascii=False)
+            except (ValueError, RecursionError):
+                raw, problem = "", problem or "tool-call arguments cannot be read"
+        calls.append(tool_call(id=str(use["toolUseId"]), name=str(use["name"]), raw=raw,
+                               index=i, problem=problem))
+    if has_duplicate(obj, frozenset(inputs)):
+        raise UpstreamError("upstream response holds a duplicate key")
+    return ConverseResponse(body, obj, tuple(calls), usage_of(obj.get("usage")))
+
+
+def render_response(response: ConverseResponse, decisions: Sequence[Decision]) -> bytes:
+    """Denied toolUse blocks become text blocks in place; the upstream bytes if none is denied."""
+    if all(d.allowed for d in decisions):
+        return response.body
+    obj = response.obj
+    content = _content(obj)
+    for call, decision in zip(response.calls, decisions, strict=True):
+        if not decision.allowed:
+            content[call.index] = {"text": denial_text(call, decision)}
+    left = any(isinstance(b, dict) and "toolUse" in b for b in content)
+    if not left and obj.get("stopReason") == TOOL_USE:
+        obj["stopReason"] = END_TURN
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def denied_error(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> ErrorReply:
+    return error_reply(403, denial_summary(calls, decisions), "tool_call_denied")
+
+
+class BedrockConverse:
+    """The Converse wire format (Bedrock's model-neutral chat API)."""
+
+    name = "bedrock.converse"
+
+    def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
+        return parse_request(body, route)
+
+    def parse_response(self, body: bytes) -> ConverseResponse:
+        return parse_response(body)
+
+    def render_response(self, parsed: ParsedResponse, decisions: Sequence[Decision]) -> bytes:
+        assert isinstance(parsed, ConverseResponse)
+        return render_response(parsed, decisions)
+
+    def stream(self, route: Route) -> ConverseStream:
+        from .bedrock_stream import ConverseStream  # it builds on this module's helpers
+
+        return ConverseStream()
+
+    def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
+                     ) -> ErrorReply:
+        return denied_error(calls, decisions)
+
+
+CONVERSE = BedrockConverse()
 
 
 class BedrockProvider:
-    path_escapes: frozenset[str] = frozenset()
+    path_escapes: frozenset[str] = frozenset({"/"})
     name = "bedrock"
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
-        return Route(RouteKind.REFUSE, status=501,
-                     message=f"/{self.name}/ is not governed by this version of tether yet")
+        segments = path.split("/")
+        if len(segments) == 3 and segments[0] == "model" and segments[1] \
+                and segments[2] in OPERATIONS and method == "POST":
+            try:
+                model = unquote_to_bytes(segments[1]).decode("utf-8")
+            except UnicodeDecodeError:
+                return Route(RouteKind.REFUSE, status=400,
+                             message="the model id in the path is not valid UTF-8")
+            return Route(RouteKind.GOVERNED, CONVERSE, upstream_path=path, model=model,
+                         stream=OPERATIONS[segments[2]])
+        if any(s.lower() in OPERATIONS for s in segments):
+            return Route(RouteKind.REFUSE, status=404, message=(
+                f"{method} /{self.name}/{path}: the governed endpoints are POST "
+                f"/{self.name}/model/MODEL_ID/converse and .../converse-stream"))
+        return Route(RouteKind.REFUSE, status=501, message=(
+            f"/{self.name}/{path} is not governed: tether reads tool calls only on "
+            "model/MODEL_ID/converse and converse-stream, and signs what it forwards with its "
+            "own credentials, so other Bedrock operations are refused rather than passed "
+            "through"))
 
     def error(self, status: int, message: str, code: str) -> ErrorReply:
         return error_reply(status, message, code)
+

@@ -19,7 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..config import Config, Upstream
-from ..errors import BadRequest, NotGoverned, RouteNotFound, TetherError, UpstreamError
+from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
 from ..governor import Governor
 from ..model import Decision, Exchange, OnDeny, ToolCall
 from ..providers.base import (
@@ -34,7 +34,14 @@ from ..providers.base import (
 from ..sessions.guard import Admission, SessionGuard
 from ..sessions.identity import agent_of, session_of
 from .errors import PROVIDER_KEY, reply, status_and_code
-from .upstream import canonical_tail, forward_headers, read_body, return_headers, sign_request
+from .upstream import (
+    canonical_tail,
+    forward_headers,
+    forward_query,
+    read_body,
+    return_headers,
+    sign_request,
+)
 
 log = logging.getLogger("tether.server")
 
@@ -79,13 +86,20 @@ class LLMRoutes:
         upstream = self.ctx.config.upstreams.get(provider.name)
         if upstream is None:
             raise RouteNotFound(f"no {provider.name!r} upstream is configured")
-        # The raw path, not aiohttp's decoded one: `%2F` must be seen to be refused.
-        path = canonical_tail(request.rel_url.raw_path.removeprefix(f"/{provider.name}/"),
-                              provider.path_escapes)
-        route = provider.route(request.method, path, request.query)
-        if route.kind is RouteKind.REFUSE:
-            refusal = {501: NotGoverned, 400: BadRequest}.get(route.status, RouteNotFound)
-            raise refusal(route.message)
+        raw = request.rel_url.raw_path.removeprefix(f"/{provider.name}/")
+        try:
+            # The raw path, not aiohttp's decoded one: `%2F` must be seen to be refused.
+            path = canonical_tail(raw, provider.path_escapes)
+            route = provider.route(request.method, path, request.query)
+            if route.kind is RouteKind.REFUSE:
+                refusal = {501: NotGoverned, 400: BadRequest}.get(route.status, RouteNotFound)
+                raise refusal(route.message)
+        except RequestError as e:
+            self.ctx.governor.reject(provider=provider.name, status=e.status, code=e.code,
+                                     message=e.message, request_id=uuid.uuid4().hex,
+                                     endpoint=raw[:200])
+            self.ctx.governor.metrics.requests.labels(provider.name, str(e.status)).inc()
+            raise
         if route.kind is RouteKind.PASS:
             return await self._pass_through(request, upstream, route)
         trust = self.ctx.config.trust_identity_headers
@@ -97,7 +111,7 @@ class LLMRoutes:
     def _url(self, upstream: Upstream, route: Route, request: web.Request) -> URL:
         """The upstream URL with the path bytes exactly as judged (no re-encoding)."""
         url = f"{upstream.url}/{route.upstream_path}"
-        query = request.rel_url.raw_query_string
+        query = forward_query(request.rel_url.raw_query_string, upstream)
         return URL(f"{url}?{query}" if query else url, encoded=True)
 
     async def _govern(self, request: web.Request, call: Call) -> web.StreamResponse:

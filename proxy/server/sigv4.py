@@ -2,14 +2,23 @@
 
 The agent's signature cannot survive a rewrite (and the agent should not hold
 real AWS keys), so its `Authorization` and `X-Amz-*` headers are dropped and the
-request is signed anew with botocore's signer. Credentials come from botocore's
-usual chain (environment, shared config, container or instance role), resolved
-at each signing so rotated credentials are picked up.
+request is signed anew with botocore's signer over the exact URL, headers and
+body that are sent.
+
+Credentials come from botocore's usual chain (environment, shared config,
+container or instance role). The chain is resolved once and kept while the
+`AWS_*` variables it reads stay the same: role credentials refresh themselves,
+and a change of the environment (a rotated key, a test's) starts a new chain.
+A chain that found nothing is asked again at most once a minute, so a missing
+role does not cost a metadata-service timeout on every request.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from botocore.auth import SigV4Auth
@@ -20,9 +29,42 @@ from multidict import CIMultiDict
 from ..config import Upstream
 from ..errors import UpstreamError
 
-_session = Session()
 _REGION = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com$")
 SERVICE = "bedrock"
+RETRY_EMPTY_S = 60.0
+# What botocore's chain reads from the environment; a change starts a new chain.
+_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+        "AWS_EC2_METADATA_DISABLED")
+
+
+class _Chain:
+    def __init__(self) -> None:
+        self._env: tuple[str | None, ...] | None = None
+        self._session: Session | None = None
+        self._credentials: Any = None
+        self._looked_at = 0.0
+
+    def session(self) -> Session:
+        env = tuple(os.environ.get(k) for k in _ENV)
+        if self._session is None or env != self._env:
+            self._env, self._session = env, Session()
+            self._credentials, self._looked_at = None, 0.0
+        return self._session
+
+    def credentials(self) -> Any:
+        session = self.session()
+        now = time.monotonic()
+        if self._credentials is None and (not self._looked_at or
+                                          now - self._looked_at > RETRY_EMPTY_S):
+            self._looked_at = now
+            self._credentials = session.get_credentials()
+        return self._credentials
+
+
+_chain = _Chain()
 
 
 def region_of(upstream: Upstream) -> str:
@@ -32,12 +74,12 @@ def region_of(upstream: Upstream) -> str:
     m = _REGION.search(host)
     if m:
         return m.group(1)
-    return _session.get_config_variable("region") or "us-east-1"
+    return _chain.session().get_config_variable("region") or "us-east-1"
 
 
 def sign(upstream: Upstream, method: str, url: str, headers: CIMultiDict[str],
          body: bytes) -> CIMultiDict[str]:
-    credentials = _session.get_credentials()
+    credentials = _chain.credentials()
     if credentials is None:
         raise UpstreamError("tether has no AWS credentials to sign the Bedrock request "
                             "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)")
@@ -45,5 +87,6 @@ def sign(upstream: Upstream, method: str, url: str, headers: CIMultiDict[str],
                 if k.lower() != "authorization" and not k.lower().startswith("x-amz-")}
     unsigned["Host"] = urlsplit(url).netloc
     request = AWSRequest(method=method, url=url, data=body, headers=unsigned)
-    SigV4Auth(credentials.get_frozen_credentials(), SERVICE, region_of(upstream)).add_auth(request)
+    frozen = credentials.get_frozen_credentials()
+    SigV4Auth(frozen, SERVICE, region_of(upstream)).add_auth(request)
     return CIMultiDict((k, str(v)) for k, v in request.headers.items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import string
+from urllib.parse import unquote_plus
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -73,6 +74,21 @@ def sign_request(upstream: Upstream, method: str, url: str, headers: CIMultiDict
     from .sigv4 import sign  # botocore is only imported when Bedrock is used
 
     return sign(upstream, method, url, headers, body)
+
+
+# Query parameters that carry a credential, per upstream. When tether holds its
+# own key for that upstream, the agent's is not forwarded (Google decodes
+# `%6Bey` to `key`, so names are compared decoded).
+CREDENTIAL_PARAMS = {"gemini": frozenset({"key", "access_token"})}
+
+
+def forward_query(raw_query: str, upstream: Upstream, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    drop = CREDENTIAL_PARAMS.get(upstream.name, frozenset())
+    if not (raw_query and drop and upstream.api_key_env and env.get(upstream.api_key_env)):
+        return raw_query
+    return "&".join(p for p in raw_query.split("&")
+                    if unquote_plus(p.partition("=")[0]) not in drop)
 
 
 def forward_headers(headers: Mapping[str, str], upstream: Upstream,

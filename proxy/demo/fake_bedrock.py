@@ -1,0 +1,238 @@
+"""A fake Bedrock runtime (Converse API) that speaks the real wire format and checks SigV4.
+
+    POST /model/{modelId}/converse          JSON, toolUse content blocks
+    POST /model/{modelId}/converse-stream   application/vnd.amazon.eventstream
+
+Every request must carry a valid SigV4 signature (service `bedrock`) made with
+the one key pair the fake was given; the fake recomputes it with botocore from
+the bytes it received, so a test through tether proves tether signed the
+request itself, with its own credentials, over exactly what it forwarded.
+
+Answers reuse fake_openai's `Reply` / `Call` / `RawReply`: a Reply's
+`finish_reason`, when set, is sent verbatim as the `stopReason`. Tool inputs
+are written into the JSON body as the Call's argument text, byte for byte, so
+tests can send odd spacing or duplicate keys. Streams are written one frame
+per write, input text cut into fragments of a few characters, with the `p`
+padding field the real service adds to every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import json
+import re
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from ..providers.eventstream import encode, event
+from .fake_openai import Call, RawReply, Reply
+
+type Body = dict[str, Any]
+type Turn = Reply | RawReply
+type Script = Callable[[Body], Turn]
+
+SERVICE = "bedrock"
+_AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/,]+)/(\d{8})/([^/,]+)/([^/,]+)/aws4_request,"
+                   r"\s*SignedHeaders=([^,]+),\s*Signature=([0-9a-f]{64})$")
+_PADDING = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def stop_reason(reply: Reply) -> str:
+    return reply.finish_reason or ("tool_use" if reply.calls else "end_turn")
+
+
+def tool_use_id(call: Call, n: int) -> str:
+    return call.id or f"tooluse_{n:022d}"
+
+
+def converse_body(reply: Reply, usage: tuple[int, int] = (24, 12)) -> bytes:
+    """A Converse answer. Each input is the Call's argument text, spliced in verbatim."""
+    content: list[object] = [{"text": reply.content}] if reply.content else []
+    marks = []
+    for i, call in enumerate(reply.calls):
+        mark = f"@@input-{i}@@"
+        marks.append((json.dumps(mark), call.arguments or "{}"))
+        content.append({"toolUse": {"toolUseId": tool_use_id(call, i), "name": call.name,
+                                    "input": mark}})
+    body = json.dumps({
+        "output": {"message": {"role": "assistant", "content": content}},
+        "stopReason": stop_reason(reply),
+        "usage": {"inputTokens": usage[0], "outputTokens": usage[1],
+                  "totalTokens": usage[0] + usage[1]},
+        "metrics": {"latencyMs": 321},
+    }, ensure_ascii=False)
+    for mark, raw in marks:
+        body = body.replace(mark, raw, 1)
+    return body.encode("utf-8")
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def stream_frames(reply: Reply, *, fragment: int = 3, usage: tuple[int, int] = (24, 12)
+                  ) -> list[bytes]:
+    """The frames of a streamed answer, one encoded message per element."""
+    frames: list[bytes] = []
+
+    def emit(event_type: str, payload: Body) -> None:
+        payload = {**payload, "p": _PADDING[:len(frames) % len(_PADDING) + 1]}
+        frames.append(encode(event(event_type, json.dumps(payload, ensure_ascii=False,
+                                                          separators=(",", ":")).encode())))
+
+    emit("messageStart", {"role": "assistant"})
+    index = 0
+    if reply.content:
+        for piece in _pieces(reply.content, 4):
+            emit("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}})
+        emit("contentBlockStop", {"contentBlockIndex": 0})
+        index = 1
+    for i, call in enumerate(reply.calls):
+        emit("contentBlockStart", {"contentBlockIndex": index, "start": {
+            "toolUse": {"toolUseId": tool_use_id(call, i), "name": call.name}}})
+        for piece in _pieces(call.arguments, fragment):
+            emit("contentBlockDelta", {"contentBlockIndex": index,
+                                       "delta": {"toolUse": {"input": piece}}})
+        emit("contentBlockStop", {"contentBlockIndex": index})
+        index += 1
+    emit("messageStop", {"stopReason": stop_reason(reply)})
+    emit("metadata", {"usage": {"inputTokens": usage[0], "outputTokens": usage[1],
+                                "totalTokens": usage[0] + usage[1]},
+                      "metrics": {"latencyMs": 321}})
+    return frames
+
+
+def verify_sigv4(method: str, url: str, headers: Mapping[str, str], body: bytes, *,
+                 access_key: str, secret_key: str, region: str,
+                 now: datetime.datetime | None = None) -> str | None:
+    """Why the request's SigV4 signature is not valid for these credentials, or None.
+
+    The signature is recomputed with botocore from the received method, raw URL,
+    the headers the signer named and the body.
+    """
+    auth = headers.get("Authorization", "")
+    m = _AUTH.match(auth)
+    if not m:
+        return "MissingAuthenticationTokenException: no SigV4 Authorization header"
+    key, day, scope_region, service, signed, signature = m.groups()
+    if key != access_key:
+        return f"UnrecognizedClientException: unknown access key {key!r}"
+    if (scope_region, service) != (region, SERVICE):
+        return f"InvalidSignatureException: signed for {scope_region}/{service}"
+    stamp = headers.get("X-Amz-Date", "")
+    try:
+        when = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return "InvalidSignatureException: no valid X-Amz-Date"
+    now = now or datetime.datetime.now(datetime.UTC)
+    if abs((now - when).total_seconds()) > 300 or stamp[:8] != day:
+        return "InvalidSignatureException: signature expired or dated wrongly"
+    names = signed.split(";")
+    if "host" not in names or "x-amz-date" not in names:
+        return "InvalidSignatureException: host and x-amz-date must be signed"
+    if any(n not in headers for n in names):
+        return "InvalidSignatureException: a signed header is missing"
+    request = AWSRequest(method=method, url=url, data=body,
+                         headers={n: headers[n] for n in names})
+    request.context["timestamp"] = stamp
+    signer = SigV4Auth(Credentials(access_key, secret_key), SERVICE, region)
+    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)),
+                                request)
+    if not hmac.compare_digest(str(expected), signature):
+        return "InvalidSignatureException: the request signature does not match"
+    return None
+
+
+def error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"message": message}, status=status,
+                             headers={"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/"
+                                                          "coral/com.amazon.bedrock/"})
+
+
+@dataclass
+class FakeBedrock:
+    """The fake server. Push turns onto `turns`, or give a `script`."""
+
+    access_key: str = "AKIDTETHERFAKE"
+    secret_key: str = "tether-fake-secret"
+    region: str = "us-east-1"
+    script: Script | None = None
+    fragment: int = 3
+    turns: deque[Turn] = field(default_factory=deque)
+    requests: list[Body] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    def push(self, *turns: Turn) -> None:
+        self.turns.extend(turns)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    def _next(self, body: Body) -> Turn:
+        if self.turns:
+            return self.turns.popleft()
+        if self.script is not None:
+            return self.script(body)
+        return Reply(content="Nothing else to do.")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.headers.append(dict(request.headers))
+        why = verify_sigv4(request.method, f"http://{request.host}{request.raw_path}",
+                           request.headers, body, access_key=self.access_key,
+                           secret_key=self.secret_key, region=self.region)
+        if why is not None:
+            self.rejected.append(why)
+            kind, _, message = why.partition(": ")
+            return error(403, kind, message)
+        m = re.fullmatch(r"/model/([^/]+)/(converse|converse-stream)", request.rel_url.raw_path)
+        if request.method != "POST" or m is None:
+            return error(404, "UnknownOperationException", f"no operation at {request.raw_path}")
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return error(400, "ValidationException", "the request body is not JSON")
+        self.requests.append(parsed)
+        self.models.append(unquote(m.group(1)))
+        turn = self._next(parsed)
+        if isinstance(turn, RawReply):
+            return await self._raw(request, turn)
+        rid = {"x-amzn-RequestId": str(uuid.uuid4())}
+        if m.group(2) == "converse":
+            return web.Response(body=converse_body(turn),
+                                headers={**rid, "Content-Type": "application/json"})
+        resp = web.StreamResponse(headers={
+            **rid, "Content-Type": "application/vnd.amazon.eventstream"})
+        await resp.prepare(request)
+        for frame in stream_frames(turn, fragment=self.fragment):
+            await resp.write(frame)
+        await resp.write_eof()
+        return resp
+
+    async def _raw(self, request: web.Request, raw: RawReply) -> web.StreamResponse:
+        headers = {"Content-Type": raw.content_type}
+        if not raw.cut:
+            return web.Response(status=raw.status, body=b"".join(raw.chunks), headers=headers)
+        resp = web.StreamResponse(status=raw.status, headers=headers)
+        await resp.prepare(request)
+        for piece in raw.chunks:
+            await resp.write(piece)
+        await asyncio.sleep(0.01)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
