@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
 from .errors import ConfigError
 from .model import Action, Effect
 from .policy.engine import AgentScope, Policy
@@ -24,11 +25,11 @@ from .sessions.budgets import Budgets, parse_budgets
 
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
-    "server", "limits", "identity", "budgets", "store",
+    "server", "limits", "identity", "budgets", "store", "approvals", "slack",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
-NOT_YET = {"apis", "opa", "auth", "approvals", "slack", "telemetry"}
+NOT_YET = {"apis", "opa", "auth", "telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
 
 # Every provider's upstream, by name. Azure has no default: its URL names the
@@ -68,6 +69,8 @@ class Config:
     store_url: str = "memory"
     on_store_error: Action = Action.DENY
     agent_keys: Mapping[str, str] = field(default_factory=dict)  # sha256(key) -> agent
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
+    slack: SlackSettings | None = None
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -352,6 +355,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         store_url=store_url,
         on_store_error=on_store_error,
         agent_keys=builder.agent_keys,
+        approvals=parse_approvals(doc.get("approvals"), doc),
+        slack=parse_slack(doc.get("slack"), doc, env),
         source=str(file),
         warnings=tuple(warnings),
     )

@@ -3,8 +3,8 @@
 `Governor.decide` is synchronous (the mitmproxy stream hook is) and never
 raises: a failure while deciding becomes a deny (or an allow under
 `on_error: allow`, counted apart), and a decision that cannot be audited is
-a deny too. Holds are part of the policy language, but the approval channel
-is not built yet, so a hold is enforced as a deny that says so.
+a deny too. A `hold` is returned as it is: the front end asks a human
+(approvals/holds.py) and records the outcome.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ log = logging.getLogger("tether.governor")
 
 INTERNAL_ERROR = "tether:internal-error"
 AUDIT_ERROR = "tether:audit-unavailable"
-NO_APPROVALS = "approval required, and this tether has no approval channel, so it is denied"
 
 
 class Governor:
@@ -40,10 +39,6 @@ class Governor:
         try:
             decision = merge(self.engine.decide(call, exchange), extra)
             policy_action = decision.action
-            if decision.action is Action.HOLD:
-                message = f"{decision.message}; {NO_APPROVALS}" if decision.message else NO_APPROVALS
-                decision = Decision(Action.DENY, decision.rules, message, decision.on_deny,
-                                    decision.effect)
         except Exception as e:  # noqa: BLE001 - any failure here must fail closed
             log.exception("deciding a tool call failed")
             decision = self._on_error(f"internal error while deciding: {type(e).__name__}")

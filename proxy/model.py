@@ -101,6 +101,8 @@ class Decision:
     effect: Effect = Effect.WRITE
     timeout_s: float | None = None
     trace: tuple[RuleTrace, ...] = field(default=(), compare=False)
+    ticket: bool = False                 # hold: answer at once, allow the approved re-issue
+    approvers: tuple[str, ...] = ()      # hold: who may approve (empty: any approver)
 
     @property
     def allowed(self) -> bool:

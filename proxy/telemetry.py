@@ -7,7 +7,7 @@ or tool argument is ever a label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -54,6 +54,23 @@ class Metrics:
             "Session store operations that failed",
             ["operation"],
             registry=self.registry,
+        )
+        self.approvals_pending = Gauge(
+            "tether_approvals_pending",
+            "Held tool calls waiting for a human",
+            registry=self.registry,
+        )
+        self.approvals_decided = Counter(
+            "tether_approvals_decided",
+            "Approvals that ended, by outcome (approved, denied, expired, limited)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.approval_wait_seconds = Histogram(
+            "tether_approval_wait_seconds",
+            "Time from a hold to its decision",
+            registry=self.registry,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
         )
         self.decision_seconds = Histogram(
             "tether_decision_seconds",

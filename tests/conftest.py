@@ -34,6 +34,7 @@ rules:
   - id: writes-held
     match: {tool: resize_volume}
     action: hold
+    timeout: 300ms
 """
 
 

@@ -189,12 +189,14 @@ async def test_on_deny_error_in_a_stream_raises_in_the_sdk(env: Env, mode: Mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_hold_without_an_approval_channel_is_a_deny(env: Env, mode: Mode) -> None:
+async def test_hold_nobody_approves_is_a_deny(env: Env, mode: Mode) -> None:
     env.fake.push(Reply(calls=(Call("resize_volume", '{"size": 10}'),)))
     answer = await ask(env, mode)
     assert tool_uses(answer) == [] and "approval" in text(answer)
     [record] = env.stack.decisions()
-    assert (record["action"], record["policy_action"]) == ("deny", "hold")
+    assert (record["action"], record["policy_action"]) == ("hold", "hold")
+    events = [(r["event"], r["tool"]) for r in env.stack.audit() if r["kind"] == "approval"]
+    assert events == [("created", "resize_volume"), ("expired", "resize_volume")]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -146,7 +146,7 @@ async def test_on_deny_error_in_a_stream_raises_in_the_sdk(stack: Stack) -> None
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_hold_without_an_approval_channel_is_a_deny(stack: Stack, stream: bool) -> None:
+async def test_hold_nobody_approves_is_a_deny(stack: Stack, stream: bool) -> None:
     stack.fake.push(Reply(calls=(Call("resize_volume", '{"size": 10}'),)))
     client = stack.client()
     if stream:
@@ -159,7 +159,9 @@ async def test_hold_without_an_approval_channel_is_a_deny(stack: Stack, stream: 
         assert r.choices[0].message.tool_calls is None
     assert calls == {} and "approval" in text
     [record] = stack.decisions()
-    assert (record["action"], record["policy_action"]) == ("deny", "hold")
+    assert (record["action"], record["policy_action"]) == ("hold", "hold")
+    events = [(r["event"], r["tool"]) for r in stack.audit() if r["kind"] == "approval"]
+    assert events == [("created", "resize_volume"), ("expired", "resize_volume")]
 
 
 @pytest.mark.parametrize("name", ["Delete_Volume", " delete_volume", "delete\u200b_volume"])

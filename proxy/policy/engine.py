@@ -27,6 +27,7 @@ MALFORMED = "tether:malformed-call"
 UNDECLARED = "tether:undeclared-tool"
 SCOPE = "tether:agent-scope"
 DEFAULT = "tether:default"
+NOBODY = "<nobody>"  # hold rules whose approver lists share no one
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,10 @@ class PolicyEngine:
             else OnDeny.REWRITE
         )
         timeouts = [r.timeout_s for r in winning_rules if r.timeout_s is not None]
+        # Several hold rules: the stricter "wait" wins over "ticket", and an approver
+        # must be allowed by every rule that names approvers.
+        approver_sets = [set(r.approvers) for r in winning_rules if r.approvers]
+        approvers = set.intersection(*approver_sets) if approver_sets else set()
         return Decision(
             action=action,
             rules=tuple(t.rule_id for t in matched),
@@ -152,4 +157,6 @@ class PolicyEngine:
             effect=effect,
             timeout_s=min(timeouts) if timeouts else None,
             trace=tuple(traces),
+            ticket=action is Action.HOLD and all(r.ticket for r in winning_rules),
+            approvers=(tuple(sorted(approvers)) or (NOBODY,)) if approver_sets else (),
         )

@@ -27,7 +27,8 @@ from ..model import Action, Effect, OnDeny, RuleTrace, ToolCall
 from .names import normalize
 from .source import YMap
 
-RULE_KEYS = {"id", "description", "match", "action", "message", "on_deny", "approvers", "timeout"}
+RULE_KEYS = {"id", "description", "match", "action", "message", "on_deny", "approvers", "timeout",
+             "mode"}
 MATCH_KEYS = {"tool", "agent", "effect", "api", "args"}
 OPERATORS = {"equals", "in", "not_in", "matches", "exists", "gt", "lt"}
 BUILTIN_PREFIX = "tether:"
@@ -164,6 +165,7 @@ class Rule:
     on_deny: OnDeny = OnDeny.REWRITE
     timeout_s: float | None = None
     approvers: tuple[str, ...] = ()
+    ticket: bool = False
     tools: tuple[re.Pattern[str], ...] | None = None
     agents: tuple[re.Pattern[str], ...] | None = None
     effect: Effect | None = None
@@ -251,6 +253,11 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
     approvers = raw.get("approvers", [])
     if not isinstance(approvers, list) or not all(isinstance(a, str) for a in approvers):
         raise where("approvers must be a list of names", "approvers")
+    mode = raw.get("mode", "wait")
+    if mode not in ("wait", "ticket"):
+        raise where("mode must be wait or ticket", "mode")
+    if "mode" in raw and action is not Action.HOLD:
+        raise where("mode only applies to action: hold", "mode")
 
     match = raw.get("match", YMap())
     if not isinstance(match, dict):
@@ -298,6 +305,7 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         on_deny=on_deny,
         timeout_s=timeout,
         approvers=tuple(approvers),
+        ticket=mode == "ticket",
         tools=tools,
         agents=agents,
         effect=effect,

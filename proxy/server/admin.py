@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..approvals.holds import Holds
 from ..config import Config
 from ..errors import StoreUnavailable
 from ..sessions.guard import SessionGuard
@@ -45,9 +46,10 @@ def token_middleware(token_env: str) -> Middleware:
     return check
 
 
-def build_admin(config: Config, metrics: Metrics, guard: SessionGuard,
+def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Holds,
                 ready: Callable[[], bool]) -> web.Application:
     app = web.Application(middlewares=[token_middleware(config.admin_token_env)])
+    queue = holds.queue
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -83,6 +85,48 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard,
             return _problem(503, e.message)
         return web.json_response({"reset": request.match_info["id"], "agent": agent})
 
+    async def approvals(request: web.Request) -> web.Response:
+        return web.json_response({"pending": [a.as_json() for a in queue.pending()],
+                                  "recent": [a.as_json() for a in queue.recent()]})
+
+    async def approval(request: web.Request) -> web.Response:
+        found = queue.get(request.match_info["id"])
+        if found is None:
+            return _problem(404, "no such approval")
+        return web.json_response(found.as_json())
+
+    async def decide(request: web.Request) -> web.Response:
+        approve = request.match_info["verb"] == "approve"
+        body: dict[str, object] = {}
+        if request.can_read_body:
+            try:
+                parsed = await request.json()
+            except ValueError:
+                return _problem(400, "the body must be JSON: {\"by\": NAME, \"reason\": TEXT}")
+            if not isinstance(parsed, dict):
+                return _problem(400, "the body must be a JSON object")
+            body = parsed
+        by, reason = body.get("by", "admin-api"), body.get("reason")
+        if not isinstance(by, str) or not by or not (reason is None or isinstance(reason, str)):
+            return _problem(400, "'by' must be a name and 'reason' text")
+        current = queue.get(request.match_info["id"])
+        if current is None:
+            return _problem(404, "no such approval")
+        if approve and current.approvers and by not in current.approvers:
+            return _problem(403, f"{by} may not approve this call (approvers: "
+                                 f"{', '.join(current.approvers)})")
+        decided, changed = queue.decide(current.id, approve=approve, by=by, reason=reason,
+                                        ticket_validity_s=config.approvals.ticket_validity_s)
+        assert decided is not None
+        if not changed:
+            return web.json_response({"error": {"message": f"approval {decided.id} is already "
+                                                           f"{decided.state.value}"},
+                                      "approval": decided.as_json()}, status=409)
+        return web.json_response(decided.as_json())
+
+    app.router.add_get("/v1/approvals", approvals)
+    app.router.add_get("/v1/approvals/{id}", approval)
+    app.router.add_post("/v1/approvals/{id}/{verb:approve|deny}", decide)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_route)

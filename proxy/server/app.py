@@ -19,6 +19,8 @@ from ..governor import Governor
 from ..policy.engine import PolicyEngine
 from ..providers import PROVIDERS
 from ..providers.base import Provider
+from ..approvals.holds import Holds
+from ..approvals.queue import ApprovalQueue
 from ..sessions.guard import SessionGuard
 from ..sessions.redis_store import RedisStore
 from ..sessions.store import MemoryStore, Store
@@ -39,6 +41,7 @@ class Tether:
     config: Config
     governor: Governor
     guard: SessionGuard
+    holds: Holds
     proxy: web.Application
     admin: web.Application
 
@@ -71,6 +74,9 @@ def build(config: Config) -> Tether:
     governor = Governor(PolicyEngine(config.policy), audit, metrics)
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
                          config.on_store_error)
+    settings = config.approvals
+    queue = ApprovalQueue(settings.max_pending, settings.max_pending_per_session)
+    holds = Holds(queue, settings, audit, metrics, config.policy.revision)
     proxy = web.Application(middlewares=[error_middleware],
                             client_max_size=config.max_body_bytes)
     holder: dict[str, Context] = {}
@@ -81,7 +87,7 @@ def build(config: Config) -> Tether:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
                                          auto_decompress=True, trust_env=False) as client:
-            ctx = Context(config, governor, guard, client)
+            ctx = Context(config, governor, guard, holds, client)
             holder["ctx"] = ctx
             app[CONTEXT] = ctx
             yield
@@ -92,8 +98,8 @@ def build(config: Config) -> Tether:
         proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
-    admin = build_admin(config, metrics, guard, lambda: "ctx" in holder)
-    return Tether(config, governor, guard, proxy, admin)
+    admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder)
+    return Tether(config, governor, guard, holds, proxy, admin)
 
 
 async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:

@@ -21,7 +21,9 @@ from yarl import URL
 from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
 from ..governor import Governor
-from ..model import Decision, Exchange, OnDeny, ToolCall
+from ..approvals.holds import Holds, KeepAlive
+from ..model import Action, Decision, Exchange, OnDeny, ToolCall
+from ..providers import sse
 from ..providers.base import (
     ParsedRequest,
     Provider,
@@ -61,6 +63,7 @@ class Context:
     config: Config
     governor: Governor
     guard: SessionGuard
+    holds: Holds
     client: aiohttp.ClientSession
 
 
@@ -180,14 +183,29 @@ class LLMRoutes:
         self.ctx.governor.metrics.requests.labels(call.provider.name, str(resp.status)).inc()
         return web.Response(status=resp.status, body=body, headers=return_headers(resp.headers))
 
-    async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call
-                      ) -> list[Decision]:
+    async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call,
+                      out: web.StreamResponse | None = None) -> list[Decision]:
         decisions = []
         for c in calls:
             trace = await self.ctx.guard.check_call(call.admission, c)
             decisions.append(self.ctx.governor.decide(
                 c, exchange, request_id=call.rid, extra=(trace,) if trace else ()))
+        if any(d.action is Action.HOLD for d in decisions):
+            decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
+                                                     self._keepalive(out))
         return decisions
+
+    @staticmethod
+    def _keepalive(out: web.StreamResponse | None) -> KeepAlive | None:
+        """SSE comments while a stream waits for a human; other framings (the binary
+        event stream, Gemini's JSON array) have no comment, so they wait silently."""
+        if out is None or not out.headers.get("content-type", "").startswith("text/event-stream"):
+            return None
+
+        async def send(text: str) -> None:
+            await out.write(sse.comment(text))
+
+        return send
 
     async def _whole(self, resp: aiohttp.ClientResponse, call: Call,
                      exchange: Exchange) -> web.Response:
@@ -249,7 +267,7 @@ class LLMRoutes:
                 await out.write(step.data)
             if not step.pending:
                 return
-            step = stream.decide(await self._decide(step.pending, exchange, call))
+            step = stream.decide(await self._decide(step.pending, exchange, call, out))
 
     async def _pass_through(self, request: web.Request, upstream: Upstream,
                             route: Route) -> web.StreamResponse:
