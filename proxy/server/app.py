@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from ..approvals.holds import Holds
+from ..approvals.queue import ApprovalQueue
 from ..audit import AuditLog
 from ..config import Config
 from ..errors import RouteNotFound
@@ -19,8 +21,6 @@ from ..governor import Governor
 from ..policy.engine import PolicyEngine
 from ..providers import PROVIDERS
 from ..providers.base import Provider
-from ..approvals.holds import Holds
-from ..approvals.queue import ApprovalQueue
 from ..sessions.guard import SessionGuard
 from ..sessions.redis_store import RedisStore
 from ..sessions.store import MemoryStore, Store

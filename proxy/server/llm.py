@@ -18,10 +18,10 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from ..approvals.holds import Holds, KeepAlive
 from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
 from ..governor import Governor
-from ..approvals.holds import Holds, KeepAlive
 from ..model import Action, Decision, Exchange, OnDeny, ToolCall
 from ..providers import sse
 from ..providers.base import (

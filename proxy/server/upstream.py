@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 import string
-from urllib.parse import unquote_plus
 from collections.abc import Mapping
+from urllib.parse import unquote_plus
 
 from aiohttp import web
 from multidict import CIMultiDict
