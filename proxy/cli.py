@@ -147,6 +147,70 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _admin(args: argparse.Namespace, method: str, path: str,
+           body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    token = os.environ.get(args.token_env, "")
+    if not token:
+        raise SystemExit(f"error: set {args.token_env} to the admin token")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(args.admin_url.rstrip("/") + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except urllib.error.URLError as e:
+        raise SystemExit(f"error: cannot reach the admin port at {args.admin_url}: {e.reason}"
+                         ) from e
+
+
+def _show(a: dict[str, object]) -> str:
+    args = str(a.get("arguments", ""))
+    args = args if len(args) <= 80 else args[:77] + "..."
+    rules = ", ".join(str(r) for r in a.get("rules", []) or [])  # type: ignore[attr-defined]
+    who = f" by {a['decided_by']}" if a.get("decided_by") else ""
+    return (f"{a['id']}  {a['state']}{who}  {a['tool']}({args})  agent={a.get('agent')} "
+            f"session={a.get('session')} rules={rules}")
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        status, body = _admin(args, "GET", "/v1/approvals")
+        if status != 200:
+            print(f"error: HTTP {status}: {body}", file=sys.stderr)
+            return 1
+        pending = body.get("pending") or []
+        recent = body.get("recent") or []
+        assert isinstance(pending, list) and isinstance(recent, list)
+        print(f"{len(pending)} pending")
+        for a in pending:
+            print("  " + _show(a))
+        if recent:
+            print("recent")
+            for a in recent[:10]:
+                print("  " + _show(a))
+        return 0
+    if not args.id:
+        print("error: approve and deny need an approval id", file=sys.stderr)
+        return 2
+    payload: dict[str, object] = {"by": args.by}
+    if args.reason:
+        payload["reason"] = args.reason
+    status, body = _admin(args, "POST", f"/v1/approvals/{args.id}/{args.action}", payload)
+    if status == 200:
+        print(_show(body))
+        return 0
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else body
+    print(f"error: HTTP {status}: {message}", file=sys.stderr)
+    return 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.janitor import run_demo
 
@@ -181,6 +245,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--args", default="{}", help="the call's arguments as JSON text")
     e.add_argument("--agent", default=None)
     e.set_defaults(func=cmd_explain)
+
+    a = sub.add_parser("approvals", help="list, approve or deny held tool calls")
+    a.add_argument("action", choices=["list", "approve", "deny"])
+    a.add_argument("id", nargs="?", help="the approval id (apv_...)")
+    a.add_argument("--reason", default=None)
+    a.add_argument("--by", default=os.environ.get("USER", "cli"), help="recorded as the approver")
+    a.add_argument("--admin-url", default="http://127.0.0.1:9090")
+    a.add_argument("--token-env", default="TETHER_ADMIN_TOKEN")
+    a.set_defaults(func=cmd_approvals)
 
     d = sub.add_parser("demo", help="the cloud janitor story, offline")
     d.add_argument("--rules", default=None, help="rule file (default: the packaged janitor.yaml)")

@@ -49,6 +49,13 @@ class Holds:
         queue.on_created(self._created)
         queue.on_decided(self._decided)
 
+    def stop(self) -> None:
+        """tether is stopping: whatever is pending ends denied (and audited), so a held
+        call can never be approved by a click that arrives after a restart."""
+        for approval in self.queue.pending():
+            self.queue.decide(approval.id, approve=False, by="tether",
+                              reason="tether stopped before anyone decided")
+
     def _record(self, event: str, approval: Approval) -> None:
         try:
             self.audit.write({"kind": "approval", "event": event, **approval.as_json()})

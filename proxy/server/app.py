@@ -46,6 +46,8 @@ class Tether:
     admin: web.Application
 
     async def close(self) -> None:
+        """Pending approvals are never left to be approved later: they end denied."""
+        self.holds.stop()
         await self.guard.store.close()
         self.governor.audit.close()
 
