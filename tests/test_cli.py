@@ -25,7 +25,7 @@ def tether(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_check_accepts_the_example_config() -> None:
     result = tether("check", "rules/tether.yaml")
     assert result.returncode == 0, result.stderr
-    assert "rules/tether.yaml: ok (3 rules" in result.stdout
+    assert "rules/tether.yaml: ok (4 rules" in result.stdout
 
 
 def test_check_fails_with_file_line_and_message(tmp_path: Path) -> None:
@@ -70,8 +70,12 @@ def test_demo_runs_offline_and_shows_allowed_and_denied() -> None:
     assert "deleted in the cloud: vol-0a1" in out
     assert "still in the cloud:   vol-0b2 (production-candidate), vol-0c3 (production)" in out
     denied = [line for line in out.splitlines() if " DENY " in line]
-    assert len(denied) == 1 and "no-prod-deletes" in denied[0] and "vol-0b2" in denied[0]
-    assert "4 calls allowed, 1 denied" in out
+    assert len(denied) == 2
+    assert "no-prod-deletes" in denied[0] and "vol-0b2" in denied[0]
+    assert "tether:loop-repeat" in denied[1] and "describe_volume" in denied[1]
+    held = [line for line in out.splitlines() if " HOLD->APPROVED " in line]
+    assert len(held) == 1 and "vol-0a1" in held[0] and "demo-operator" in held[0]
+    assert "2 calls allowed, 1 held for a human, 2 denied" in out
 
 
 def test_serve_governs_requests_from_the_sdk(tmp_path: Path,

@@ -428,7 +428,9 @@ def calls_and_text(chunks: list[dict[str, Any]]) -> tuple[list[tuple[str, str]],
     calls, text = [], ""
     for chunk in chunks:
         for cand in chunk.get("candidates", []):
-            for part in cand["content"]["parts"]:
+            content = cand.get("content") if isinstance(cand, dict) else None
+            parts = content.get("parts") if isinstance(content, dict) else None
+            for part in parts if isinstance(parts, list) else []:
                 if "functionCall" in part:
                     fc = part["functionCall"]
                     calls.append((fc["name"], json.dumps(fc.get("args", {}))))

@@ -3,14 +3,20 @@
 A fake LLM plays the janitor: it lists volumes, decides that everything tagged
 `temporary` *or* `production-candidate` is disposable (the mistake of the real
 incident), deletes them in one answer with two parallel calls, then checks one
-volume twice. Every request goes through a real tether on loopback with the
-janitor policy; the agent runs only the calls tether lets through, against a
-fake cloud API. The table printed at the end is read back from the audit log.
+volume again and again. Every request goes through a real tether on loopback
+with the janitor policy and a session budget that allows no repeated call; the
+agent runs only the calls tether lets through, against a fake cloud API. A
+scripted operator confirms held deletes through the admin API, as a person
+would in Slack or on the approvals page. The table printed at the end is read
+back from the audit log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import secrets
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -25,6 +31,7 @@ from ..server.app import bound_port, build, start
 from .fake_cloud import FakeCloud
 from .fake_openai import Call, FakeOpenAI, Reply, Turn
 
+TOKEN_ENV = "TETHER_DEMO_ADMIN_TOKEN"
 SYSTEM = "You are a cloud janitor. Delete volumes that are temporary. Use the tools."
 TOOLS = [
     {"type": "function", "function": {
@@ -119,13 +126,37 @@ async def _run_tool(http: aiohttp.ClientSession, cloud: str, name: str, args: di
         return await resp.text()
 
 
-def _table(records: list[dict[str, Any]], out: TextIO) -> None:
+async def _operator(admin_url: str, out: TextIO) -> None:
+    """A person at the approvals page: confirms held deletes of temporary volumes."""
+    headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while True:
+            async with http.get(f"{admin_url}/v1/approvals") as resp:
+                pending = (await resp.json())["pending"]
+            for approval in pending:
+                await asyncio.sleep(0.5)  # reading the call before clicking
+                print(f"  operator approves {approval['id']}: {approval['tool']}"
+                      f"({approval['arguments']})", file=out)
+                await http.post(f"{admin_url}/v1/approvals/{approval['id']}/approve",
+                                json={"by": "demo-operator", "reason": "temporary volume"})
+            await asyncio.sleep(0.1)
+
+
+def _table(records: list[dict[str, Any]], outcomes: list[dict[str, Any]], out: TextIO) -> None:
     rows = [("#", "tool", "arguments", "verdict", "rules", "why")]
     for i, r in enumerate(records, 1):
         args = json.dumps(r["arguments"], separators=(",", ":"))
         verdict = "ALLOW" if r["action"] == "allow" else r["action"].upper()
+        message = r["message"]
+        if r["action"] == "hold":
+            canonical = json.dumps(r["arguments"], sort_keys=True, separators=(",", ":"))
+            found = next((o for o in outcomes if o["tool"] == r["tool"]
+                          and o["arguments"] == canonical), None)
+            if found:
+                verdict = f"HOLD->{found['event'].upper()}"
+                message = f"{message}; {found['event']} by {found['decided_by']}"
         rows.append((str(i), r["tool"], args if len(args) <= 60 else args[:57] + "...",
-                     verdict, ", ".join(r["rules"]) or "-", r["message"]))
+                     verdict, ", ".join(r["rules"]) or "-", message))
     widths = [max(len(row[c]) for row in rows) for c in range(5)]
     for row in rows:
         cells = [row[c].ljust(widths[c]) for c in range(5)]
@@ -150,11 +181,17 @@ async def run_demo(rules: str | None = None, out: TextIO | None = None,
     cfg_path = workdir / "tether.yaml"
     cfg_path.write_text(
         f"upstreams:\n  openai: {{url: http://127.0.0.1:{llm_port}}}\n"
-        f"include: [janitor.yaml]\naudit: {{path: {audit_path}}}\n", encoding="utf-8")
+        f"include: [janitor.yaml]\naudit: {{path: {audit_path}}}\n"
+        f"admin: {{token_env: {TOKEN_ENV}}}\n"
+        "budgets:\n  session: {llm_calls: 20, repeats: 1}\n"
+        "approvals: {keepalive: 1s}\n", encoding="utf-8")
+    os.environ[TOKEN_ENV] = secrets.token_hex(16)
     cfg = config_mod.load(cfg_path, env={})
     tether = build(cfg)
     runners = await start(tether, host="127.0.0.1", port=0, admin_port=0)
     base = f"http://127.0.0.1:{bound_port(runners[0])}/openai/v1"
+    admin_url = f"http://127.0.0.1:{bound_port(runners[1])}"
+    operator = asyncio.create_task(_operator(admin_url, out), name="demo-operator")
     cloud_url = f"http://127.0.0.1:{cloud_port}"
     print("tether demo: the autonomous cloud janitor, offline\n", file=out)
     print(f"  agent -> tether {base} -> fake LLM :{llm_port}; tools -> fake cloud :{cloud_port}",
@@ -188,19 +225,22 @@ async def run_demo(rules: str | None = None, out: TextIO | None = None,
                 if not calls:
                     break
     finally:
+        operator.cancel()
         for runner in reversed([llm_runner, cloud_runner, *runners]):
             await runner.cleanup()
         await tether.close()
 
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
     decisions = [r for r in records if r["kind"] == "decision"]
+    outcomes = [r for r in records if r["kind"] == "approval" and r["event"] != "created"]
     print("\nwhat tether decided (read back from the audit log):\n", file=out)
-    _table(decisions, out)
+    _table(decisions, outcomes, out)
     left = ", ".join(f"{v.id} ({v.env})" for v in cloud.volumes.values())
     print(f"\n  deleted in the cloud: {', '.join(cloud.deleted) or 'nothing'}", file=out)
     print(f"  still in the cloud:   {left}", file=out)
     print(f"  audit log: {audit_path} ({len(records)} records)", file=out)
-    denied = sum(1 for r in decisions if r["action"] != "allow")
-    allowed = len(decisions) - denied
-    print(f"\n  {allowed} calls allowed, {denied} denied", file=out)
+    held = sum(1 for r in decisions if r["action"] == "hold")
+    denied = sum(1 for r in decisions if r["action"] == "deny")
+    allowed = len(decisions) - denied - held
+    print(f"\n  {allowed} calls allowed, {held} held for a human, {denied} denied", file=out)
     return 0
