@@ -71,6 +71,28 @@ class Exchange:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """An outgoing HTTP request to a tool API, as the egress side judges it.
+
+    `path` and `query` are raw (still percent-encoded), already checked for
+    ambiguity; `headers` keep their order and repeats.
+    """
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        low = name.lower()
+        return next((v for k, v in self.headers if k.lower() == low), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0

@@ -83,9 +83,12 @@ class PolicyEngine:
     def revision(self) -> str:
         return self.policy.revision
 
-    def decide(self, call: ToolCall, exchange: Exchange, *, explain: bool = False) -> Decision:
+    def decide(self, call: ToolCall, exchange: Exchange, *, explain: bool = False,
+               api: str | None = None, effect: Effect | None = None) -> Decision:
+        """`api` and `effect` come from the egress side (an OpenAPI operation or a cloud
+        catalog entry); for LLM tool calls they are looked up from the tool's name."""
         name = normalize(call.name)
-        effect = effect_of(name, self.policy.effects)
+        effect = effect or effect_of(name, self.policy.effects)
         traces: list[RuleTrace] = []
 
         if call.problem:
@@ -111,7 +114,7 @@ class PolicyEngine:
                 )
             )
 
-        subject = Subject(call=call, name=name, agent=exchange.agent, effect=effect)
+        subject = Subject(call=call, name=name, agent=exchange.agent, effect=effect, api=api)
         by_id: dict[str, Rule] = {}
         for rule in self.policy.rules:
             trace = rule.evaluate(subject)
