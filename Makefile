@@ -29,13 +29,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Services the tests run for real: redis-server (Debian package). The tests start
-# and stop their own redis-server processes; this only makes sure the binary is there.
+# Services and programs the tests run for real (Debian packages): redis-server, which the tests start
+# and stop themselves, and chromium for the approvals page. This only installs what is missing.
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -z "$$missing" ] || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "error: the tests need redis-server (apt-get install redis-server)" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "error: the tests need$$missing (apt-get install$$missing)" >&2; exit 1; fi; }
 
 run: $(STAMP)
 	$(BIN)/tether serve --config rules/tether.yaml

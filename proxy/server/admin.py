@@ -1,8 +1,8 @@
 """The admin port: health, metrics, and the state people act on.
 
 Never served on the proxy port, so an agent cannot reach it. Everything but
-`/metrics` and the health checks needs `Authorization: Bearer <token>`, the
-token read from the environment variable the config names
+`/metrics`, the health checks and the static approvals page (`/ui/`) needs
+`Authorization: Bearer <token>`, the token read from the environment variable the config names
 (`admin.token_env`, default TETHER_ADMIN_TOKEN). With no token configured those
 routes answer 503: fail closed rather than open.
 """
@@ -17,12 +17,16 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..approvals.holds import Holds
+from ..approvals.slack import INTERACTIONS_PATH
+from ..approvals.ui import OPEN_PATHS as UI_PATHS
+from ..approvals.ui import ui_routes
 from ..config import Config
 from ..errors import StoreUnavailable
 from ..sessions.guard import SessionGuard
 from ..telemetry import Metrics
 
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+# The approvals page is static (it holds no data); it calls the API with the token.
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", *UI_PATHS}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -35,6 +39,8 @@ def token_middleware(token_env: str) -> Middleware:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
+        if request.path == INTERACTIONS_PATH and request.method == "POST":
+            return await handler(request)  # Slack cannot send our token; it signs instead
         token = os.environ.get(token_env, "")
         if not token:
             return _problem(503, f"the admin API is disabled: set {token_env}")
@@ -47,7 +53,7 @@ def token_middleware(token_env: str) -> Middleware:
 
 
 def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Holds,
-                ready: Callable[[], bool]) -> web.Application:
+                ready: Callable[[], bool], slack: Handler | None = None) -> web.Application:
     app = web.Application(middlewares=[token_middleware(config.admin_token_env)])
     queue = holds.queue
 
@@ -132,4 +138,7 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/v1/sessions/{id}", session)
     app.router.add_post("/v1/sessions/{id}/reset", reset)
+    app.router.add_routes(ui_routes())
+    if slack is not None:
+        app.router.add_post(INTERACTIONS_PATH, slack)
     return app

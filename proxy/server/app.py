@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..approvals.holds import Holds
 from ..approvals.queue import ApprovalQueue
+from ..approvals.slack import SlackNotifier
 from ..audit import AuditLog
 from ..config import Config
 from ..errors import RouteNotFound
@@ -81,6 +82,12 @@ def build(config: Config) -> Tether:
     holds = Holds(queue, settings, audit, metrics, config.policy.revision)
     proxy = web.Application(middlewares=[error_middleware],
                             client_max_size=config.max_body_bytes)
+    slack: SlackNotifier | None = None
+    if config.slack is not None:
+        slack = notifier = SlackNotifier(config.slack, queue, audit=audit, metrics=metrics,
+                                         ticket_validity_s=settings.ticket_validity_s)
+        # Closed after the proxy's held requests have ended, so their outcomes reach Slack.
+        proxy.on_cleanup.append(lambda _app: notifier.close())
     holder: dict[str, Context] = {}
 
     async def client_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -100,7 +107,8 @@ def build(config: Config) -> Tether:
         proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
-    admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder)
+    admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
+                        slack=slack.handle if slack is not None else None)
     return Tether(config, governor, guard, holds, proxy, admin)
 
 
