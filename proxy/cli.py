@@ -33,9 +33,12 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int) 
 
     tether = build(cfg)
     runners = await start(tether, host=host, port=port, admin_port=admin_port)
+    from .providers import PROVIDERS
+
+    prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
     print(
         f"tether: proxy on http://{host}:{bound_port(runners[0])} "
-        f"(OpenAI: /openai/v1), admin on http://{host}:{bound_port(runners[1])}, "
+        f"({prefixes}), admin on http://{host}:{bound_port(runners[1])}, "
         f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
         flush=True,
     )

@@ -304,7 +304,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     if audit_path is not None and not isinstance(audit_path, str):
         raise _err("path must be a file path", audit, "path")
     if isinstance(audit_path, str):
-        audit_path = str(file.parent / audit_path) if not Path(audit_path).is_absolute() \
+        audit_path = os.path.normpath(file.parent / audit_path) if not Path(audit_path).is_absolute() \
             else audit_path
     trust = identity.get("trust_headers", True)
     if not isinstance(trust, bool):
