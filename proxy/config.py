@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
 from .errors import ConfigError
 from .model import Action, Effect
+from .policy.apis_config import Apis, ToolLink, parse_apis
 from .policy.engine import AgentScope, Policy
 from .policy.names import normalize
 from .policy.rules import Rule, _glob, compile_rule
@@ -25,11 +26,11 @@ from .sessions.budgets import Budgets, parse_budgets
 
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
-    "server", "limits", "identity", "budgets", "store", "approvals", "slack",
+    "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
-NOT_YET = {"apis", "opa", "auth", "telemetry"}
+NOT_YET = {"opa", "auth", "telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
 
 # Every provider's upstream, by name. Azure has no default: its URL names the
@@ -71,6 +72,7 @@ class Config:
     agent_keys: Mapping[str, str] = field(default_factory=dict)  # sha256(key) -> agent
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     slack: SlackSettings | None = None
+    apis: Apis = field(default_factory=Apis)
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -135,6 +137,7 @@ class _Builder:
         self.agent_keys: dict[str, str] = {}
         self.texts: list[str] = []
         self.seen: set[Path] = set()
+        self.tool_links: list[ToolLink] = []
 
     def add_rules(self, doc: YMap) -> None:
         items = doc.get("rules")
@@ -156,7 +159,12 @@ class _Builder:
         tools = _map(doc.get("tools"), doc, "tools")
         for name, spec in tools.items():
             spec = _map(spec, tools, name)
-            _check_keys(spec, {"effect", "description"}, f"tools.{name}")
+            _check_keys(spec, {"effect", "description", "api"}, f"tools.{name}")
+            if "api" in spec:
+                if not isinstance(spec["api"], str):
+                    raise _err("api names an operation, like jira.createIssue", spec, "api")
+                self.tool_links.append(ToolLink(normalize(name), spec["api"], spec.file,
+                                                spec.line_of("api")))
             if "effect" in spec:
                 try:
                     self.effects[normalize(name)] = Effect(spec["effect"])
@@ -329,6 +337,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         raise _err("must be memory or a redis:// URL", doc, "store")
     store_url = env.get("TETHER_STORE", store_url)
 
+    apis = parse_apis(doc, file.parent, env, _read, builder.tool_links, builder.rules)
+    builder.texts.extend(apis.texts)
+    builder.effects = {**apis.effects, **builder.effects}
     revision = hashlib.sha256("\0".join(builder.texts).encode()).hexdigest()[:12]
     policy = Policy(
         rules=tuple(builder.rules),
@@ -357,6 +368,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         agent_keys=builder.agent_keys,
         approvals=parse_approvals(doc.get("approvals"), doc),
         slack=parse_slack(doc.get("slack"), doc, env),
+        apis=apis,
         source=str(file),
         warnings=tuple(warnings),
     )

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 
 from .audit import AuditLog, AuditWriteError
-from .model import Action, Decision, Exchange, RuleTrace, ToolCall
+from .model import Action, Decision, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import PolicyEngine, merge
 from .telemetry import Metrics
 
@@ -32,12 +32,14 @@ class Governor:
         self.metrics = metrics
 
     def decide(self, call: ToolCall, exchange: Exchange, *, request_id: str = "",
-               extra: Sequence[RuleTrace] = ()) -> Decision:
-        """`extra`: verdicts from outside the rules (loop breakers, per-tool budgets)."""
+               extra: Sequence[RuleTrace] = (), api: str | None = None,
+               effect: Effect | None = None) -> Decision:
+        """`extra`: verdicts from outside the rules (loop breakers, per-tool budgets,
+        OpenAPI checks). `api`, `effect`: the operation a call is (`jira.createIssue`)."""
         started = time.perf_counter()
         policy_action: Action | None = None
         try:
-            decision = merge(self.engine.decide(call, exchange), extra)
+            decision = merge(self.engine.decide(call, exchange, api=api, effect=effect), extra)
             policy_action = decision.action
         except Exception as e:  # noqa: BLE001 - any failure here must fail closed
             log.exception("deciding a tool call failed")
@@ -54,6 +56,7 @@ class Governor:
             "model": exchange.model,
             "stream": exchange.stream,
             "tool": call.name,
+            "api": api,
             "call_id": call.id,
             "arguments": call.arguments if call.arguments is not None else call.raw_arguments,
             "action": decision.action.value,

@@ -27,6 +27,7 @@ from ..sessions.redis_store import RedisStore
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
 from .admin import build_admin
+from .apis import ApiRoutes
 from .errors import error_middleware
 from .llm import Context, LLMRoutes
 
@@ -62,6 +63,10 @@ def make_store(url: str) -> Store:
 async def _not_found(request: web.Request) -> web.StreamResponse:
     known = ", ".join(f"/{p.name}/" for p in PROVIDERS)
     raise RouteNotFound(f"no route for {request.path}; known prefixes: {known}")
+
+
+async def _apis(request: web.Request) -> web.StreamResponse:
+    return await ApiRoutes(request.app[CONTEXT]).handle(request)
 
 
 def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -105,6 +110,7 @@ def build(config: Config) -> Tether:
 
     for provider in PROVIDERS:
         proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
+    proxy.router.add_route("*", "/apis/{name}/{tail:.*}", _apis)
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,

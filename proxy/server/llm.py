@@ -23,6 +23,7 @@ from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
 from ..governor import Governor
 from ..model import Action, Decision, Exchange, OnDeny, ToolCall
+from ..policy.openapi_check import arguments_trace
 from ..providers import sse
 from ..providers.base import (
     ParsedRequest,
@@ -188,8 +189,12 @@ class LLMRoutes:
         decisions = []
         for c in calls:
             trace = await self.ctx.guard.check_call(call.admission, c)
+            # A tool linked to an OpenAPI operation: its arguments must fit the operation.
+            op = self.ctx.config.apis.for_tool(c.name)
+            extra = (trace, arguments_trace(op, c) if op else None)
             decisions.append(self.ctx.governor.decide(
-                c, exchange, request_id=call.rid, extra=(trace,) if trace else ()))
+                c, exchange, request_id=call.rid, extra=tuple(t for t in extra if t),
+                api=op.name if op else None))
         if any(d.action is Action.HOLD for d in decisions):
             decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
                                                      self._keepalive(out))

@@ -1,0 +1,184 @@
+"""The reverse route for tool APIs: `/apis/{name}/PATH` goes to the API's URL + PATH.
+
+For agents that can set a base URL. A request is judged whole before a byte
+goes upstream: the path must be canonical (ambiguous encodings are refused,
+400); it is judged as the method it asks to be (override headers and
+`_method`); it must be an operation of the API's OpenAPI spec (an allow-list:
+anything else is denied) whose parameters and body fit the spec; then the
+rules decide, matching `api: jira.createIssue` or `effect: write`. A hold waits
+on the same approvals as the LLM side (approve over the admin API, the CLI,
+Slack or the page). An allowed request is forwarded unchanged but for
+credentials (tether's own, from `api_key_env`, as `Authorization: Bearer`) and
+its response streamed back; redirects are returned, not followed. Budgets do
+not apply: tool APIs cost no tokens. Everything is audited under provider
+`api:<name>`.
+
+Refusals and denials are JSON: `{"error": {"message", "rule", "rules", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from ..approvals.holds import KeepAlive
+from ..config import Upstream
+from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, UpstreamError
+from ..model import Action, Decision, Exchange, HttpRequest, ToolCall
+from ..policy.apis_config import ToolApi
+from ..policy.openapi_check import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
+from ..sessions.identity import agent_of
+from .errors import status_and_code
+from .llm import Context
+from .upstream import canonical_tail, forward_headers, read_body, return_headers
+
+log = logging.getLogger("tether.apis")
+
+
+class AmbiguousRequest(BadRequest):
+    code = "ambiguous_request"
+
+CODES = {UNKNOWN_OPERATION: "unknown_operation", INVALID_REQUEST: "invalid_request",
+         METHOD_OVERRIDE: "method_override"}
+
+
+def error_reply(status: int, message: str, code: str, rule: str | None = None,
+                rules: tuple[str, ...] = ()) -> web.Response:
+    body = {"error": {"message": message, "rule": rule, "rules": list(rules), "code": code}}
+    return web.json_response(body, status=status,
+                             headers={"x-tether-error": code, "x-should-retry": "false"})
+
+
+def deciding_rule(decision: Decision) -> str | None:
+    """The rule whose action won (the first, when several did)."""
+    for trace in decision.trace:
+        if trace.matched and trace.action is decision.action:
+            return trace.rule_id
+    return decision.rules[0] if decision.rules else None
+
+
+class ApiRoutes:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = uuid.uuid4().hex
+        name = request.match_info["name"]
+        api = self.ctx.config.apis.get(name)
+        # An unconfigured name is the agent's text: it never becomes a metric label.
+        provider = api.provider if api else "api"
+        raw_path = request.rel_url.raw_path
+        try:
+            if api is None:
+                raise RouteNotFound(f"no tool API named {name!r} is configured")
+            prefix = f"/apis/{name}/"
+            if not raw_path.startswith(prefix):
+                raise AmbiguousRequest("the request path is ambiguous (the API name is "
+                                       "percent-encoded); it was not forwarded")
+            try:
+                path = "/" + canonical_tail(raw_path[len(prefix):])
+            except BadRequest as e:
+                raise AmbiguousRequest(e.message) from e
+            body = await read_body(request, self.ctx.config.max_body_bytes)
+        except RequestError as e:
+            return self._refuse(provider, e.status, e.code, e.message, rid, raw_path[:200])
+        try:
+            return await self._govern(request, api, path, body, rid)
+        except TetherError as e:
+            status, code = status_and_code(e)
+            return self._refuse(provider, status, code, str(e), rid, path)
+        except Exception:  # noqa: BLE001 - a failure while judging must not forward
+            log.exception("judging a tool API request failed")
+            self.ctx.governor.metrics.fail_closed.labels("apis").inc()
+            return self._refuse(provider, 500, "internal_error", "tether hit an internal error; "
+                                "the request was not forwarded", rid, path)
+
+    def _refuse(self, provider: str, status: int, code: str, message: str, rid: str,
+                endpoint: str) -> web.Response:
+        self.ctx.governor.reject(provider=provider, status=status, code=code, message=message,
+                                 request_id=rid, endpoint=endpoint)
+        self.ctx.governor.metrics.requests.labels(provider, str(status)).inc()
+        return error_reply(status, message, code)
+
+    async def _govern(self, request: web.Request, api: ToolApi, path: str, body: bytes,
+                      rid: str) -> web.StreamResponse:
+        target = URL(api.url)
+        http = HttpRequest(method=request.method, scheme=target.scheme, host=target.host or "",
+                           port=target.port or 0, path=path,
+                           query=request.rel_url.raw_query_string,
+                           headers=tuple(request.headers.items()), body=body)
+        judged = judge(api.spec, http)
+        if judged.refusal:
+            return self._refuse(api.provider, 400, AmbiguousRequest.code, judged.refusal, rid, path)
+        trust = self.ctx.config.trust_identity_headers
+        agent = agent_of(request.headers, self.ctx.config.agent_keys, trust)
+        session = (request.headers.get("x-tether-session") if trust else None) or None
+        args = dict(judged.arguments)
+        call = ToolCall(id=rid, name=judged.tool(api.name),
+                        raw_arguments=json.dumps(args, ensure_ascii=False), arguments=args)
+        exchange = Exchange(provider=api.provider, model="", declared_tools=(call.name,),
+                            session=session, agent=agent, endpoint=f"{judged.method} {path}")
+        op = judged.operation
+        decision = self.ctx.governor.decide(
+            call, exchange, request_id=rid, extra=(judged.denial,) if judged.denial else (),
+            api=op.name if op else None, effect=judged.effect)
+        if decision.action is Action.HOLD:
+            try:
+                [decision] = await self.ctx.holds.resolve([call], [decision], exchange,
+                                                          self._alive(request))
+            except ConnectionResetError:
+                # The agent went away: its approval has ended denied; nothing is forwarded.
+                log.info("agent disconnected while its tool API request was held (%s)", rid)
+                return error_reply(499, "the agent disconnected while waiting", "client_gone")
+        if not decision.allowed:
+            rule = deciding_rule(decision)
+            self.ctx.governor.metrics.requests.labels(api.provider, "403").inc()
+            what = f"{judged.method} {path}" + (f" ({op.name})" if op else "")
+            message = (f"[tether] The request {what} was denied by {rule or 'policy'}: "
+                       f"{decision.message or 'it is not allowed'}. It was not forwarded.")
+            return error_reply(403, message, CODES.get(rule or "", "request_denied"), rule,
+                               decision.rules)
+        return await self._forward(request, api, path, body)
+
+    @staticmethod
+    def _alive(request: web.Request) -> KeepAlive:
+        """Checked while a request waits for a human: a plain HTTP response has no
+        keep-alive to send, but an agent that has gone must not have its request run."""
+
+        async def check(_: str) -> None:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the agent's connection closed")
+
+        return check
+
+    async def _forward(self, request: web.Request, api: ToolApi, path: str,
+                       body: bytes) -> web.StreamResponse:
+        query = request.rel_url.raw_query_string
+        # The path and query bytes exactly as judged: no re-encoding on the way out.
+        url = URL(f"{api.url}{path}" + (f"?{query}" if query else ""), encoded=True)
+        headers = forward_headers(request.headers, Upstream(api.provider, api.url,
+                                                            api.api_key_env))
+        try:
+            async with self.ctx.client.request(request.method, url, data=body or None,
+                                               headers=headers, allow_redirects=False) as resp:
+                out = web.StreamResponse(status=resp.status, headers=return_headers(resp.headers))
+                await out.prepare(request)
+                self.ctx.governor.metrics.requests.labels(api.provider, str(resp.status)).inc()
+                try:
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
+                    await out.write_eof()
+                except ConnectionResetError:
+                    log.info("client disconnected during a tool API response")
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    log.warning("tool API response broke: %s", type(e).__name__)
+                return out
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise UpstreamError(f"the {api.name} API could not be reached: "
+                                f"{type(e).__name__}") from e
