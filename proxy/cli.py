@@ -28,18 +28,30 @@ def _load(path: str) -> config_mod.Config:
     return cfg
 
 
-async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int) -> None:
+async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
+                 forward_port: int | None = None) -> None:
     from .server.app import bound_port, build, start
 
     tether = build(cfg)
     runners = await start(tether, host=host, port=port, admin_port=admin_port)
     from .providers import PROVIDERS
 
+    proxy_port, admin_bound = bound_port(runners[0]), bound_port(runners[1])
+    forward = None
+    if forward_port is not None:
+        from .forward.master import start_forward
+
+        loopback = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        forward = await start_forward(tether.governor, tether.governor.metrics, cfg.forward,
+                                      host=host, port=forward_port,
+                                      reverse=(loopback, proxy_port), own_ports=(admin_bound,))
     prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
     print(
-        f"tether: proxy on http://{host}:{bound_port(runners[0])} "
-        f"({prefixes}), admin on http://{host}:{bound_port(runners[1])}, "
-        f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
+        f"tether: proxy on http://{host}:{proxy_port} "
+        f"({prefixes}), admin on http://{host}:{admin_bound}, "
+        + (f"HTTP_PROXY on http://{host}:{forward.port} (CA {cfg.forward.ca_dir}), "
+           if forward else "")
+        + f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
         flush=True,
     )
     stop = asyncio.Event()
@@ -47,6 +59,8 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int) 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if forward is not None:
+        await forward.stop()
     for runner in reversed(runners):
         await runner.cleanup()
     await tether.close()
@@ -60,7 +74,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "the agent's own key is passed through", file=sys.stderr)
     asyncio.run(_serve(cfg, args.host or cfg.host,
                        cfg.port if args.port is None else args.port,
-                       cfg.admin_port if args.admin_port is None else args.admin_port))
+                       cfg.admin_port if args.admin_port is None else args.admin_port,
+                       args.forward_port))
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    """Print the forward proxy's CA certificate (creating the CA if needed); never the key."""
+    from .forward.ca import export_pem
+
+    cfg = _load(args.config)
+    sys.stdout.write(export_pem(cfg.forward.ca_dir))
     return 0
 
 
@@ -231,8 +255,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
     s.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
     s.add_argument("--forward-port", type=int, default=None,
-                   help="HTTP_PROXY listener (not available in this version)")
+                   help="HTTP_PROXY listener port (off unless given)")
     s.set_defaults(func=cmd_serve)
+
+    ca = sub.add_parser("ca", help="the forward proxy's CA")
+    ca.add_argument("action", choices=["export"], help="export: print the CA certificate (PEM)")
+    ca.add_argument("--config", required=True, help="the config YAML (forward.ca_dir)")
+    ca.set_defaults(func=cmd_ca)
 
     c = sub.add_parser("check", help="validate config and rule files")
     c.add_argument("files", nargs="+")
@@ -268,10 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if getattr(args, "forward_port", None) is not None:
-        print("error: --forward-port (HTTP_PROXY mode) is not available in this version",
-              file=sys.stderr)
-        return 2
     try:
         return int(args.func(args))
     except ConfigError as e:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
 from .errors import ConfigError
+from .forward.settings import ForwardSettings, parse_forward
 from .model import Action, Effect
 from .policy.apis_config import Apis, ToolLink, parse_apis
 from .policy.engine import AgentScope, Policy
@@ -27,6 +28,7 @@ from .sessions.budgets import Budgets, parse_budgets
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
+    "forward",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
@@ -73,6 +75,7 @@ class Config:
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     slack: SlackSettings | None = None
     apis: Apis = field(default_factory=Apis)
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -369,6 +372,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         approvals=parse_approvals(doc.get("approvals"), doc),
         slack=parse_slack(doc.get("slack"), doc, env),
         apis=apis,
+        forward=parse_forward(doc.get("forward"), doc, file.parent),
         source=str(file),
         warnings=tuple(warnings),
     )

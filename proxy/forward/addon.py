@@ -1,0 +1,235 @@
+"""tether's mitmproxy addon: every forwarded request is judged before it leaves.
+
+The hooks run in this order for one request: `http_connect` (the CONNECT, if
+any), `request` (after the client's TLS, with SNI and Host known),
+`server_connect` (just before mitmproxy opens the upstream socket),
+`responseheaders`. mitmproxy logs an exception raised in an addon and then
+carries on with the flow as it is — fail open — so every hook here catches
+everything and kills the flow (or the upstream connection) instead.
+
+LLM hosts are not sent on: the request is re-addressed to tether's own
+reverse-proxy port on loopback under the provider's prefix (`/openai/...`),
+where the same governance as for SDKs pointed at tether applies, streams
+included; the response is streamed back (`response.stream = True`), so
+mitmproxy never buffers it. Every other host is refused unless
+`forward.pass_hosts` names it, and then only after the SSRF checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import uuid
+
+from mitmproxy import http, tcp, udp
+from mitmproxy.proxy import server_hooks
+
+from ..governor import Governor
+from ..telemetry import Metrics
+from .targets import Address, Refusal, Targets, ip_literal, llm_provider, norm_host, same_host
+
+log = logging.getLogger("tether.forward")
+
+PROVIDER = "forward"
+IDENTITY_HEADERS = ("x-tether-session", "x-tether-agent")
+INTERNAL = Refusal("tether:internal-error", "internal error in the forward proxy; flow killed")
+
+
+class ForwardAddon:
+    def __init__(self, governor: Governor, metrics: Metrics, targets: Targets,
+                 reverse: tuple[str, int]) -> None:
+        """`reverse`: tether's reverse-proxy address as seen from this process."""
+        self.governor = governor
+        self.metrics = metrics
+        self.targets = targets
+        self.reverse = reverse
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """A CONNECT: refused now when the name alone settles it (a bare IP, an unknown
+        host); LLM hosts are never resolved, since they are never connected to."""
+        try:
+            host, port = flow.request.host, flow.request.port
+            refusal = self.targets.literal_allowed(host) or self.targets.host_allowed(host)
+            if refusal is None and llm_provider(host) is None:
+                refusal = await self._resolve_check(host, port)
+            if refusal is not None:
+                self._refuse(flow, refusal)
+        except Exception:  # noqa: BLE001 - an addon error must not let the flow on
+            self._crash(flow, "http_connect")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._request(flow)
+        except Exception:  # noqa: BLE001
+            self._crash(flow, "request")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream every response: governed LLM streams were already filtered on the
+        reverse route, and pass hosts are not inspected here."""
+        try:
+            if flow.response is not None:
+                flow.response.stream = True
+        except Exception:  # noqa: BLE001
+            self._crash(flow, "responseheaders")
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """The last gate: resolve once, check every address, connect to the checked one
+        (so a DNS answer that changed since `request` cannot slip a private address in)."""
+        try:
+            server = data.server
+            if server.address is None:
+                server.error = "tether: no destination"
+                return
+            host, port = str(server.address[0]), int(server.address[1])
+            if (host, port) == self.reverse and not server.tls:
+                return  # a governed LLM request re-addressed by `request` below
+            refusal = self.targets.literal_allowed(host)
+            if refusal is None:
+                addresses = await self._resolve(host, port)
+                refusal = self._check_all(host, port, addresses) if addresses else Refusal(
+                    "tether:dns", f"{host} does not resolve")
+            if refusal is not None:
+                self.governor.reject(provider=PROVIDER, status=502, code=refusal.code,
+                                     message=refusal.message, request_id=uuid.uuid4().hex,
+                                     endpoint=f"connect {host}:{port}")
+                server.error = f"{refusal.code}: {refusal.message}"
+                return
+            if server.tls and server.sni is None:
+                server.sni = host
+            # One address, already checked; IPv4 first, as most services listen there.
+            server.address = (str(min(addresses, key=lambda ip: ip.version)), port)
+        except Exception:  # noqa: BLE001
+            log.exception("forward addon failed in server_connect; connection refused")
+            self.metrics.fail_closed.labels("forward").inc()
+            data.server.error = "tether: internal error"
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """Raw TCP inside a tunnel is not HTTP, so tether cannot judge it: only pass
+        hosts may carry it (never an LLM host, whose governance needs HTTP)."""
+        try:
+            host = str(flow.server_conn.address[0]) if flow.server_conn.address else ""
+            if llm_provider(host) is not None or self.targets.host_allowed(host) is not None:
+                _kill(flow)
+        except Exception:  # noqa: BLE001
+            log.exception("forward addon failed in tcp_start")
+            _kill(flow)
+
+    def udp_start(self, flow: udp.UDPFlow) -> None:
+        _kill(flow)
+
+    # -- the request ----------------------------------------------------------------------
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        host = req.host  # inside a tunnel: the CONNECT host; else the absolute URL's host
+        header = req.host_header
+        if header is None:
+            return self._refuse(flow, Refusal("tether:no-host", "the request has no Host header"))
+        header_host = _authority_host(header)
+        sni = flow.client_conn.sni if flow.client_conn.tls else None
+        if flow.client_conn.tls and sni is None and ip_literal(host) is None:  # no SNI for IPs
+            return self._refuse(flow, Refusal("tether:no-sni", "the TLS client sent no SNI"))
+        if not same_host(host, sni, header_host):
+            return self._refuse(flow, Refusal(
+                "tether:host-mismatch",
+                f"CONNECT host {norm_host(host)!r}, TLS SNI {sni!r} and Host header "
+                f"{header_host!r} must name the same host"))
+        refusal = self.targets.literal_allowed(host)
+        if refusal is not None:
+            return self._refuse(flow, refusal)
+        provider = llm_provider(host)
+        if provider is not None:
+            return self._to_reverse(flow, provider)
+        refusal = self.targets.host_allowed(host) or await self._resolve_check(host, req.port)
+        if refusal is not None:
+            return self._refuse(flow, refusal)
+        for name in IDENTITY_HEADERS:
+            req.headers.pop(name, None)
+        return None
+
+    def _to_reverse(self, flow: http.HTTPFlow, provider: str) -> None:
+        req = flow.request
+        flow.metadata["tether_provider"] = provider
+        path = req.path if req.path.startswith("/") else "/" + req.path
+        req.scheme = "http"
+        req.host, req.port = self.reverse
+        req.path = f"/{provider}{path}"
+
+    # -- checks ---------------------------------------------------------------------------
+
+    async def _resolve(self, host: str, port: int) -> list[Address]:
+        literal = ip_literal(host)
+        if literal is not None:
+            return [literal]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(norm_host(host), port, type=socket.SOCK_STREAM)
+        except OSError:
+            return []
+        found: list[Address] = []
+        for _family, _type, _proto, _name, sockaddr in infos:
+            ip = ip_literal(str(sockaddr[0]).split("%", 1)[0])
+            if ip is not None and ip not in found:
+                found.append(ip)
+        return found
+
+    def _check_all(self, host: str, port: int, addresses: list[Address]) -> Refusal | None:
+        """Every address a name resolves to must pass: the connect may pick any of them."""
+        for ip in addresses:
+            refusal = self.targets.address_allowed(norm_host(host), ip, port)
+            if refusal is not None:
+                return refusal
+        return None
+
+    async def _resolve_check(self, host: str, port: int) -> Refusal | None:
+        addresses = await self._resolve(host, port)
+        if not addresses:
+            return Refusal("tether:dns", f"{norm_host(host)} does not resolve")
+        return self._check_all(host, port, addresses)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        req = flow.request
+        request_id = uuid.uuid4().hex
+        self.governor.reject(
+            provider=PROVIDER, status=403, code=refusal.code, message=refusal.message,
+            request_id=request_id, session=req.headers.get("x-tether-session"),
+            agent=req.headers.get("x-tether-agent"),
+            endpoint=f"{req.method} {req.pretty_host}:{req.port}"
+                     + ("" if req.method == "CONNECT" else req.path))
+        body = {"error": {"type": "tether_forward_refused", "code": refusal.code,
+                          "message": refusal.message, "request_id": request_id}}
+        flow.response = http.Response.make(
+            403, json.dumps(body).encode(),
+            {"content-type": "application/json", "x-tether-refused": refusal.code})
+
+    def _crash(self, flow: http.HTTPFlow, hook: str) -> None:
+        """Fail closed: the flow dies; nothing is sent on."""
+        log.exception("forward addon failed in %s; flow killed", hook)
+        self.metrics.fail_closed.labels("forward").inc()
+        try:
+            self.governor.reject(provider=PROVIDER, status=502, code=INTERNAL.code,
+                                 message=f"{INTERNAL.message} ({hook})",
+                                 request_id=uuid.uuid4().hex,
+                                 endpoint=f"{flow.request.method} {flow.request.pretty_url}")
+        finally:
+            flow.response = None
+            if flow.killable:
+                _kill(flow)
+
+
+def _kill(flow: http.HTTPFlow | tcp.TCPFlow | udp.UDPFlow) -> None:
+    flow.kill()  # type: ignore[no-untyped-call]
+
+
+def _authority_host(authority: str) -> str:
+    """`host`, `host:port`, `[v6]:port` -> the host part."""
+    text = authority.strip()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text

@@ -1,0 +1,96 @@
+"""The in-process mitmproxy master: same event loop as the aiohttp servers.
+
+`Master.run()` is not used: it swaps the loop's task factory for the eager
+one for as long as it runs, which would change how every aiohttp task of the
+process is scheduled. The steps it takes are taken here instead (servers up,
+`running`, and at the end `done`), with only the addons HTTP_PROXY mode needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mitmproxy import options
+
+# mitmproxy.addons (which mitmproxy.master imports) loads every addon, proxyauth's
+# ldap3 included, which warns about pyasn1 names it still uses: not tether's to see.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from mitmproxy.addons import block, core, disable_h2c, next_layer, proxyserver, tlsconfig
+    from mitmproxy.master import Master
+
+from ..governor import Governor
+from ..telemetry import Metrics
+from .addon import ForwardAddon
+from .ca import ensure_ca
+from .settings import ForwardSettings
+from .targets import Targets
+
+log = logging.getLogger("tether.forward")
+
+
+class ForwardStartError(RuntimeError):
+    """The forward listener could not be opened (port taken, bad option)."""
+
+
+@dataclass(slots=True)
+class ForwardProxy:
+    master: Master
+    server: proxyserver.Proxyserver
+    addon: ForwardAddon
+    host: str
+    port: int
+
+    async def stop(self) -> None:
+        """Close the listener, then end the connections still open (a client that
+        keeps a tunnel alive must not keep tether from shutting down)."""
+        await self.server.servers.update([])
+        for handler in list(self.server.connections.values()):
+            try:
+                handler.close_connection(handler.client)
+            except (KeyError, AssertionError):
+                pass  # already closing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while self.server.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.master.done()
+
+
+async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardSettings, *,
+                        host: str, port: int, reverse: tuple[str, int],
+                        own_ports: Iterable[int]) -> ForwardProxy:
+    """Open the HTTP_PROXY listener on `host:port` (0: any free port).
+
+    `reverse`: where LLM requests are re-addressed (tether's proxy port, reachable
+    from here); `own_ports`: tether's other ports, never a forwarding target.
+    One per process: mitmproxy keeps its master and options in a module global."""
+    ensure_ca(settings.ca_dir)
+    opts = options.Options()
+    master = Master(opts, event_loop=asyncio.get_running_loop())
+    server = proxyserver.Proxyserver()  # type: ignore[no-untyped-call]
+    targets = Targets(settings, (*own_ports, reverse[1]))
+    addon = ForwardAddon(governor, metrics, targets, reverse)
+    master.addons.add(core.Core(), server, next_layer.NextLayer(), tlsconfig.TlsConfig(),
+                      block.Block(), disable_h2c.DisableH2C(), addon)  # type: ignore[no-untyped-call]
+    opts.update(  # type: ignore[no-untyped-call]
+        mode=["regular"],
+        listen_host=host,
+        listen_port=port,
+        confdir=settings.ca_dir,
+        connection_strategy="lazy",
+        ssl_verify_upstream_trusted_ca=settings.upstream_ca,
+        ssl_insecure=False,
+    )
+    if not await server.setup_servers() or not server.listen_addrs():
+        await master.done()
+        raise ForwardStartError(f"cannot listen on {host}:{port} (see the log)")
+    bound = int(server.listen_addrs()[0][1])
+    targets.own_ports = frozenset({*targets.own_ports, bound})
+    await master.running()
+    log.info("forward proxy on %s:%d", host, bound)
+    return ForwardProxy(master, server, addon, host, bound)
