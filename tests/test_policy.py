@@ -256,3 +256,18 @@ def test_upstream_override_from_environment(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("upstreams:\n  openai: {url: 'https://api.openai.com'}\n")
     cfg = config_mod.load(tmp_path / "c.yaml", env={"TETHER_UPSTREAM_OPENAI": "http://127.0.0.1:9/"})
     assert cfg.upstreams["openai"].url == "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("pattern, api, matches", [
+    ("jira.createIssue", "jira.createIssue", True),
+    ("jira.createIssue", "JIRA.CreateIssue", True),
+    ("jira.createIssue", "jira.createIssues", False),
+    ("aws.ec2.Delete*", "aws.ec2.DeleteVolume", True),
+    ("aws.ec2.Delete*", "aws.ec2.DescribeVolumes", False),
+    ("aws.*.Delete*", "aws.s3.DeleteObject", True),
+])
+def test_api_names_and_globs(tmp_path: Path, pattern: str, api: str, matches: bool) -> None:
+    engine = load(tmp_path, f"rules:\n  - id: r\n    match: {{api: '{pattern}'}}\n"
+                            "    action: deny\n")
+    decision = engine.decide(call("op"), exchange("op"), api=api)
+    assert (decision.action is Action.DENY) is matches

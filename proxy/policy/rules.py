@@ -169,7 +169,8 @@ class Rule:
     tools: tuple[re.Pattern[str], ...] | None = None
     agents: tuple[re.Pattern[str], ...] | None = None
     effect: Effect | None = None
-    api: str | None = None
+    api: str | None = None              # as written: an operation name or a glob
+    api_pattern: re.Pattern[str] | None = None
     args: tuple[Condition, ...] = ()
     file: str | None = None
     line: int = 0
@@ -183,7 +184,8 @@ class Rule:
             return RuleTrace(self.id, False, f"agent {subject.agent!r} not in match.agent")
         if self.effect is not None and subject.effect is not self.effect:
             return RuleTrace(self.id, False, f"effect is {subject.effect}, not {self.effect}")
-        if self.api is not None and (subject.api is None or subject.api != self.api):
+        if self.api_pattern is not None and (
+                subject.api is None or not self.api_pattern.fullmatch(normalize(subject.api))):
             return RuleTrace(self.id, False, f"api is {subject.api!r}, not {self.api!r}")
         args = subject.call.arguments or {}
         reasons: list[str] = []
@@ -310,6 +312,7 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         agents=agents,
         effect=effect,
         api=api,
+        api_pattern=_glob(api) if api is not None else None,
         args=tuple(conditions),
         file=file,
         line=raw.line,
