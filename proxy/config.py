@@ -53,6 +53,7 @@ class Upstream:
     url: str
     api_key_env: str | None = None
     region: str | None = None  # AWS region for SigV4 (bedrock); from the URL when absent
+    ca_file: str | None = None  # an extra CA to trust for this upstream's TLS (private gateways)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,13 +228,22 @@ def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) ->
     return action
 
 
-def _upstreams(doc: YMap, env: Mapping[str, str]) -> dict[str, Upstream]:
+def _upstreams(doc: YMap, env: Mapping[str, str], base: Path) -> dict[str, Upstream]:
     node = _map(doc.get("upstreams"), doc, "upstreams")
     specs: dict[str, tuple[str, str | None, str | None]] = {
         k: (v, None, None) for k, v in DEFAULT_UPSTREAMS.items()}
+    ca_files: dict[str, str] = {}
     for name, spec in node.items():
         spec = _map(spec, node, name)
-        _check_keys(spec, {"url", "api_key_env", "region"}, f"upstreams.{name}")
+        _check_keys(spec, {"url", "api_key_env", "region", "ca_file"}, f"upstreams.{name}")
+        if "ca_file" in spec:
+            ca = spec["ca_file"]
+            if not isinstance(ca, str) or not ca:
+                raise _err("ca_file is a path to a PEM file", spec, "ca_file", f"upstreams.{name}")
+            path = Path(ca) if Path(ca).is_absolute() else base / ca
+            if not path.is_file():
+                raise _err(f"no such file: {path}", spec, "ca_file", f"upstreams.{name}")
+            ca_files[name] = str(path)
         url, key_env, region = spec.get("url"), spec.get("api_key_env"), spec.get("region")
         if not isinstance(url, str):
             raise _err("url is required", spec, "url")
@@ -253,7 +263,7 @@ def _upstreams(doc: YMap, env: Mapping[str, str]) -> dict[str, Upstream]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise _err(f"upstream {name}: {url!r} is not an http(s) URL", node, name)
-        out[name] = Upstream(name, url, key_env, region)
+        out[name] = Upstream(name, url, key_env, region, ca_files.get(name))
     return out
 
 
@@ -355,7 +365,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     )
     return Config(
         policy=policy,
-        upstreams=_upstreams(doc, env),
+        upstreams=_upstreams(doc, env, file.parent),
         host=host,
         port=_port(server.get("port", 8080), server, "port"),
         admin_port=_port(server.get("admin_port", 9090), server, "admin_port"),

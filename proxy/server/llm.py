@@ -9,6 +9,7 @@ call is decided.
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from .upstream import (
 )
 
 log = logging.getLogger("tether.server")
+_CONTEXTS: dict[str, ssl.SSLContext] = {}
 
 STREAM_TYPES = {"text/event-stream", "application/vnd.amazon.eventstream"}
 
@@ -112,6 +114,17 @@ class LLMRoutes:
         call = Call(provider, route, upstream, uuid.uuid4().hex, session or None, agent)
         return await self._govern(request, call)
 
+    @staticmethod
+    def _ssl(upstream: Upstream) -> ssl.SSLContext | bool:
+        """The TLS context for an upstream: the system's trust store, plus `ca_file`."""
+        if upstream.ca_file is None:
+            return True
+        found = _CONTEXTS.get(upstream.ca_file)
+        if found is None:
+            found = ssl.create_default_context(cafile=upstream.ca_file)
+            _CONTEXTS[upstream.ca_file] = found
+        return found
+
     def _url(self, upstream: Upstream, route: Route, request: web.Request) -> URL:
         """The upstream URL with the path bytes exactly as judged (no re-encoding)."""
         url = f"{upstream.url}/{route.upstream_path}"
@@ -141,7 +154,8 @@ class LLMRoutes:
         try:
             headers = sign_request(call.upstream, "POST", str(url),
                                    forward_headers(request.headers, call.upstream), body)
-            async with self.ctx.client.post(url, data=body, headers=headers) as resp:
+            async with self.ctx.client.post(url, data=body, headers=headers,
+                                            ssl=self._ssl(call.upstream)) as resp:
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if resp.status != 200:
                     await self.ctx.guard.release(call.admission)
@@ -281,7 +295,8 @@ class LLMRoutes:
         try:
             async with self.ctx.client.request(request.method,
                                                self._url(upstream, route, request),
-                                               data=body or None, headers=headers) as resp:
+                                               data=body or None, headers=headers,
+                                               ssl=self._ssl(upstream)) as resp:
                 out = web.StreamResponse(status=resp.status,
                                          headers=return_headers(resp.headers))
                 await out.prepare(request)
