@@ -20,6 +20,7 @@ from .forward.settings import ForwardSettings, parse_forward
 from .model import Action, Effect
 from .policy.apis_config import Apis, ToolLink, parse_apis
 from .policy.engine import AgentScope, Policy
+from .policy.mcp import McpServers, parse_mcp
 from .policy.names import normalize
 from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
@@ -28,7 +29,7 @@ from .sessions.budgets import Budgets, parse_budgets
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward",
+    "forward", "mcp",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
@@ -76,6 +77,7 @@ class Config:
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     slack: SlackSettings | None = None
     apis: Apis = field(default_factory=Apis)
+    mcp: McpServers = field(default_factory=McpServers)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     source: str | None = None
     warnings: tuple[str, ...] = ()
@@ -382,6 +384,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         approvals=parse_approvals(doc.get("approvals"), doc),
         slack=parse_slack(doc.get("slack"), doc, env),
         apis=apis,
+        mcp=parse_mcp(doc, env),
         forward=parse_forward(doc.get("forward"), doc, file.parent),
         source=str(file),
         warnings=tuple(warnings),

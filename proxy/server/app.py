@@ -30,6 +30,7 @@ from .admin import build_admin
 from .apis import ApiRoutes
 from .errors import error_middleware
 from .llm import Context, LLMRoutes
+from .mcp import McpRoutes
 
 log = logging.getLogger("tether.server")
 
@@ -67,6 +68,10 @@ async def _not_found(request: web.Request) -> web.StreamResponse:
 
 async def _apis(request: web.Request) -> web.StreamResponse:
     return await ApiRoutes(request.app[CONTEXT]).handle(request)
+
+
+async def _mcp(request: web.Request) -> web.StreamResponse:
+    return await McpRoutes(request.app[CONTEXT]).handle(request)
 
 
 def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -111,6 +116,8 @@ def build(config: Config) -> Tether:
     for provider in PROVIDERS:
         proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
     proxy.router.add_route("*", "/apis/{name}/{tail:.*}", _apis)
+    proxy.router.add_route("*", "/mcp/{name}", _mcp)
+    proxy.router.add_route("*", "/mcp/{name}/{tail:.*}", _mcp)
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
