@@ -39,12 +39,15 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
     proxy_port, admin_bound = bound_port(runners[0]), bound_port(runners[1])
     forward = None
     if forward_port is not None:
+        from .egress import Egress
         from .forward.master import start_forward
 
         loopback = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         forward = await start_forward(tether.governor, tether.governor.metrics, cfg.forward,
                                       host=host, port=forward_port,
-                                      reverse=(loopback, proxy_port), own_ports=(admin_bound,))
+                                      reverse=(loopback, proxy_port), own_ports=(admin_bound,),
+                                      egress=Egress(cfg.apis, cfg.cloud, tether.holds,
+                                                    cfg.agent_keys, cfg.trust_identity_headers))
     prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
     print(
         f"tether: proxy on http://{host}:{proxy_port} "

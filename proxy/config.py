@@ -19,6 +19,8 @@ from .errors import ConfigError
 from .forward.settings import ForwardSettings, parse_forward
 from .model import Action, Effect
 from .policy.apis_config import Apis, ToolLink, parse_apis
+from .policy.cloud import CloudCatalog
+from .policy.cloud_config import parse_cloud
 from .policy.engine import AgentScope, Policy
 from .policy.mcp import McpServers, parse_mcp
 from .policy.names import normalize
@@ -29,7 +31,7 @@ from .sessions.budgets import Budgets, parse_budgets
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward", "mcp",
+    "forward", "mcp", "cloud",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
@@ -79,6 +81,7 @@ class Config:
     apis: Apis = field(default_factory=Apis)
     mcp: McpServers = field(default_factory=McpServers)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    cloud: CloudCatalog | None = None      # None: the built-in catalog
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -386,6 +389,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         apis=apis,
         mcp=parse_mcp(doc, env),
         forward=parse_forward(doc.get("forward"), doc, file.parent),
+        cloud=parse_cloud(doc.get("cloud"), doc),
         source=str(file),
         warnings=tuple(warnings),
     )

@@ -11,8 +11,19 @@ LLM hosts are not sent on: the request is re-addressed to tether's own
 reverse-proxy port on loopback under the provider's prefix (`/openai/...`),
 where the same governance as for SDKs pointed at tether applies, streams
 included; the response is streamed back (`response.stream = True`), so
-mitmproxy never buffers it. Every other host is refused unless
-`forward.pass_hosts` names it, and then only after the SSRF checks.
+mitmproxy never buffers it. Every other host, after the SSRF checks, in
+this order of precedence:
+
+1. a host an `apis:` entry names (`hosts`, default the url's host): judged
+   exactly as on `/apis/{name}/` (operation allow-list, schema, overrides,
+   rules with `api: jira.createIssue`, holds), refused with the same 403 body;
+2. a cloud API host (`proxy.policy.cloud`): the operation is classified and
+   judged (`api: aws.ec2.DeleteVolume`); one tether cannot name is an unknown
+   write, denied unless `forward.pass_hosts` lists that exact host (a wildcard
+   entry never does); an ambiguous request is refused; denials come in the
+   cloud's own error shape;
+3. a `forward.pass_hosts` host: forwarded unchanged, no policy;
+4. anything else: refused (403).
 """
 
 from __future__ import annotations
@@ -22,15 +33,36 @@ import json
 import logging
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import http, tcp, udp
 from mitmproxy.proxy import server_hooks
 
+from ..approvals.holds import KeepAlive
+from ..egress import (
+    AMBIGUOUS,
+    AMBIGUOUS_CLOUD,
+    Egress,
+    Verdict,
+    Who,
+    api_for_host,
+    judge_api,
+    judge_cloud,
+)
+from ..errors import BadRequest
 from ..governor import Governor
+from ..model import HttpRequest
+from ..policy.apis_config import ToolApi
+from ..policy.cloud import CloudHost, classify, cloud_host
+from ..server.upstream import canonical_tail
+from ..sessions.identity import agent_of
 from ..telemetry import Metrics
+from .cloud_errors import cloud_error
 from .targets import Address, Refusal, Targets, ip_literal, llm_provider, norm_host, same_host
 
 log = logging.getLogger("tether.forward")
+
+Resolver = Callable[[str, int], Awaitable[list[Address]]]
 
 PROVIDER = "forward"
 IDENTITY_HEADERS = ("x-tether-session", "x-tether-agent")
@@ -39,12 +71,16 @@ INTERNAL = Refusal("tether:internal-error", "internal error in the forward proxy
 
 class ForwardAddon:
     def __init__(self, governor: Governor, metrics: Metrics, targets: Targets,
-                 reverse: tuple[str, int]) -> None:
-        """`reverse`: tether's reverse-proxy address as seen from this process."""
+                 reverse: tuple[str, int], egress: Egress | None = None,
+                 resolver: Resolver | None = None) -> None:
+        """`reverse`: tether's reverse-proxy address as seen from this process;
+        `egress`: the `apis:` entries, cloud catalog and holds tool traffic is judged by."""
         self.governor = governor
         self.metrics = metrics
         self.targets = targets
         self.reverse = reverse
+        self.egress = egress or Egress()
+        self.resolver = resolver  # None: the system's DNS (others: split-horizon, tests)
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -53,7 +89,7 @@ class ForwardAddon:
         host); LLM hosts are never resolved, since they are never connected to."""
         try:
             host, port = flow.request.host, flow.request.port
-            refusal = self.targets.literal_allowed(host) or self.targets.host_allowed(host)
+            refusal = self.targets.literal_allowed(host) or self._host_allowed(host)
             if refusal is None and llm_provider(host) is None:
                 refusal = await self._resolve_check(host, port)
             if refusal is not None:
@@ -112,7 +148,8 @@ class ForwardAddon:
         hosts may carry it (never an LLM host, whose governance needs HTTP)."""
         try:
             host = str(flow.server_conn.address[0]) if flow.server_conn.address else ""
-            if llm_provider(host) is not None or self.targets.host_allowed(host) is not None:
+            if llm_provider(host) is not None or self.targets.host_allowed(host) is not None \
+                    or self._governed(host):
                 _kill(flow)
         except Exception:  # noqa: BLE001
             log.exception("forward addon failed in tcp_start")
@@ -144,12 +181,103 @@ class ForwardAddon:
         provider = llm_provider(host)
         if provider is not None:
             return self._to_reverse(flow, provider)
-        refusal = self.targets.host_allowed(host) or await self._resolve_check(host, req.port)
+        refusal = self._host_allowed(host) or await self._resolve_check(host, req.port)
         if refusal is not None:
             return self._refuse(flow, refusal)
+        if self._governed(host) and not await self._judge(flow, host):
+            return None
         for name in IDENTITY_HEADERS:
             req.headers.pop(name, None)
         return None
+
+    # -- tool APIs and cloud APIs ---------------------------------------------------------
+
+    def _api(self, host: str) -> ToolApi | None:
+        return api_for_host(self.egress.apis, host)
+
+    def _governed(self, host: str) -> bool:
+        """An `apis:` host or a cloud API host: judged per request, never passed blind."""
+        return self._api(host) is not None or cloud_host(host, self.egress.catalog) is not None
+
+    def _host_allowed(self, host: str) -> Refusal | None:
+        return None if self._governed(host) else self.targets.host_allowed(host)
+
+    async def _judge(self, flow: http.HTTPFlow, host: str) -> bool:
+        """Judge one tool or cloud API request; False when a reply was set instead."""
+        req = flow.request
+        rid = uuid.uuid4().hex
+        raw_path, _, query = req.path.partition("?")
+        fields = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers.fields)
+        headers = {k.lower(): v for k, v in fields}
+        trust = self.egress.trust_headers
+        who = Who(rid, (headers.get("x-tether-session") if trust else None) or None,
+                  agent_of(headers, self.egress.agent_keys, trust),
+                  f"{norm_host(host)}{raw_path}")
+        api = self._api(host)
+        provider = api.provider if api else f"{PROVIDER}:{norm_host(host)}"
+        http_req = HttpRequest(method=req.method, scheme=req.scheme, host=norm_host(host),
+                               port=req.port, path=raw_path, query=query,
+                               headers=fields,
+                               body=req.get_content(strict=False) or b"")
+        known = cloud_host(host, self.egress.catalog)
+        service = known.service if isinstance(known, CloudHost) else None
+        try:
+            canonical_tail(raw_path.removeprefix("/"))
+        except BadRequest as e:
+            # As `/apis/` answers it (400), or a cloud's denial (403) in the cloud's shape.
+            verdict = Verdict(False, 400 if api else 403, AMBIGUOUS, e.message, AMBIGUOUS_CLOUD,
+                              (AMBIGUOUS_CLOUD,))
+            self.governor.reject(provider=provider, status=verdict.status, code=AMBIGUOUS_CLOUD,
+                                 message=e.message, request_id=rid, session=who.session,
+                                 agent=who.agent, endpoint=f"{req.method} {who.target}")
+            cloud = None if api else (known.cloud if known else "aws", service, http_req)
+            return self._outcome(flow, verdict, cloud, rid)
+        alive = self._alive(flow)
+        if api is not None:
+            verdict = await judge_api(self.governor, self.egress.holds, api, http_req, who, alive,
+                                      api.base_path)
+            return self._outcome(flow, verdict, None, rid)
+        found = classify(http_req, self.egress.catalog)
+        if found is None:  # cloud_host said it was one; classify disagrees: never guess
+            self._refuse(flow, Refusal("tether:internal-error", "cloud host not classified"),
+                         provider=provider)
+            return False
+        exact_pass = norm_host(host) in self.egress_pass_hosts()
+        verdict = await judge_cloud(self.governor, self.egress.holds, found, http_req, who, alive,
+                                    provider=provider, pass_unclassified=exact_pass)
+        service = getattr(found, "service", None) or service
+        return self._outcome(flow, verdict, (found.cloud, service, http_req), rid)
+
+    def egress_pass_hosts(self) -> frozenset[str]:
+        """`forward.pass_hosts` entries that name one host exactly (no wildcard)."""
+        return frozenset(h for h in self.targets.settings.pass_hosts if "*" not in h)
+
+    def _outcome(self, flow: http.HTTPFlow, verdict: Verdict,
+                 cloud: tuple[str, str | None, HttpRequest] | None, rid: str) -> bool:
+        if verdict.allowed:
+            return True
+        if verdict.status == 499:  # the client left while held: nothing to answer
+            if flow.killable:
+                _kill(flow)
+            return False
+        if cloud is None:
+            body, headers = verdict.json(), {"content-type": "application/json"}
+        else:
+            body, headers = cloud_error(cloud[0], cloud[1], cloud[2], verdict.status,
+                                        verdict.code, verdict.message, rid)
+        headers = {**headers, "x-tether-error": verdict.code, "x-should-retry": "false"}
+        flow.response = http.Response.make(verdict.status, body, headers)
+        return False
+
+    @staticmethod
+    def _alive(flow: http.HTTPFlow) -> KeepAlive:
+        """A held request whose client has gone must not run when approved."""
+
+        async def check(_: str) -> None:
+            if flow.client_conn.timestamp_end is not None or flow.error is not None:
+                raise ConnectionResetError("the client's connection closed")
+
+        return check
 
     def _to_reverse(self, flow: http.HTTPFlow, provider: str) -> None:
         req = flow.request
@@ -165,6 +293,8 @@ class ForwardAddon:
         literal = ip_literal(host)
         if literal is not None:
             return [literal]
+        if self.resolver is not None:
+            return await self.resolver(norm_host(host), port)
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(norm_host(host), port, type=socket.SOCK_STREAM)
@@ -193,11 +323,11 @@ class ForwardAddon:
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+    def _refuse(self, flow: http.HTTPFlow, refusal: Refusal, provider: str = PROVIDER) -> None:
         req = flow.request
         request_id = uuid.uuid4().hex
         self.governor.reject(
-            provider=PROVIDER, status=403, code=refusal.code, message=refusal.message,
+            provider=provider, status=403, code=refusal.code, message=refusal.message,
             request_id=request_id, session=req.headers.get("x-tether-session"),
             agent=req.headers.get("x-tether-agent"),
             endpoint=f"{req.method} {req.pretty_host}:{req.port}"

@@ -23,9 +23,10 @@ with warnings.catch_warnings():
     from mitmproxy.addons import block, core, disable_h2c, next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
 
+from ..egress import Egress, api_for_host
 from ..governor import Governor
 from ..telemetry import Metrics
-from .addon import ForwardAddon
+from .addon import ForwardAddon, Resolver
 from .ca import ensure_ca
 from .settings import ForwardSettings
 from .targets import Targets
@@ -63,18 +64,23 @@ class ForwardProxy:
 
 async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardSettings, *,
                         host: str, port: int, reverse: tuple[str, int],
-                        own_ports: Iterable[int]) -> ForwardProxy:
+                        own_ports: Iterable[int], egress: Egress | None = None,
+                        resolver: Resolver | None = None) -> ForwardProxy:
     """Open the HTTP_PROXY listener on `host:port` (0: any free port).
 
     `reverse`: where LLM requests are re-addressed (tether's proxy port, reachable
     from here); `own_ports`: tether's other ports, never a forwarding target.
+    `egress`: what tool and cloud API requests are judged by (none: only LLM and
+    pass hosts); `resolver`: replaces the system's DNS (split-horizon, tests).
     One per process: mitmproxy keeps its master and options in a module global."""
     ensure_ca(settings.ca_dir)
     opts = options.Options()
     master = Master(opts, event_loop=asyncio.get_running_loop())
     server = proxyserver.Proxyserver()  # type: ignore[no-untyped-call]
-    targets = Targets(settings, (*own_ports, reverse[1]))
-    addon = ForwardAddon(governor, metrics, targets, reverse)
+    egress = egress or Egress()
+    targets = Targets(settings, (*own_ports, reverse[1]),
+                      named=lambda host: api_for_host(egress.apis, host) is not None)
+    addon = ForwardAddon(governor, metrics, targets, reverse, egress, resolver)
     master.addons.add(core.Core(), server, next_layer.NextLayer(), tlsconfig.TlsConfig(),
                       block.Block(), disable_h2c.DisableH2C(), addon)  # type: ignore[no-untyped-call]
     opts.update(  # type: ignore[no-untyped-call]

@@ -4,7 +4,7 @@
 forward:
   ca_dir: .tether/ca            # relative to the config file, or absolute
   allow_private: [127.0.0.1, 10.0.0.0/8, db.internal]   # SSRF exceptions
-  pass_hosts: ["*.github.com"]  # tool hosts let through (until OpenAPI policy applies there)
+  pass_hosts: ["*.github.com"]  # tool hosts forwarded with no policy (apis: and cloud hosts are judged first)
   upstream_ca: certs/corp.pem   # extra CA bundle trusted for upstream TLS
 ```
 """

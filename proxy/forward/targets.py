@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .settings import ForwardSettings
@@ -74,9 +74,12 @@ def host_matches(host: str, patterns: Iterable[str]) -> bool:
 class Targets:
     """The compiled target policy of one forward proxy."""
 
-    def __init__(self, settings: ForwardSettings, own_ports: Iterable[int]) -> None:
+    def __init__(self, settings: ForwardSettings, own_ports: Iterable[int],
+                 named: Callable[[str], bool] | None = None) -> None:
+        """`named`: hosts an `apis:` entry names, which may resolve to private addresses."""
         self.settings = settings
         self.own_ports = frozenset(own_ports)
+        self.named = named
 
     def host_allowed(self, host: str) -> Refusal | None:
         """A host's name alone: an LLM host, a pass host, or refused."""
@@ -112,6 +115,8 @@ class Targets:
 
     def _allowed_private(self, host: str, ip: Address) -> bool:
         if host_matches(host, self.settings.allow_hosts):
+            return True
+        if self.named is not None and ip_literal(host) is None and self.named(host):
             return True
         return any(ip.version == net.version and ip in net for net in self.settings.allow_networks)
 

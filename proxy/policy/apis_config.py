@@ -18,6 +18,7 @@ this module stays free of I/O.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from .openapi import Operation, Spec, compile_spec
 from .rules import Rule
 from .source import YMap, load_yaml
 
-API_KEYS = {"url", "spec", "api_key_env", "effects", "description"}
+API_KEYS = {"url", "spec", "api_key_env", "effects", "description", "hosts"}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 Reader = Callable[[Path], str]
@@ -44,6 +45,12 @@ class ToolApi:
     url: str                       # base URL, no trailing slash
     spec: Spec
     api_key_env: str | None = None
+    hosts: tuple[str, ...] = ()    # anchored globs: the forward proxy judges these hosts
+
+    def serves(self, host: str) -> bool:
+        """Whether a forward-proxied request to `host` is this API's (see `hosts`)."""
+        name = host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.hosts)
 
     @property
     def provider(self) -> str:
@@ -138,7 +145,7 @@ def parse_apis(doc: YMap, base: Path, env: Mapping[str, str], read: Reader,
         if unknown:
             raise _err(f"names operations the spec does not have: {', '.join(unknown)}", spec,
                        "effects", where)
-        apis[name] = ToolApi(name, url, compiled, key_env)
+        apis[name] = ToolApi(name, url, compiled, key_env, _hosts(spec, where, url))
     found = Apis(apis, texts=tuple(texts))
     tools = {link.tool: _link(found, link) for link in links}
     for rule in rules:
@@ -166,6 +173,25 @@ def _parse(text: str, file: str) -> object:
         raise ConfigError(f"invalid JSON: {e.msg}", file=file, line=e.lineno) from None
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"invalid JSON: {e}", file=file) from None
+
+
+def _hosts(spec: YMap, where: str, url: str) -> tuple[str, ...]:
+    """`hosts: [jira.example.com, "*.atlassian.net"]`: anchored, case-insensitive globs
+    (`*` matches any run of characters, dots included, never a whole name); default: the url's host."""
+    node = spec.get("hosts")
+    if node is None:
+        return ((urlsplit(url).hostname or "").lower(),)
+    if not isinstance(node, list) or not node or not all(isinstance(h, str) and h.strip()
+                                                          for h in node):
+        raise _err("must be a list of host names or globs", spec, "hosts", where)
+    out: list[str] = []
+    for entry in node:
+        host = str(entry).strip().lower().rstrip(".")
+        if host.strip("*.") == "" or "[" in host or "?" in host or "/" in host or ":" in host:
+            raise _err(f"{entry!r} is not a host name or glob (like \"*.atlassian.net\")",
+                       spec, "hosts", where)
+        out.append(host)
+    return tuple(out)
 
 
 def _effects(spec: YMap, where: str) -> dict[str, Effect]:

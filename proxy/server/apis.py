@@ -18,7 +18,6 @@ Refusals and denials are JSON: `{"error": {"message", "rule", "rules", "code"}}`
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 
@@ -28,10 +27,11 @@ from yarl import URL
 
 from ..approvals.holds import KeepAlive
 from ..config import Upstream
+from ..egress import AMBIGUOUS, Verdict, Who, judge_api
+from ..egress import deciding_rule as deciding_rule  # re-exported: the MCP route uses it
 from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, UpstreamError
-from ..model import Action, Decision, Exchange, HttpRequest, ToolCall
+from ..model import HttpRequest
 from ..policy.apis_config import ToolApi
-from ..policy.openapi_check import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
 from ..sessions.identity import agent_of
 from .errors import status_and_code
 from .llm import Context
@@ -41,25 +41,13 @@ log = logging.getLogger("tether.apis")
 
 
 class AmbiguousRequest(BadRequest):
-    code = "ambiguous_request"
-
-CODES = {UNKNOWN_OPERATION: "unknown_operation", INVALID_REQUEST: "invalid_request",
-         METHOD_OVERRIDE: "method_override"}
-
+    code = AMBIGUOUS
 
 def error_reply(status: int, message: str, code: str, rule: str | None = None,
                 rules: tuple[str, ...] = ()) -> web.Response:
-    body = {"error": {"message": message, "rule": rule, "rules": list(rules), "code": code}}
+    body = Verdict(False, status, code, message, rule, rules).body()
     return web.json_response(body, status=status,
                              headers={"x-tether-error": code, "x-should-retry": "false"})
-
-
-def deciding_rule(decision: Decision) -> str | None:
-    """The rule whose action won (the first, when several did)."""
-    for trace in decision.trace:
-        if trace.matched and trace.action is decision.action:
-            return trace.rule_id
-    return decision.rules[0] if decision.rules else None
 
 
 class ApiRoutes:
@@ -112,37 +100,17 @@ class ApiRoutes:
                            port=target.port or 0, path=path,
                            query=request.rel_url.raw_query_string,
                            headers=tuple(request.headers.items()), body=body)
-        judged = judge(api.spec, http)
-        if judged.refusal:
-            return self._refuse(api.provider, 400, AmbiguousRequest.code, judged.refusal, rid, path)
         trust = self.ctx.config.trust_identity_headers
         agent = agent_of(request.headers, self.ctx.config.agent_keys, trust)
         session = (request.headers.get("x-tether-session") if trust else None) or None
-        args = dict(judged.arguments)
-        call = ToolCall(id=rid, name=judged.tool(api.name),
-                        raw_arguments=json.dumps(args, ensure_ascii=False), arguments=args)
-        exchange = Exchange(provider=api.provider, model="", declared_tools=(call.name,),
-                            session=session, agent=agent, endpoint=f"{judged.method} {path}")
-        op = judged.operation
-        decision = self.ctx.governor.decide(
-            call, exchange, request_id=rid, extra=(judged.denial,) if judged.denial else (),
-            api=op.name if op else None, effect=judged.effect)
-        if decision.action is Action.HOLD:
-            try:
-                [decision] = await self.ctx.holds.resolve([call], [decision], exchange,
-                                                          self._alive(request))
-            except ConnectionResetError:
-                # The agent went away: its approval has ended denied; nothing is forwarded.
-                log.info("agent disconnected while its tool API request was held (%s)", rid)
-                return error_reply(499, "the agent disconnected while waiting", "client_gone")
-        if not decision.allowed:
-            rule = deciding_rule(decision)
-            self.ctx.governor.metrics.requests.labels(api.provider, "403").inc()
-            what = f"{judged.method} {path}" + (f" ({op.name})" if op else "")
-            message = (f"[tether] The request {what} was denied by {rule or 'policy'}: "
-                       f"{decision.message or 'it is not allowed'}. It was not forwarded.")
-            return error_reply(403, message, CODES.get(rule or "", "request_denied"), rule,
-                               decision.rules)
+        verdict = await judge_api(self.ctx.governor, self.ctx.holds, api, http,
+                                  Who(rid, session, agent, path),
+                                  self._alive(request))
+        if not verdict.allowed:
+            if verdict.status != 499:
+                self.ctx.governor.metrics.requests.labels(api.provider, str(verdict.status)).inc()
+            return error_reply(verdict.status, verdict.message, verdict.code, verdict.rule,
+                               verdict.rules)
         return await self._forward(request, api, path, body)
 
     @staticmethod
