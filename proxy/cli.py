@@ -47,7 +47,8 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                                       host=host, port=forward_port,
                                       reverse=(loopback, proxy_port), own_ports=(admin_bound,),
                                       egress=Egress(cfg.apis, cfg.cloud, tether.holds,
-                                                    cfg.agent_keys, cfg.trust_identity_headers))
+                                                    cfg.agent_keys, cfg.trust_identity_headers,
+                                                    cfg.lookups))
     prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
     print(
         f"tether: proxy on http://{host}:{proxy_port} "

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
 from .errors import ConfigError
+from .forward.lookup_settings import LookupSettings, parse_lookups
 from .forward.settings import ForwardSettings, parse_forward
 from .model import Action, Effect
 from .policy.apis_config import Apis, ToolLink, parse_apis
@@ -82,6 +83,7 @@ class Config:
     mcp: McpServers = field(default_factory=McpServers)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     cloud: CloudCatalog | None = None      # None: the built-in catalog
+    lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -390,6 +392,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         mcp=parse_mcp(doc, env),
         forward=parse_forward(doc.get("forward"), doc, file.parent),
         cloud=parse_cloud(doc.get("cloud"), doc),
+        lookups=parse_lookups(doc.get("cloud")),
         source=str(file),
         warnings=tuple(warnings),
     )

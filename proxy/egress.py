@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .approvals.holds import Holds, KeepAlive
+from .forward.lookup_settings import LookupSettings
 from .governor import Governor
 from .model import Action, Decision, Effect, Exchange, HttpRequest, RuleTrace, ToolCall
 from .policy.apis_config import Apis, ToolApi
@@ -28,8 +29,10 @@ log = logging.getLogger("tether.egress")
 AMBIGUOUS = "ambiguous_request"
 UNKNOWN_CLOUD = "tether:unknown-cloud-operation"
 AMBIGUOUS_CLOUD = "tether:ambiguous-request"
+LOOKUP_FAILED = "tether:lookup-failed"
 CODES = {UNKNOWN_OPERATION: "unknown_operation", INVALID_REQUEST: "invalid_request",
-         METHOD_OVERRIDE: "method_override", UNKNOWN_CLOUD: "unknown_cloud_operation"}
+         METHOD_OVERRIDE: "method_override", UNKNOWN_CLOUD: "unknown_cloud_operation",
+         LOOKUP_FAILED: "lookup_failed"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,7 @@ class Egress:
     holds: Holds | None = None          # None: holds end denied (nobody to approve)
     agent_keys: Mapping[str, str] = field(default_factory=dict)
     trust_headers: bool = True
+    lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +121,9 @@ async def judge_api(governor: Governor, holds: Holds | None, api: ToolApi, http:
 async def judge_cloud(governor: Governor, holds: Holds | None,
                       found: CloudOperation | Unclassified | Refused, http: HttpRequest,
                       who: Who, alive: KeepAlive | None, *, provider: str,
-                      pass_unclassified: bool = False) -> Verdict:
-    """A cloud API request, as `proxy.policy.cloud.classify` read it."""
+                      pass_unclassified: bool = False, extra: tuple[RuleTrace, ...] = ()) -> Verdict:
+    """A cloud API request, as `proxy.policy.cloud.classify` read it; `extra`: verdicts
+    from outside the rules on a named operation (a failed tag lookup)."""
     if isinstance(found, Refused):
         message = f"[tether] The {found.cloud} request was refused: {found.reason}. It was not forwarded."
         governor.reject(provider=provider, status=403, code=AMBIGUOUS_CLOUD, message=message,
@@ -138,7 +143,7 @@ async def judge_cloud(governor: Governor, holds: Holds | None,
     call = ToolCall(id=who.rid, name=found.operation,
                     raw_arguments=json.dumps(args, ensure_ascii=False, default=str), arguments=args)
     return await _decide(governor, holds, call, provider, who, http.method, alive, found.api,
-                         extra=(),
+                         extra=extra,
                          api=found.api, effect=found.effect)
 
 

@@ -61,19 +61,65 @@ DELETE_XML = """<?xml version="1.0" encoding="UTF-8"?>
   <requestId>req-2</requestId><return>true</return></DeleteVolumeResponse>"""
 
 
+def default_tags() -> dict[str, dict[str, str]]:
+    return {"vol-prod": {"env": "production"},
+            "vol-cand": {"env": "production-candidate", "owner": "ml"},
+            "vol-tmp": {"env": "temporary"}, "vol-bare": {},
+            "i-prod": {"env": "production"}, "i-tmp": {"env": "temporary"}}
+
+
+def describe_tags_xml(items: list[tuple[str, str, str]], token: str | None) -> str:
+    rows = "".join(f"<item><resourceId>{r}</resourceId><resourceType>volume</resourceType>"
+                   f"<key>{k}</key><value>{v}</value></item>" for r, k, v in items)
+    more = f"<nextToken>{token}</nextToken>" if token else ""
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<DescribeTagsResponse '
+            'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>req-3</requestId>'
+            f"<tagSet>{rows}</tagSet>{more}</DescribeTagsResponse>")
+
+
 @dataclass
 class FakeUpstream:
-    """EC2 (Query protocol) and a Jira-like API on one TLS port; records every request."""
+    """EC2 (Query protocol) and a Jira-like API on one TLS port; records every request.
+
+    `seen` is what agents sent; `lookups` the DescribeTags calls (tether's), answered
+    from `tags` one tag per page (so paging is exercised), or with `tags_status`
+    (non-200: an error) after `tags_delay` seconds."""
 
     seen: list[dict[str, str]] = field(default_factory=list)
+    tags: dict[str, dict[str, str]] = field(default_factory=default_tags)
+    lookups: list[dict[str, str]] = field(default_factory=list)
+    tags_status: int = 200
+    tags_delay: float = 0.0
+
+    def describe_tags(self, form: dict[str, list[str]]) -> web.Response:
+        if form.get("Filter.1.Name") != ["resource-id"]:
+            return web.Response(status=400, text="only resource-id filters")
+        ids = [v[0] for k, v in sorted(form.items()) if k.startswith("Filter.1.Value.")]
+        items = [(r, k, v) for r in ids for k, v in self.tags.get(r, {}).items()]
+        start = int((form.get("NextToken") or ["0"])[0])
+        token = str(start + 1) if start + 1 < len(items) else None
+        return web.Response(text=describe_tags_xml(items[start:start + 1], token),
+                            content_type="text/xml")
 
     def app(self) -> web.Application:
         async def any_route(request: web.Request) -> web.Response:
             body = (await request.read()).decode()
-            self.seen.append({"host": request.host.split(":")[0], "method": request.method,
-                              "path": request.path_qs, "body": body})
+            record = {"host": request.host.split(":")[0], "method": request.method,
+                      "path": request.path_qs, "body": body,
+                      "host-header": request.headers.get("host", ""),
+                      "authorization": request.headers.get("authorization", ""),
+                      "x-amz-date": request.headers.get("x-amz-date", ""),
+                      "content-type": request.headers.get("content-type", "")}
+            form = parse_qs(body)
+            if request.host.startswith(EC2) and form.get("Action") == ["DescribeTags"]:
+                self.lookups.append(record)
+                await asyncio.sleep(self.tags_delay)
+                if self.tags_status != 200:
+                    return web.Response(status=self.tags_status, text="<Response/>")
+                return self.describe_tags(form)
+            self.seen.append(record)
             if request.host.startswith(EC2):
-                action = (parse_qs(body).get("Action") or [request.query.get("Action", "")])[0]
+                action = (form.get("Action") or [request.query.get("Action", "")])[0]
                 xml = DESCRIBE_XML if action == "DescribeVolumes" else DELETE_XML
                 return web.Response(text=xml, content_type="text/xml")
             return web.json_response({"ok": True, "path": request.path_qs})
@@ -108,8 +154,9 @@ async def start_egr(make_stack: MakeStack, tmp_path: Path) -> AsyncIterator[Star
     async def resolver(host: str, port: int) -> list[Address]:
         return [ipaddress.ip_address("127.0.0.1")] if host in FAKE_NAMES else []
 
-    async def start(forward: str = "", policy: str = POLICY, extra: str = "") -> Egr:
-        fake = FakeUpstream()
+    async def start(forward: str = "", policy: str = POLICY, extra: str = "",
+                    fake: FakeUpstream | None = None) -> Egr:
+        fake = fake or FakeUpstream()
         runner = web.AppRunner(fake.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=test_ca.server_context()).start()
@@ -126,7 +173,7 @@ async def start_egr(make_stack: MakeStack, tmp_path: Path) -> AsyncIterator[Star
             host="127.0.0.1", port=0, reverse=("127.0.0.1", int(stack.proxy_url.rsplit(":", 1)[1])),
             own_ports=(), resolver=resolver,
             egress=Egress(cfg.apis, cfg.cloud, stack.tether.holds, cfg.agent_keys,
-                          cfg.trust_identity_headers))
+                          cfg.trust_identity_headers, cfg.lookups))
         proxies.append(fwd)
         ca_file = tmp_path / f"tether-ca-{len(proxies)}.pem"
         ca_file.write_text(export_pem(cfg.forward.ca_dir))

@@ -21,7 +21,9 @@ this order of precedence:
    judged (`api: aws.ec2.DeleteVolume`); one tether cannot name is an unknown
    write, denied unless `forward.pass_hosts` lists that exact host (a wildcard
    entry never does); an ambiguous request is refused; denials come in the
-   cloud's own error shape;
+   cloud's own error shape; with `cloud.lookups.aws.tags`, an EC2 call naming
+   resources is judged with their tags (`args.Tags`, looked up by tether first:
+   `proxy.forward.lookups`; a failed lookup denies, `tether:lookup-failed`);
 3. a `forward.pass_hosts` host: forwarded unchanged, no policy;
 4. anything else: refused (403).
 """
@@ -34,6 +36,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from mitmproxy import http, tcp, udp
 from mitmproxy.proxy import server_hooks
@@ -42,6 +45,7 @@ from ..approvals.holds import KeepAlive
 from ..egress import (
     AMBIGUOUS,
     AMBIGUOUS_CLOUD,
+    LOOKUP_FAILED,
     Egress,
     Verdict,
     Who,
@@ -51,13 +55,14 @@ from ..egress import (
 )
 from ..errors import BadRequest
 from ..governor import Governor
-from ..model import HttpRequest
+from ..model import Action, HttpRequest, RuleTrace
 from ..policy.apis_config import ToolApi
-from ..policy.cloud import CloudHost, classify, cloud_host
+from ..policy.cloud import CloudHost, CloudOperation, classify, cloud_host
 from ..server.upstream import canonical_tail
 from ..sessions.identity import agent_of
 from ..telemetry import Metrics
 from .cloud_errors import cloud_error
+from .lookups import LookupFailed, TagLookup
 from .targets import Address, Refusal, Targets, ip_literal, llm_provider, norm_host, same_host
 
 log = logging.getLogger("tether.forward")
@@ -81,6 +86,7 @@ class ForwardAddon:
         self.reverse = reverse
         self.egress = egress or Egress()
         self.resolver = resolver  # None: the system's DNS (others: split-horizon, tests)
+        self.lookup = TagLookup(self.egress.lookups, targets.settings.upstream_ca)
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -243,10 +249,34 @@ class ForwardAddon:
                          provider=provider)
             return False
         exact_pass = norm_host(host) in self.egress_pass_hosts()
+        extra: tuple[RuleTrace, ...] = ()
+        if isinstance(found, CloudOperation):
+            found, extra = await self._looked_up(found, http_req)
         verdict = await judge_cloud(self.governor, self.egress.holds, found, http_req, who, alive,
-                                    provider=provider, pass_unclassified=exact_pass)
+                                    provider=provider, pass_unclassified=exact_pass, extra=extra)
         service = getattr(found, "service", None) or service
         return self._outcome(flow, verdict, (found.cloud, service, http_req), rid)
+
+    async def _looked_up(self, found: CloudOperation,
+                         http_req: HttpRequest) -> tuple[CloudOperation, tuple[RuleTrace, ...]]:
+        """`found` with the facts `cloud.lookups` asks for (resource tags), or a deny
+        verdict when they cannot be had: the rules must never judge without them."""
+        try:
+            ids = self.lookup.wanted(found)
+            if not ids:
+                return found, ()
+            addresses = await self._resolve(http_req.host, http_req.port)
+            refusal = self._check_all(http_req.host, http_req.port, addresses) if addresses else \
+                Refusal("tether:dns", f"{http_req.host} does not resolve")
+            if refusal is not None:
+                raise LookupFailed(refusal.message)
+            address = str(min(addresses, key=lambda ip: ip.version))
+            args = await self.lookup.tags(found, http_req, ids, address)
+        except LookupFailed as e:
+            log.warning("tag lookup for %s failed: %s", found.api, e)
+            return found, (RuleTrace(LOOKUP_FAILED, True, f"tether could not look up the tags of "
+                                     f"the resources it names ({e})", Action.DENY),)
+        return replace(found, arguments=args), ()
 
     def egress_pass_hosts(self) -> frozenset[str]:
         """`forward.pass_hosts` entries that name one host exactly (no wildcard)."""

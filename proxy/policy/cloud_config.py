@@ -5,6 +5,7 @@ cloud:
   effects:
     "aws.ec2.Describe*": read          # api globs, as rules write them
     "aws.lambda.Invoke": write
+  lookups: {aws: {tags: true}}         # see proxy/forward/lookup_settings.py
 ```
 
 Compiled once at load (the catalog is never read per request); errors name the
@@ -18,7 +19,7 @@ from ..model import Effect
 from .cloud import CloudCatalog, builtin_catalog
 from .source import YMap
 
-KEYS = {"effects"}
+KEYS = {"effects", "lookups"}  # lookups: parsed by proxy.forward.lookup_settings
 
 
 def parse_cloud(node: object, parent: YMap) -> CloudCatalog:
@@ -31,7 +32,9 @@ def parse_cloud(node: object, parent: YMap) -> CloudCatalog:
         if key not in KEYS:
             raise ConfigError(f"unknown key (expected one of {', '.join(sorted(KEYS))})",
                               file=node.file, line=node.line_of(key), key=f"cloud.{key}")
-    effects = node.get("effects", {})
+    effects = node.get("effects")
+    if effects is None:  # only other keys (lookups)
+        return builtin_catalog()
     if not isinstance(effects, YMap):
         raise ConfigError("maps api names or globs to read or write", file=node.file,
                           line=node.line_of("effects"), key="cloud.effects")

@@ -67,6 +67,11 @@ class _Chain:
 _chain = _Chain()
 
 
+def aws_credentials() -> Any:
+    """tether's own AWS credentials (botocore's chain), shared by every signer."""
+    return _chain.credentials()
+
+
 def region_of(upstream: Upstream) -> str:
     if upstream.region:
         return upstream.region
