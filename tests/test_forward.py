@@ -305,6 +305,21 @@ async def test_requests_through_the_proxy_to_a_pass_host(start_fwd: StartFwd) ->
     assert "x-tether-session" not in fwd.tool.seen[0]  # identity headers stay inside
 
 
+async def test_many_requests_on_one_kept_alive_connection(start_fwd: StartFwd) -> None:
+    """A regression: pinning the upstream address defeated mitmproxy's connection reuse,
+    and its limit of five open connections per address made the sixth request hang."""
+    fwd = await start_fwd()
+
+    def many() -> list[int]:
+        with _session() as s:
+            return [s.get(f"https://localhost:{fwd.tool_port}/n{i}", proxies={"https": fwd.url},
+                          verify=str(fwd.ca_file), timeout=TIMEOUT).status_code
+                    for i in range(12)]
+
+    assert await asyncio.to_thread(many) == [200] * 12
+    assert [seen["path"] for seen in fwd.tool.seen] == [f"/n{i}" for i in range(12)]
+
+
 async def test_curl_through_the_proxy_to_a_pass_host(start_fwd: StartFwd) -> None:
     fwd = await start_fwd()
     out = await _curl(fwd, f"https://localhost:{fwd.tool_port}/v1/things")

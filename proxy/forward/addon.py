@@ -194,6 +194,14 @@ class ForwardAddon:
             return None
         for name in IDENTITY_HEADERS:
             req.headers.pop(name, None)
+        # `server_connect` pins the upstream connection to the checked address, which
+        # changes its address; mitmproxy then never reuses it (it matches connections by
+        # address) and allows only five open per address and client, so a sixth request
+        # on a kept-alive client connection would wait forever. Asking the upstream to
+        # close after each answer frees the slot: one upstream connection per request,
+        # the price of resolve-check-connect.
+        if req.http_version.startswith("HTTP/1"):
+            req.headers["connection"] = "close"
         return None
 
     # -- tool APIs and cloud APIs ---------------------------------------------------------
