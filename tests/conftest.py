@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +78,11 @@ class Stack:
         return [r for r in self.audit() if r["kind"] == "decision"]
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+async def _serve(app: web.Application, ssl_context: ssl.SSLContext | None = None
+                 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     return runner, bound_port(runner)
 
@@ -105,9 +107,12 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
         fakes: dict[str, Upstream] = {"openai": fake, **(upstreams or {})}
         env: dict[str, str] = {}
         for name, upstream in fakes.items():
-            runner, fake_port = await _serve(upstream.app())
+            # A fake that offers `server_context()` is served over TLS as `localhost`.
+            tls = getattr(upstream, "server_context", None)
+            runner, fake_port = await _serve(upstream.app(), tls() if tls else None)
             runners.append(runner)
-            env[f"TETHER_UPSTREAM_{name.upper()}"] = f"http://127.0.0.1:{fake_port}"
+            env[f"TETHER_UPSTREAM_{name.upper()}"] = (
+                f"https://localhost:{fake_port}" if tls else f"http://127.0.0.1:{fake_port}")
         cfg_path = tmp_path / f"tether-{len(tethers)}.yaml"
         audit_path = tmp_path / f"audit-{len(tethers)}.jsonl"
         cfg_path.write_text(f"audit: {{path: {audit_path}}}\n{extra}\n{policy}")

@@ -105,7 +105,7 @@ async def start_fwd(make_stack: MakeStack, tmp_path: Path) -> AsyncIterator[Star
     test_ca = make_fake_ca(tmp_path / "fake-ca")
 
     async def start(forward: str | None = None, fake: FakeOpenAI | None = None,
-                    upstreams: dict[str, Upstream] | None = None) -> Fwd:
+                    upstreams: dict[str, Upstream] | None = None, config: str = "") -> Fwd:
         """`forward`: the `forward:` section's body (YAML flow mapping entries)."""
         tool = ToolAPI()
         runner = web.AppRunner(tool.app(), access_log=None)
@@ -116,7 +116,7 @@ async def start_fwd(make_stack: MakeStack, tmp_path: Path) -> AsyncIterator[Star
         body = forward if forward is not None else \
             "pass_hosts: [localhost, 169.254.169.254], allow_private: [localhost]"
         extra = (f"forward: {{ca_dir: {ca_dir}, upstream_ca: {test_ca.ca_file}"
-                 + (f", {body}" if body else "") + "}")
+                 + (f", {body}" if body else "") + "}\n" + config)
         stack = await make_stack(fake=fake or FakeOpenAI(
             script=lambda _body: Reply(content="On it.", calls=(WEATHER, PROD_DELETE))),
             extra=extra, upstreams=upstreams)
@@ -193,6 +193,49 @@ async def test_openai_sdk_through_https_proxy_is_governed_like_the_reverse_route
     assert [(d["tool"], d["action"]) for d in decisions] == [
         ("get_weather", "allow"), ("delete_volume", "deny")] * 2
     assert len(fwd.stack.fake.requests) == 2  # the proxied call reached the fake once
+
+
+@dataclass
+class TLSFakeOpenAI:
+    """The fake OpenAI served over TLS with the test CA (conftest's make_stack sees
+    `server_context` and serves it as https://localhost)."""
+
+    fake: FakeOpenAI
+    ca: FakeCA
+
+    def app(self) -> web.Application:
+        return self.fake.app()
+
+    def server_context(self) -> ssl.SSLContext:
+        return self.ca.server_context()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_sdk_tls_all_the_way(start_fwd: StartFwd, tmp_path: Path,
+                                         stream: bool) -> None:
+    """agent --TLS (tether's CA)--> forward proxy --> reverse route --TLS (the fake's own
+    CA, trusted through upstreams.openai.ca_file)--> fake api.openai.com."""
+    upstream = FakeOpenAI(script=lambda _body: Reply(content="On it.",
+                                                     calls=(WEATHER, PROD_DELETE)))
+    ca = make_fake_ca(tmp_path / "openai-ca")
+    fwd = await start_fwd(upstreams={"openai": TLSFakeOpenAI(upstream, ca)},
+                          config=f"upstreams:\n  openai: {{url: 'https://unused', "
+                                 f"ca_file: '{ca.ca_file}'}}\n")
+    client = fwd.openai()
+    if stream:
+        s = await client.chat.completions.create(model="gpt-x", messages=MESSAGES, tools=TOOLS,
+                                                 stream=True)
+        names, text = [], ""
+        async for chunk in s:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                names += [tc.function.name for tc in choice.delta.tool_calls or []
+                          if tc.function and tc.function.name]
+    else:
+        r = await client.chat.completions.create(model="gpt-x", messages=MESSAGES, tools=TOOLS)
+        names, text = call_names(r), r.choices[0].message.content or ""
+    assert names == ["get_weather"] and "denied by no-prod-deletes" in text
+    assert len(upstream.requests) == 1 and fwd.stack.fake.requests == []
 
 
 async def test_openai_sdk_stream_through_https_proxy_is_governed_incrementally(
