@@ -35,6 +35,7 @@ from .anthropic_stream import (
     usage_of,
     usage_total,
 )
+from .arguments import strict_pairs
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary, denial_text
 
 type JSONObject = dict[str, object]
@@ -47,20 +48,11 @@ NOT_YET_GOVERNED = {"batches"}
 # --- requests ---------------------------------------------------------------------------
 
 
-def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
-    out: JSONObject = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def parse_request(body: bytes) -> ParsedRequest:
     """Model, stream, the declared tool names (custom and server tools alike, so a
     call to anything else is undeclared) and `metadata.user_id` as the user."""
     try:
-        obj = json.loads(body, object_pairs_hook=_strict_pairs)
+        obj = json.loads(body, object_pairs_hook=strict_pairs)
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(obj, dict):

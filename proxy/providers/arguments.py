@@ -25,6 +25,17 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
+def strict_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """`object_pairs_hook` for bodies: a duplicate key is a ValueError (so a parse
+    failure), never a silent last-one-wins."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
 def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BadRequest, ProtocolError, UpstreamError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
-from .arguments import parse_arguments
+from .arguments import parse_arguments, strict_pairs
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, Step, denial_summary, denial_text
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
 
@@ -28,21 +28,12 @@ CUT_REASONS = {"length", "content_filter"}
 
 def _loads_object(body: bytes, what: str) -> JSONObject:
     try:
-        value = json.loads(body, object_pairs_hook=_strict_pairs)
+        value = json.loads(body, object_pairs_hook=strict_pairs)
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"{what} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
-
-
-def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
-    out: JSONObject = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def parse_request(body: bytes, default_model: str = "") -> ParsedRequest:

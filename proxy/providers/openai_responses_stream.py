@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from ..errors import ProtocolError, UpstreamError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
 from ..policy.engine import MALFORMED
+from .arguments import strict_pairs
 from .base import Step, denial_text
-from .openai_chat import _strict_pairs
 from .openai_responses import (
     DELTA_EVENTS,
     DONE_EVENTS,
@@ -275,7 +275,7 @@ class ResponsesStream:
         if event.data.strip() == "[DONE]":
             raise ProtocolError("the upstream stream sent [DONE] before the response was complete")
         try:
-            obj = json.loads(event.data, object_pairs_hook=_strict_pairs)
+            obj = json.loads(event.data, object_pairs_hook=strict_pairs)
         except (ValueError, RecursionError) as e:
             raise ProtocolError(f"upstream stream event is not valid JSON: {e}") from e
         if isinstance(obj, dict) and "type" not in obj and isinstance(obj.get("error"), dict):
