@@ -1,4 +1,4 @@
-"""tether's command line: serve | demo | check | test | explain."""
+"""tether's command line: serve | demo | check | test | explain | audit verify."""
 
 from __future__ import annotations
 
@@ -248,6 +248,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(rules=args.rules, out=sys.stdout))
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit.chain import verify_targets
+
+    try:
+        problems = verify_targets(args.files, from_genesis=not args.partial)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"ok: {' '.join(args.files)}: the chain is intact")
+    return 1 if problems else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tether", description="Govern LLM agents' tool calls.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -290,6 +305,14 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--admin-url", default="http://127.0.0.1:9090")
     a.add_argument("--token-env", default="TETHER_ADMIN_TOKEN")
     a.set_defaults(func=cmd_approvals)
+
+    au = sub.add_parser("audit", help="check the audit log's hash chain")
+    au.add_argument("action", choices=["verify"])
+    au.add_argument("files", nargs="+", help="files oldest first, or one base path / directory "
+                                             "(its rotated files are ordered .N ... .1, base)")
+    au.add_argument("--partial", action="store_true",
+                    help="the oldest file may start mid-chain (older files removed on purpose)")
+    au.set_defaults(func=cmd_audit)
 
     d = sub.add_parser("demo", help="the cloud janitor story, offline")
     d.add_argument("--rules", default=None, help="rule file (default: the packaged janitor.yaml)")

@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
+from .audit.redact import parse_paths
+from .audit.settings import AuditSettings, Fsync
 from .errors import ConfigError
 from .forward.lookup_settings import LookupSettings, parse_lookups
 from .forward.settings import ForwardSettings, parse_forward
@@ -71,6 +73,7 @@ class Config:
     max_response_bytes: int = 64 * 1024 * 1024
     upstream_timeout_s: float = 600.0
     audit_path: str | None = "audit.jsonl"
+    audit: AuditSettings = field(default_factory=AuditSettings)
     admin_token_env: str = "TETHER_ADMIN_TOKEN"
     trust_identity_headers: bool = True
     budgets: Budgets = field(default_factory=Budgets)
@@ -274,6 +277,30 @@ def _upstreams(doc: YMap, env: Mapping[str, str], base: Path) -> dict[str, Upstr
     return out
 
 
+def _audit_settings(node: YMap) -> AuditSettings:
+    def count(key: str, default: int | None) -> int | None:
+        value = node.get(key, default)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise _err("must be a positive whole number (or null: unbounded)", node, key, "audit")
+        return value
+
+    try:
+        fsync = Fsync(node.get("fsync", "interval"))
+    except ValueError:
+        raise _err("must be one of never, always, interval", node, "fsync", "audit") from None
+    interval = node.get("fsync_interval", 1.0)
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
+        raise _err("must be a number of seconds", node, "fsync_interval", "audit")
+    paths = node.get("redact", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p and "" not in p.split(".")
+                                             for p in paths):
+        raise _err("must be a list of dotted paths inside tool arguments (db.dsn, headers.*)",
+                   node, "redact", "audit")
+    return AuditSettings(max_bytes=count("max_bytes", AuditSettings().max_bytes),
+                         keep=count("keep", None), fsync=fsync, fsync_interval_s=float(interval),
+                         redact=parse_paths(paths))
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     file = Path(path)
@@ -316,7 +343,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     limits = _map(doc.get("limits"), doc, "limits")
     _check_keys(limits, {"max_body_bytes", "max_response_bytes", "upstream_timeout"}, "limits")
     audit = _map(doc.get("audit"), doc, "audit")
-    _check_keys(audit, {"path"}, "audit")
+    _check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact"}, "audit")
     admin = _map(doc.get("admin"), doc, "admin")
     _check_keys(admin, {"token_env"}, "admin")
     identity = _map(doc.get("identity"), doc, "identity")
@@ -334,6 +361,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     if isinstance(audit_path, str):
         audit_path = os.path.normpath(file.parent / audit_path) if not Path(audit_path).is_absolute() \
             else audit_path
+    audit_settings = _audit_settings(audit)
     trust = identity.get("trust_headers", True)
     if not isinstance(trust, bool):
         raise _err("must be true or false", identity, "trust_headers")
@@ -380,6 +408,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         max_response_bytes=positive_int(limits, "max_response_bytes", 64 * 1024 * 1024),
         upstream_timeout_s=float(timeout),
         audit_path=audit_path,
+        audit=audit_settings,
         admin_token_env=token_env,
         trust_identity_headers=trust,
         budgets=budgets,

@@ -55,6 +55,11 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.audit_write_errors = Counter(
+            "tether_audit_write_errors",
+            "Audit records that could not be written (the call or event is denied)",
+            registry=self.registry,
+        )
         self.approvals_pending = Gauge(
             "tether_approvals_pending",
             "Held tool calls waiting for a human",

@@ -620,3 +620,12 @@ async def test_other_interactions_are_acknowledged_and_ignored(loop: Loop) -> No
                                                        value="apv_unknown")))
     assert status == 200 and "not in slack.approvers" in reply["text"]
     assert loop.fake.of("chat.postMessage") == [] and loop.fake.of("chat.update") == []
+
+
+def test_secrets_in_arguments_never_reach_slack() -> None:
+    from proxy.approvals.slack import shown_arguments
+
+    shown = shown_arguments('{"user":"ops","password":"hunter2",'
+                            '"aws_secret_access_key":"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}')
+    assert "hunter2" not in shown and "wJalrXUtnFEMI" not in shown
+    assert '"user":"ops"' in shown and "[REDACTED]" in shown

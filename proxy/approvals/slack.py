@@ -39,7 +39,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
-from ..audit import AuditLog, AuditWriteError
+from ..audit import AuditLog, AuditWriteError, redact
 from ..telemetry import Metrics
 from .queue import Approval, ApprovalQueue, State
 from .settings import SlackSettings
@@ -119,10 +119,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3g} s"
 
 
+def shown_arguments(arguments: str) -> str:
+    """The canonical arguments with secrets masked, as the audit log masks them: a
+    password in a tool call must not land in a Slack channel's history."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = arguments
+    result = redact(value)
+    if not result.masked:
+        return arguments  # nothing secret: exactly the text the approval is bound to
+    if isinstance(result.value, str):
+        return result.value
+    return json.dumps(result.value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _blocks(a: Approval, title: str) -> list[Json]:
-    args, cut = clip(a.arguments, ARGS_LIMIT)
+    text = shown_arguments(a.arguments)
+    args, cut = clip(text, ARGS_LIMIT)
     why, why_cut = clip(a.message, 1000)
-    note = f"\n_({cut} of {len(a.arguments)} characters not shown)_" if cut else ""
+    note = f"\n_({cut} of {len(text)} characters not shown)_" if cut else ""
     blocks: list[Json] = [
         {"type": "header", "text": {"type": "plain_text", "emoji": False,
                                     "text": _plain(f"{title}: {a.tool}", 150)}},

@@ -55,6 +55,7 @@ def token_middleware(token_env: str) -> Middleware:
 def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Holds,
                 ready: Callable[[], bool], slack: Handler | None = None) -> web.Application:
     app = web.Application(middlewares=[token_middleware(config.admin_token_env)])
+    audit = guard.audit
     queue = holds.queue
 
     async def healthz(request: web.Request) -> web.Response:
@@ -66,6 +67,8 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
             await guard.store.ping()
         except StoreUnavailable as e:
             problems.append(e.message)
+        if not audit.healthy:
+            problems.append(audit.last_error or "the audit log cannot be written")
         return web.json_response({"status": "ready" if not problems else "not ready",
                                   "problems": problems,
                                   "policy_revision": config.policy.revision},

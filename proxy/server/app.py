@@ -83,7 +83,7 @@ def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.Stream
 
 def build(config: Config) -> Tether:
     metrics = Metrics()
-    audit = AuditLog(config.audit_path)
+    audit = AuditLog(config.audit_path, config.audit, metrics)
     governor = Governor(PolicyEngine(config.policy), audit, metrics)
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
                          config.on_store_error)
