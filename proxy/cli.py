@@ -1,4 +1,4 @@
-"""tether's command line: serve | demo | check | test | explain | audit verify."""
+"""tether's command line: serve | demo | check | test | explain | replay | audit verify."""
 
 from __future__ import annotations
 
@@ -125,9 +125,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"message:  {decision.message}")
     print(f"effect:   {decision.effect.value}")
     for t in decision.trace:
-        mark = "MATCH" if t.matched else "no   "
+        mark = ("SHADOW" if t.shadow else "MATCH") if t.matched else "no   "
         action = f" -> {t.action.value}" if t.matched and t.action else ""
+        if t.shadow and t.matched:
+            action += " (shadow: not enforced)"
         print(f"  {mark} {t.rule_id}{action}: {t.reason}")
+    if decision.shadow:
+        print(f"  (shadow rules matched, not enforced: {', '.join(decision.shadow)})")
     if not decision.rules:
         print(f"  (no rule matched: defaults.action {cfg.policy.default_action.value})")
     return 0
@@ -176,6 +180,25 @@ def cmd_test(args: argparse.Namespace) -> int:
                       + (f" (rules: {', '.join(sorted(want_rules))})" if want_rules else ""))
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .audit.chain import chain_files
+    from .replay import ReplayInputError, read_records, render_json, render_text, replay
+
+    cfg = _load(args.config)
+    files: list[Path] = []
+    try:
+        for target in map(Path, args.files):
+            rotated = target.is_dir() or any(target.parent.glob(target.name + ".[0-9]*"))
+            files += chain_files(target) if rotated else [target]
+        outcomes = replay(PolicyEngine(cfg.policy), read_records(files))
+    except (ReplayInputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    render = render_json if args.json else render_text
+    print(render(outcomes, args.config, cfg.policy.revision))
+    return 0
 
 
 def _admin(args: argparse.Namespace, method: str, path: str,
@@ -296,6 +319,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--args", default="{}", help="the call's arguments as JSON text")
     e.add_argument("--agent", default=None)
     e.set_defaults(func=cmd_explain)
+
+    r = sub.add_parser("replay", help="re-decide recorded calls under a new policy")
+    r.add_argument("files", nargs="+", metavar="AUDIT",
+                   help="audit files oldest first, or one base path / directory")
+    r.add_argument("--config", required=True, help="the new config YAML")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=cmd_replay)
 
     a = sub.add_parser("approvals", help="list, approve or deny held tool calls")
     a.add_argument("action", choices=["list", "approve", "deny"])

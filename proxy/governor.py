@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from .audit import AuditLog, AuditWriteError
 from .model import Action, Decision, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import PolicyEngine, merge
-from .telemetry import Metrics
+from .policy.names import normalize
+from .telemetry import Metrics, exact_names
 
 log = logging.getLogger("tether.governor")
 
@@ -30,6 +31,14 @@ class Governor:
         self.engine = engine
         self.audit = audit
         self.metrics = metrics
+        # Tool labels: the `tools:` map and the exact (glob-free) names in rules and agent
+        # scopes; a glob like `delete_*` names no tool, so its matches count as `other`.
+        policy = engine.policy
+        labels = metrics.labels
+        labels.tools |= set(policy.effects)
+        labels.tools |= exact_names(p for r in policy.rules for p in (r.tools or ()))
+        labels.tools |= exact_names(p for a in policy.agents.values() for p in a.tools)
+        labels.agents |= set(policy.agents)
 
     def decide(self, call: ToolCall, exchange: Exchange, *, request_id: str = "",
                extra: Sequence[RuleTrace] = (), api: str | None = None,
@@ -62,6 +71,7 @@ class Governor:
             "action": decision.action.value,
             "policy_action": policy_action.value if policy_action else None,
             "rules": list(decision.rules),
+            "shadow_rules": list(decision.shadow),
             "message": decision.message,
             "effect": decision.effect.value,
             "policy_revision": self.engine.revision,
@@ -74,8 +84,11 @@ class Governor:
             self.metrics.fail_closed.labels("audit").inc()
             decision = Decision(Action.DENY, (AUDIT_ERROR,), "the audit log cannot be written")
         self.metrics.decision_seconds.observe(elapsed)
+        tool = self.metrics.labels.tool(normalize(call.name))
         for rule in decision.rules or ("none",):
-            self.metrics.decisions.labels(exchange.provider, decision.action.value, rule).inc()
+            self.metrics.decisions.labels(exchange.provider, tool, decision.action.value, rule).inc()
+        for rule in decision.shadow:
+            self.metrics.shadow_matches.labels(rule).inc()
         return decision
 
     def _on_error(self, reason: str) -> Decision:

@@ -104,17 +104,20 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class RuleTrace:
-    """Whether one rule matched a call, and why (for `tether explain` and audit)."""
+    """Whether one rule matched a call, and why (for `tether explain` and audit).
+    `shadow`: the rule is in `mode: shadow`, so a match is recorded but never counts."""
 
     rule_id: str
     matched: bool
     reason: str
     action: Action | None = None
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The verdict on one tool call. `rules` names every rule that matched."""
+    """The verdict on one tool call. `rules` names every enforced rule that matched;
+    `shadow` the `mode: shadow` rules that matched (recorded, never enforced)."""
 
     action: Action
     rules: tuple[str, ...] = ()
@@ -125,6 +128,7 @@ class Decision:
     trace: tuple[RuleTrace, ...] = field(default=(), compare=False)
     ticket: bool = False                 # hold: answer at once, allow the approved re-issue
     approvers: tuple[str, ...] = ()      # hold: who may approve (empty: any approver)
+    shadow: tuple[str, ...] = ()         # shadow rules that matched: what they would have done
 
     @property
     def allowed(self) -> bool:

@@ -1,22 +1,95 @@
 """Prometheus metrics. Each server owns its own registry (tests run several).
 
 Label values are bounded: provider and action are closed sets, and a rule label
-is a rule id from the loaded config or a built-in `tether:` id. No session id
-or tool argument is ever a label.
+is a rule id from the loaded config or a built-in `tether:` id. Tool, agent and
+model labels come from the loaded config too (`Labels`), anything else is
+`other`: a model that invents tool names cannot grow the series without end.
+No session id or tool argument is ever a label.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OTHER = "other"
+_TRANSLATED = re.compile(r"\(\?s:(?P<body>.*)\)\\Z", re.S)
+
+
+def glob_of(pattern: re.Pattern[str]) -> str | None:
+    """The glob `fnmatch.translate` made `pattern` from, when it can be read back
+    (verified by translating it again), else None. Rules and price tables keep only
+    the compiled form; a label wants the text people wrote."""
+    found = _TRANSLATED.fullmatch(pattern.pattern)
+    if found is None:
+        return None
+    body, out, i = found["body"], [], 0
+    while i < len(body):
+        if body.startswith("(?>.*?", i):
+            out.append("*")
+            i += 6
+        elif body.startswith(".*", i):
+            out.append("*")
+            i += 2
+        elif body[i] == "\\" and i + 1 < len(body):
+            out.append(body[i + 1])
+            i += 2
+        elif body[i] == ".":
+            out.append("?")
+            i += 1
+        elif body[i] == ")":
+            i += 1  # the end of an atomic group opened by a middle `*`
+        elif body[i] in "([":
+            return None  # character sets: not worth reading back
+        else:
+            out.append(body[i])
+            i += 1
+    text = "".join(out)
+    return text if fnmatch.translate(text) == pattern.pattern else None
+
+
+def exact_names(patterns: Iterable[re.Pattern[str]]) -> set[str]:
+    """The plain names (no `*`, `?` or `[`) among compiled globs."""
+    out = set()
+    for p in patterns:
+        g = glob_of(p)
+        if g is not None and not any(c in g for c in "*?["):
+            out.add(g)
+    return out
+
+
+@dataclass(slots=True)
+class Labels:
+    """The label values the config allows; filled in at load (governor: tools and
+    agents from the policy; session guard: agents with budgets, price-table globs)."""
+
+    tools: set[str] = field(default_factory=set)      # normalised tool names
+    agents: set[str] = field(default_factory=set)
+    models: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+
+    def tool(self, normalised: str) -> str:
+        return normalised if normalised in self.tools else OTHER
+
+    def agent(self, name: str | None) -> str:
+        return name if name is not None and name in self.agents else OTHER
+
+    def model(self, name: str) -> str:
+        lowered = name.lower()
+        return next((label for p, label in self.models if p.fullmatch(lowered)), OTHER)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.labels = Labels()
         self.decisions = Counter(
             "tether_tool_decisions",
-            "Tool-call decisions, by provider, action and matching rule",
-            ["provider", "action", "rule"],
+            "Tool-call decisions, by provider, tool (configured names, else other), action and rule",
+            ["provider", "tool", "action", "rule"],
             registry=self.registry,
         )
         self.requests = Counter(
@@ -60,6 +133,12 @@ class Metrics:
             "Audit records that could not be written (the call or event is denied)",
             registry=self.registry,
         )
+        self.shadow_matches = Counter(
+            "tether_shadow_matches",
+            "Tool calls a `mode: shadow` rule matched (recorded, not enforced), by rule",
+            ["rule"],
+            registry=self.registry,
+        )
         self.approvals_pending = Gauge(
             "tether_approvals_pending",
             "Held tool calls waiting for a human",
@@ -82,6 +161,35 @@ class Metrics:
             "Time to decide one tool call",
             registry=self.registry,
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+        )
+
+        self.tokens = Counter(
+            "tether_llm_tokens",
+            "LLM tokens charged (reported usage, else estimated), by agent, model (price-table"
+            " glob) and kind (input, output)",
+            ["agent", "model", "kind"],
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "tether_llm_cost_usd",
+            "LLM spend in USD at the configured prices, by agent and model (price-table glob)",
+            ["agent", "model"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "tether_upstream_seconds",
+            "Time from sending a governed request upstream to the upstream's response headers",
+            ["provider"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.overhead_seconds = Histogram(
+            "tether_overhead_seconds",
+            "Time tether adds to a governed request: whole responses, handler time minus upstream"
+            " and human waits; streams, time to the agent's response headers minus the upstream's",
+            ["provider", "mode"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
         )
 
     def render(self) -> bytes:

@@ -245,7 +245,7 @@ async def test_admin_port_health_and_metrics(stack: Stack) -> None:
         async with http.get(stack.proxy_url + "/metrics") as resp:
             assert resp.status == 404
     assert ('tether_tool_decisions_total{action="deny",provider="openai",'
-            'rule="no-prod-deletes"} 1.0') in text
+            'rule="no-prod-deletes",tool="other"} 1.0') in text
 
 
 async def test_many_concurrent_streams(make_stack: MakeStack) -> None:

@@ -8,7 +8,8 @@ hole. Built-in checks run as if they were rules with reserved ids:
   tether:undeclared-tool   the request did not declare a tool of that exact name
   tether:agent-scope       the agent has a tool scope and the tool is outside it
 
-`defaults.action` applies when nothing matches.
+`defaults.action` applies when nothing matches. Rules in `mode: shadow` are
+evaluated like the others but only named in `Decision.shadow`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def merge(decision: Decision, extra: Sequence[RuleTrace]) -> Decision:
         messages.insert(0, decision.message)
     return Decision(action, decision.rules + tuple(t.rule_id for t in matched),
                     "; ".join(m for m in messages if m), decision.on_deny, decision.effect,
-                    decision.timeout_s, decision.trace + tuple(matched))
+                    decision.timeout_s, decision.trace + tuple(matched), shadow=decision.shadow)
 
 
 class PolicyEngine:
@@ -118,13 +119,14 @@ class PolicyEngine:
         by_id: dict[str, Rule] = {}
         for rule in self.policy.rules:
             trace = rule.evaluate(subject)
-            if trace.matched:
-                traces.append(trace)
+            if trace.matched and not trace.shadow:
                 by_id[rule.id] = rule
-            elif explain:
+            if trace.matched or explain:
                 traces.append(trace)
 
-        matched = [t for t in traces if t.matched]
+        # Shadow matches are recorded beside the verdict and take no part in it.
+        shadow = tuple(t.rule_id for t in traces if t.matched and t.shadow)
+        matched = [t for t in traces if t.matched and not t.shadow]
         if not matched:
             return Decision(
                 action=self.policy.default_action,
@@ -132,6 +134,7 @@ class PolicyEngine:
                 message=f"no rule matched; defaults.action is {self.policy.default_action}",
                 effect=effect,
                 trace=tuple(traces),
+                shadow=shadow,
             )
         action = max((t.action or Action.DENY for t in matched), key=lambda a: a.strictness)
         winners = [t for t in matched if t.action is action]
@@ -162,4 +165,5 @@ class PolicyEngine:
             trace=tuple(traces),
             ticket=action is Action.HOLD and all(r.ticket for r in winning_rules),
             approvers=(tuple(sorted(approvers)) or (NOBODY,)) if approver_sets else (),
+            shadow=shadow,
         )

@@ -9,7 +9,13 @@ Argument paths: `tags.env` walks objects; a list on the way fans out, so
 `tags.key` reaches every element's `key`. A condition holds when *any* reached
 value satisfies it (`not_in`: any value outside the list, or none at all;
 `exists: false`: none at all). Object keys are looked up in normal form too, so
-`Tags.Env` cannot dodge `tags.env`. String comparisons for `equals`, `in` and
+`Tags.Env` cannot dodge `tags.env`.
+
+`mode: shadow` (any action) makes a rule a dry run: it is evaluated and its
+match recorded (`Decision.shadow`, the audit's `shadow_rules`, a counter) but it
+never changes the decision. The key is shared with hold rules' `mode: wait |
+ticket` (the values do not overlap; a shadow hold never holds, so it needs no
+wait/ticket) and spelled like budgets' `mode: shadow`. String comparisons for `equals`, `in` and
 `not_in` use the same normal form as tool names; `matches` sees the raw text
 (write `(?i)` for case-insensitive patterns).
 """
@@ -166,6 +172,7 @@ class Rule:
     timeout_s: float | None = None
     approvers: tuple[str, ...] = ()
     ticket: bool = False
+    shadow: bool = False                # mode: shadow - evaluated and recorded, never enforced
     tools: tuple[re.Pattern[str], ...] | None = None
     agents: tuple[re.Pattern[str], ...] | None = None
     effect: Effect | None = None
@@ -195,7 +202,7 @@ class Rule:
                 return RuleTrace(self.id, False, why)
             reasons.append(why)
         return RuleTrace(self.id, True, "; ".join(reasons) or "all match conditions hold",
-                         self.action)
+                         self.action, self.shadow)
 
 
 def _patterns(value: object, key: str, where: Callable[[str], ConfigError]) -> tuple[re.Pattern[str], ...]:
@@ -256,10 +263,10 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
     if not isinstance(approvers, list) or not all(isinstance(a, str) for a in approvers):
         raise where("approvers must be a list of names", "approvers")
     mode = raw.get("mode", "wait")
-    if mode not in ("wait", "ticket"):
-        raise where("mode must be wait or ticket", "mode")
-    if "mode" in raw and action is not Action.HOLD:
-        raise where("mode only applies to action: hold", "mode")
+    if mode not in ("wait", "ticket", "shadow"):
+        raise where("mode must be wait or ticket (hold rules) or shadow (any rule)", "mode")
+    if mode in ("wait", "ticket") and "mode" in raw and action is not Action.HOLD:
+        raise where("mode wait or ticket only applies to action: hold", "mode")
 
     match = raw.get("match", YMap())
     if not isinstance(match, dict):
@@ -308,6 +315,7 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         timeout_s=timeout,
         approvers=tuple(approvers),
         ticket=mode == "ticket",
+        shadow=mode == "shadow",
         tools=tools,
         agents=agents,
         effect=effect,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import aiohttp
@@ -81,6 +82,11 @@ class Call:
     session: str | None
     agent: str | None
     admission: Admission | None = None
+    started: float = field(default_factory=time.perf_counter)
+    waited: float = 0.0  # upstream and human time, which is not tether's overhead
+
+    def overhead(self) -> float:
+        return time.perf_counter() - self.started - self.waited
 
 
 class LLMRoutes:
@@ -154,8 +160,12 @@ class LLMRoutes:
         try:
             headers = sign_request(call.upstream, "POST", str(url),
                                    forward_headers(request.headers, call.upstream), body)
+            sent = time.perf_counter()
             async with self.ctx.client.post(url, data=body, headers=headers,
                                             ssl=self._ssl(call.upstream)) as resp:
+                call.waited += time.perf_counter() - sent
+                self.ctx.governor.metrics.upstream_seconds.labels(call.provider.name).observe(
+                    call.waited)
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if resp.status != 200:
                     await self.ctx.guard.release(call.admission)
@@ -210,8 +220,10 @@ class LLMRoutes:
                 c, exchange, request_id=call.rid, extra=tuple(t for t in extra if t),
                 api=op.name if op else None))
         if any(d.action is Action.HOLD for d in decisions):
+            held = time.perf_counter()
             decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
                                                      self._keepalive(out))
+            call.waited += time.perf_counter() - held
         return decisions
 
     @staticmethod
@@ -231,14 +243,19 @@ class LLMRoutes:
         fmt = call.route.format
         assert fmt is not None
         limit = self.ctx.config.max_response_bytes
+        reading = time.perf_counter()
         body = await resp.content.read(limit + 1)
+        call.waited += time.perf_counter() - reading
         if len(body) > limit:
             raise UpstreamError(f"the upstream response is over the {limit}-byte limit")
         parsed = fmt.parse_response(body)
         await self.ctx.guard.settle(call.admission, parsed.usage)
         decisions = await self._decide(parsed.calls, exchange, call)
-        self.ctx.governor.metrics.requests.labels(call.provider.name, "200").inc()
-        if any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions):
+        refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
+        metrics = self.ctx.governor.metrics
+        metrics.requests.labels(call.provider.name, "403" if refused else "200").inc()
+        metrics.overhead_seconds.labels(call.provider.name, "whole").observe(call.overhead())
+        if refused:
             return reply(fmt.denied_error(parsed.calls, decisions), retry=False,
                          code="tool_call_denied")
         out = fmt.render_response(parsed, decisions)
@@ -250,6 +267,9 @@ class LLMRoutes:
         out.headers["Cache-Control"] = "no-cache"
         try:
             await out.prepare(request)
+            # Time to first byte: the agent's response headers, less the upstream's.
+            self.ctx.governor.metrics.overhead_seconds.labels(call.provider.name, "stream").observe(
+                call.overhead())
             try:
                 async for chunk in resp.content.iter_any():
                     await self._drive(stream, stream.feed(chunk), out, exchange, call)

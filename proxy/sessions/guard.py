@@ -22,7 +22,7 @@ from ..audit import AuditLog, AuditWriteError
 from ..errors import BudgetExceeded, StoreUnavailable
 from ..model import Action, RuleTrace, ToolCall, Usage
 from ..policy.names import normalize
-from ..telemetry import Metrics
+from ..telemetry import Metrics, glob_of
 from . import loops
 from .budgets import Budgets, Counter, counters, estimate_input_tokens, session_bucket, worst_case
 from .store import Store
@@ -52,6 +52,11 @@ class SessionGuard:
         self.metrics = metrics
         self.audit = audit
         self.fail_open = on_store_error is Action.ALLOW
+        # Token and cost labels: agents with budgets, models as the price-table glob they
+        # are priced by (an unreadable glob keeps its position), everything else `other`.
+        metrics.labels.agents |= set(budgets.agents)
+        metrics.labels.models = [(p, glob_of(p) or f"prices[{i}]")
+                                 for i, (p, _) in enumerate(budgets.prices.entries)]
 
     def _store_failed(self, op: str, e: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(op).inc()
@@ -130,6 +135,11 @@ class SessionGuard:
         if usage is None:
             usage = Usage(admission.input_estimate, output_estimate or 0)
         cost = self.budgets.prices.cost_micro_usd(admission.model, usage)
+        labels = self.metrics.labels
+        agent, model = labels.agent(admission.agent), labels.model(admission.model)
+        self.metrics.tokens.labels(agent, model, "input").inc(usage.input_tokens)
+        self.metrics.tokens.labels(agent, model, "output").inc(usage.output_tokens)
+        self.metrics.cost.labels(agent, model).inc(cost / 1e6)
         actual = {"tokens": usage.total_tokens, "input_tokens": usage.input_tokens,
                   "output_tokens": usage.output_tokens, "cost_usd": cost, "llm_calls": 1}
         deltas = [c._replace(amount=actual[c.field] - c.amount) for c in admission.reserved]
