@@ -30,8 +30,12 @@ def _load(path: str) -> config_mod.Config:
 
 async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                  forward_port: int | None = None) -> None:
+    from . import tracing
     from .server.app import bound_port, build, start
 
+    # OTLP/HTTP export only when an OTEL_EXPORTER_OTLP_*ENDPOINT is set; else no tracing.
+    spans = tracing.from_env()
+    tracing.install(spans)
     tether = build(cfg)
     runners = await start(tether, host=host, port=port, admin_port=admin_port)
     from .providers import PROVIDERS
@@ -68,6 +72,8 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
     for runner in reversed(runners):
         await runner.cleanup()
     await tether.close()
+    if spans is not None:
+        spans.shutdown()  # flushes the last batch
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

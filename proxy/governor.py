@@ -14,6 +14,9 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from opentelemetry.trace import Tracer, get_current_span
+
+from . import tracing
 from .audit import AuditLog, AuditWriteError
 from .model import Action, Decision, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import PolicyEngine, merge
@@ -27,8 +30,10 @@ AUDIT_ERROR = "tether:audit-unavailable"
 
 
 class Governor:
-    def __init__(self, engine: PolicyEngine, audit: AuditLog, metrics: Metrics) -> None:
+    def __init__(self, engine: PolicyEngine, audit: AuditLog, metrics: Metrics,
+                 tracer: Tracer | None = None) -> None:
         self.engine = engine
+        self.tracer = tracer  # None: tracing is off, no span is made
         self.audit = audit
         self.metrics = metrics
         # Tool labels: the `tools:` map and the exact (glob-free) names in rules and agent
@@ -45,6 +50,16 @@ class Governor:
                effect: Effect | None = None) -> Decision:
         """`extra`: verdicts from outside the rules (loop breakers, per-tool budgets,
         OpenAPI checks). `api`, `effect`: the operation a call is (`jira.createIssue`)."""
+        if self.tracer is None:
+            return self._decide(call, exchange, request_id, extra, api, effect)
+        with self.tracer.start_as_current_span(tracing.DECIDE_SPAN) as span:
+            decision = self._decide(call, exchange, request_id, extra, api, effect)
+            span.set_attributes(tracing.decision_attributes(exchange, call.name, call.id, decision,
+                                                            self.engine.revision))
+            return decision
+
+    def _decide(self, call: ToolCall, exchange: Exchange, request_id: str,
+                extra: Sequence[RuleTrace], api: str | None, effect: Effect | None) -> Decision:
         started = time.perf_counter()
         policy_action: Action | None = None
         try:
@@ -54,9 +69,11 @@ class Governor:
             log.exception("deciding a tool call failed")
             decision = self._on_error(f"internal error while deciding: {type(e).__name__}")
         elapsed = time.perf_counter() - started
+        span = get_current_span().get_span_context()
         record: dict[str, object] = {
             "kind": "decision",
             "decision_id": uuid.uuid4().hex,
+            "trace_id": format(span.trace_id, "032x") if span.is_valid else None,
             "request_id": request_id,
             "session": exchange.session,
             "agent": exchange.agent,

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
+from .. import tracing
 from ..approvals.holds import Holds
 from ..approvals.queue import ApprovalQueue
 from ..approvals.slack import SlackNotifier
@@ -31,6 +33,10 @@ from .apis import ApiRoutes
 from .errors import error_middleware
 from .llm import Context, LLMRoutes
 from .mcp import McpRoutes
+from .traced import client_trace_config, server_middleware
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("tether.server")
 
@@ -81,16 +87,20 @@ def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.Stream
     return handle
 
 
-def build(config: Config) -> Tether:
+def build(config: Config, tracer_provider: TracerProvider | None = None) -> Tether:
+    """`tracer_provider`: where spans go; None takes `tracing.installed()` (None: no tracing)."""
     metrics = Metrics()
     audit = AuditLog(config.audit_path, config.audit, metrics)
-    governor = Governor(PolicyEngine(config.policy), audit, metrics)
+    spans = tracer_provider or tracing.installed()
+    governor = Governor(PolicyEngine(config.policy), audit, metrics, tracing.tracer_of(spans))
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
                          config.on_store_error)
     settings = config.approvals
     queue = ApprovalQueue(settings.max_pending, settings.max_pending_per_session)
     holds = Holds(queue, settings, audit, metrics, config.policy.revision)
-    proxy = web.Application(middlewares=[error_middleware],
+    # The server span is outermost, so it sees the status the error middleware renders.
+    middlewares = [server_middleware(spans)] if spans is not None else []
+    proxy = web.Application(middlewares=[*middlewares, error_middleware],
                             client_max_size=config.max_body_bytes)
     slack: SlackNotifier | None = None
     if config.slack is not None:
@@ -104,8 +114,10 @@ def build(config: Config) -> Tether:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=config.upstream_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        traces = [client_trace_config(spans)] if spans is not None else []
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                         auto_decompress=True, trust_env=False) as client:
+                                         auto_decompress=True, trust_env=False,
+                                         trace_configs=traces) as client:
             ctx = Context(config, governor, guard, holds, client)
             holder["ctx"] = ctx
             app[CONTEXT] = ctx

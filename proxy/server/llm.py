@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from .. import tracing
 from ..approvals.holds import Holds, KeepAlive
 from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
@@ -153,6 +154,7 @@ class LLMRoutes:
             raise
         exchange = exchange_for(call.provider.name, parsed, session=call.session,
                                 agent=call.agent, endpoint=call.route.upstream_path)
+        tracing.note_request(exchange)
         stream: StreamFilter | None = None
         if parsed.stream and isinstance(fmt, ReportsUsage):
             body, stream = fmt.stream_with_usage(body, parsed)
@@ -249,6 +251,7 @@ class LLMRoutes:
         if len(body) > limit:
             raise UpstreamError(f"the upstream response is over the {limit}-byte limit")
         parsed = fmt.parse_response(body)
+        tracing.note_usage(parsed.usage)
         await self.ctx.guard.settle(call.admission, parsed.usage)
         decisions = await self._decide(parsed.calls, exchange, call)
         refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
@@ -295,6 +298,7 @@ class LLMRoutes:
         return out
 
     async def _settle_stream(self, call: Call, stream: StreamFilter) -> None:
+        tracing.note_usage(stream.usage)
         units = getattr(stream, "output_units", None)
         await self.ctx.guard.settle(call.admission, stream.usage,
                                     units if isinstance(units, int) else None)
