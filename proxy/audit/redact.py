@@ -18,6 +18,7 @@ The result lists the paths that were masked, never what was there.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ def key_words(key: str) -> list[str]:
     return [w.casefold() for w in _WORD.findall(key)]
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
+    """Cached: every audit record walks the same few dozen keys."""
     words = key_words(key)
     if normalize(key).replace("_", "").replace("-", "") in SECRET_NAMES:
         return True
@@ -65,6 +68,7 @@ def is_secret_key(key: str) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=4096)
 def _names_a_key(key: str) -> bool:
     """A key under which a bare 40-character string is taken for an AWS secret."""
     return bool({"secret", "key"} & set(key_words(key)))
