@@ -26,18 +26,18 @@ from urllib.parse import unquote
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from .arguments import strict_pairs
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary
-from .gemini_stream import (
+from .gemini_chunks import (
     Chunk,
-    GeminiStream,
     error_body,
     field_of,
     finish_problem,
     read_chunk,
     rewrite,
-    strict_pairs,
     tool_call,
 )
+from .gemini_stream import GeminiStream
 from .openai_chat import CHAT
 
 VERSIONS = frozenset({"v1beta", "v1", "v1alpha"})
