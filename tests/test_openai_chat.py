@@ -12,11 +12,11 @@ from proxy.policy.engine import Policy, PolicyEngine
 from proxy.policy.rules import compile_rule
 from proxy.policy.source import load_yaml
 from proxy.providers.openai_chat import (
-    ChatStream,
     parse_request,
     parse_response,
     render_response,
 )
+from proxy.providers.openai_chat_stream import ChatStream
 from tests.fakes import Call, Reply, completion, stream_events
 from tests.streaming import run_stream, split_at
 

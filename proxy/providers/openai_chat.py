@@ -10,15 +10,17 @@ held back while everything else passes.
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..errors import BadRequest, ProtocolError, UpstreamError
-from ..model import Action, Decision, OnDeny, ToolCall, Usage
+from ..errors import BadRequest, UpstreamError
+from ..model import Decision, ToolCall, Usage
 from .arguments import parse_arguments, strict_pairs
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, Step, denial_summary, denial_text
-from .sse import SSEDecoder, SSEEvent, encode, encode_data
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, denial_summary, denial_text
+
+if TYPE_CHECKING:
+    from .openai_chat_stream import ChatStream
 
 type JSONObject = dict[str, object]
 
@@ -108,7 +110,7 @@ def with_usage(body: bytes) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode()
 
 
-def _usage(obj: object) -> Usage | None:
+def usage_of(obj: object) -> Usage | None:
     if not isinstance(obj, dict):
         return None
     prompt, completion = obj.get("prompt_tokens"), obj.get("completion_tokens")
@@ -118,7 +120,7 @@ def _usage(obj: object) -> Usage | None:
     )
 
 
-def _call(
+def tool_call(
     *,
     id: str,
     name: str,
@@ -178,7 +180,7 @@ def parse_response(body: bytes) -> ChatResponse:
                 raise UpstreamError(f"upstream tool_calls[{i}] has no name or arguments text")
             call_id = tc.get("id")
             calls.append(
-                _call(
+                tool_call(
                     id=call_id if isinstance(call_id, str) else "",
                     name=name,
                     raw=raw,
@@ -193,9 +195,9 @@ def parse_response(body: bytes) -> ChatResponse:
             if not isinstance(name, str) or not isinstance(raw, str):
                 raise UpstreamError("upstream function_call has no name or arguments text")
             calls.append(
-                _call(id="", name=name, raw=raw, index=-1, choice=ci, problem=problem)
+                tool_call(id="", name=name, raw=raw, index=-1, choice=ci, problem=problem)
             )
-    return ChatResponse(body, obj, tuple(calls), _usage(obj.get("usage")))
+    return ChatResponse(body, obj, tuple(calls), usage_of(obj.get("usage")))
 
 
 def render_response(response: ChatResponse, decisions: Sequence[Decision]) -> bytes:
@@ -263,335 +265,6 @@ def denied_error(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> Er
     return error_reply(403, denial_summary(calls, decisions), "tool_call_denied")
 
 
-@dataclass(slots=True)
-class _Open:
-    choice: int
-    index: int
-    id: str = ""
-    name: str = ""
-    fragments: list[str] = field(default_factory=list)
-    legacy: bool = False
-
-
-@dataclass(slots=True)
-class _Choice:
-    open: dict[int, _Open] = field(default_factory=dict)
-    closed: set[int] = field(default_factory=set)
-    allowed: int = 0
-    text: bool = False
-    finished: bool = False
-
-
-LEGACY = -1
-
-
-class ChatStream:
-    """Filters one Chat Completions SSE stream; see `providers.base` for the protocol."""
-
-    def __init__(self, strip_usage: bool = False) -> None:
-        """`strip_usage`: tether asked for usage the client did not; drop the usage chunk."""
-        self._strip_usage = strip_usage
-        self.output_units = 0  # content and argument deltas seen: ~ tokens, if usage never comes
-        self._decoder = SSEDecoder()
-        self._queue: deque[SSEEvent] = deque()
-        self._choices: dict[int, _Choice] = {}
-        self._waiting: list[tuple[_Open, ToolCall]] = []
-        self._template: JSONObject = {}
-        self._ended = False
-        self._done_seen = False
-        self._eof = False
-        self._final = b""
-        self._usage: Usage | None = None
-        self._failed: str | None = None
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def failed(self) -> str | None:
-        """Why the stream was ended with an error event, or None."""
-        return self._failed
-
-    def feed(self, chunk: bytes) -> Step:
-        if self._ended:
-            return Step()
-        try:
-            self._queue.extend(self._decoder.feed(chunk))
-        except ProtocolError as e:
-            return self._fail(e.message, "bad_upstream_stream")
-        return self._run()
-
-    def close(self) -> Step:
-        """The upstream ended. A stream without [DONE] (or a finish for every choice)
-        was cut: its open calls are denied and the client gets an error event."""
-        if self._ended:
-            return Step()
-        try:
-            self._decoder.flush()
-        except ProtocolError as e:
-            return self._fail(e.message, "bad_upstream_stream")
-        self._eof = True
-        return self._run()
-
-    def decide(self, decisions: Sequence[Decision]) -> Step:
-        if len(decisions) != len(self._waiting):
-            raise ValueError("one decision is needed for each pending call")
-        out = bytearray()
-        refused: list[tuple[ToolCall, Decision]] = []
-        for (open_, call), decision in zip(self._waiting, decisions, strict=True):
-            state = self._choices[open_.choice]
-            del state.open[open_.index]
-            state.closed.add(open_.index)
-            if self._ended:
-                continue
-            if not decision.allowed and decision.on_deny is OnDeny.ERROR:
-                refused.append((call, decision))
-            out += self._render_call(state, open_, call, decision)
-        self._waiting = []
-        if refused and not self._ended:
-            texts = " ".join(denial_text(c, d) for c, d in refused)
-            self._ended = True
-            self._failed = "tool call denied"
-            self._queue.clear()
-            return Step(bytes(self._error_event(texts, "permission_error", "tool_call_denied")))
-        if self._ended:
-            final, self._final = self._final, b""
-            return Step(bytes(out) + final)
-        step = self._run()
-        return Step(bytes(out) + step.data, step.pending)
-
-    def _fail(self, message: str, code: str) -> Step:
-        """End the stream with an error event; open calls are still decided (as denied)."""
-        self._ended = True
-        self._failed = message
-        self._queue.clear()
-        self._final = self._error_event(message, "upstream_error", code)
-        pending = [
-            (o, self._complete(o, problem=f"{message}; the tool call was not released"))
-            for state in self._choices.values()
-            for o in state.open.values()
-            if not any(o is w for w, _ in self._waiting)
-        ]
-        if pending or self._waiting:
-            self._waiting.extend(pending)
-            return Step(b"", tuple(c for _, c in self._waiting))
-        final, self._final = self._final, b""
-        return Step(final)
-
-    def _error_event(self, message: str, kind: str, code: str) -> bytes:
-        return encode_data(error_body(message, kind=kind, code=code).decode())
-
-    def _complete(self, open_: _Open, problem: str | None = None) -> ToolCall:
-        return _call(
-            id=open_.id,
-            name=open_.name,
-            raw="".join(open_.fragments),
-            index=open_.index,
-            choice=open_.choice,
-            problem=problem,
-        )
-
-    def _request(self, opens: list[_Open], problem: str | None = None) -> Step:
-        self._waiting = [(o, self._complete(o, problem)) for o in opens]
-        return Step(b"", tuple(c for _, c in self._waiting))
-
-    def _run(self) -> Step:
-        out = bytearray()
-        while self._queue and not self._waiting and not self._ended:
-            event = self._queue[0]
-            if event.data.strip() == "[DONE]":
-                opens = [o for s in self._choices.values() for o in s.open.values()]
-                if opens:
-                    return Step(bytes(out), self._request(opens).pending)
-                self._queue.popleft()
-                self._done_seen = True
-                self._ended = True
-                out += encode(event)
-                continue
-            try:
-                obj = json.loads(event.data)
-            except ValueError:
-                step = self._fail("upstream stream event is not valid JSON", "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if not isinstance(obj, dict):
-                step = self._fail("upstream stream event is not a JSON object",
-                                  "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if "error" in obj:
-                self._queue.popleft()
-                out += encode(event)
-                step = self._fail("the upstream sent an error event mid-stream", "upstream_error")
-                self._final = b""
-                return Step(bytes(out) + step.data, step.pending)
-            try:
-                completing, problem = self._completing(obj)
-            except ProtocolError as e:
-                step = self._fail(e.message, "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if completing:
-                return Step(bytes(out), self._request(completing, problem).pending)
-            self._queue.popleft()
-            try:
-                out += self._pass(event, obj)
-            except ProtocolError as e:
-                step = self._fail(e.message, "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-        if self._eof and not self._queue and not self._waiting and not self._ended:
-            finished = bool(self._choices) and all(c.finished for c in self._choices.values())
-            if any(c.open for c in self._choices.values()) or not (self._done_seen or finished):
-                step = self._fail(
-                    "the upstream stream ended before the response was complete",
-                    "upstream_truncated",
-                )
-                return Step(bytes(out) + step.data, step.pending)
-            self._ended = True
-        return Step(bytes(out))
-
-    def _state(self, choice: object) -> _Choice:
-        if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
-            raise ProtocolError("stream choice has no valid index")
-        return self._choices.setdefault(choice, _Choice())
-
-    def _completing(self, obj: JSONObject) -> tuple[list[_Open], str | None]:
-        """Calls that this chunk completes, before the chunk itself is applied."""
-        choices = obj.get("choices") or []
-        if not isinstance(choices, list):
-            raise ProtocolError("stream chunk 'choices' is not an array")
-        done: list[_Open] = []
-        problem = None
-        for ch in choices:
-            if not isinstance(ch, dict):
-                raise ProtocolError("stream choice is not an object")
-            state = self._state(ch.get("index"))
-            delta = ch.get("delta") or {}
-            if not isinstance(delta, dict):
-                raise ProtocolError("stream delta is not an object")
-            tcs = delta.get("tool_calls") or []
-            if not isinstance(tcs, list):
-                raise ProtocolError("stream 'tool_calls' is not an array")
-            for tc in tcs:
-                idx = tc.get("index") if isinstance(tc, dict) else None
-                if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-                    raise ProtocolError("stream tool call has no valid index")
-                done += [o for i, o in state.open.items() if i != idx and all(o is not d for d in done)]
-            reason = ch.get("finish_reason")
-            if reason:
-                done += [o for o in state.open.values() if all(o is not d for d in done)]
-                if reason in CUT_REASONS and state.open:
-                    problem = (
-                        f"the response was cut off (finish_reason {reason}) "
-                        "in the middle of a tool call"
-                    )
-        return done, problem
-
-    def _pass(self, event: SSEEvent, obj: JSONObject) -> bytes:
-        """Apply one chunk: buffer its tool-call fragments, release everything else."""
-        self._template = {k: v for k, v in obj.items() if k not in ("choices", "usage")}
-        choices = obj.get("choices") or []
-        assert isinstance(choices, list)
-        if "usage" in obj and obj["usage"] is not None:
-            self._usage = _usage(obj["usage"])
-            if self._strip_usage and not choices:
-                return b""
-        self.output_units += len(choices)
-        touched = False
-        kept: list[object] = []
-        for ch in choices:
-            assert isinstance(ch, dict)
-            state = self._state(ch.get("index"))
-            delta = ch.get("delta") or {}
-            assert isinstance(delta, dict)
-            if delta.get("content"):
-                state.text = True
-            if "tool_calls" in delta or "function_call" in delta:
-                touched = True
-                self._buffer(state, ch["index"], delta)
-                delta = {
-                    k: v
-                    for k, v in delta.items()
-                    if k not in ("tool_calls", "function_call") and v is not None
-                }
-                ch = {**ch, "delta": delta}
-            reason = ch.get("finish_reason")
-            if reason:
-                state.finished = True
-                if reason in ("tool_calls", "function_call") and state.allowed == 0:
-                    touched = True
-                    ch = {**ch, "finish_reason": "stop"}
-            if ch.get("delta") or ch.get("finish_reason") or ch.get("logprobs"):
-                kept.append(ch)
-        if not touched:
-            return encode(event)
-        if not kept and obj.get("usage") is None:
-            return b""
-        return encode(SSEEvent(json.dumps({**obj, "choices": kept}, ensure_ascii=False),
-                               event.event, event.id, event.retry))
-
-    def _buffer(self, state: _Choice, choice: int, delta: JSONObject) -> None:
-        pieces: list[tuple[int, object, object, object]] = []
-        tool_calls = delta.get("tool_calls") or []
-        assert isinstance(tool_calls, list)
-        for tc in tool_calls:
-            assert isinstance(tc, dict)
-            fn = tc.get("function") or {}
-            if not isinstance(fn, dict):
-                raise ProtocolError("stream tool call 'function' is not an object")
-            pieces.append((tc["index"], tc.get("id"), fn.get("name"), fn.get("arguments")))
-        legacy = delta.get("function_call")
-        if isinstance(legacy, dict):
-            pieces.append((LEGACY, None, legacy.get("name"), legacy.get("arguments")))
-        for idx, call_id, name, args in pieces:
-            assert isinstance(idx, int)
-            if idx in state.closed:
-                raise ProtocolError(f"stream tool call {idx} continued after it was complete")
-            open_ = state.open.setdefault(idx, _Open(choice, idx, legacy=idx == LEGACY))
-            if isinstance(call_id, str) and call_id:
-                if open_.id and open_.id != call_id:
-                    raise ProtocolError(f"stream tool call {idx} changed its id")
-                open_.id = call_id
-            if isinstance(name, str) and name:
-                if open_.name and open_.name != name:
-                    raise ProtocolError(f"stream tool call {idx} changed its name")
-                open_.name = name
-            if args is not None:
-                if not isinstance(args, str):
-                    raise ProtocolError(f"stream tool call {idx} arguments are not text")
-                open_.fragments.append(args)
-
-    def _render_call(
-        self, state: _Choice, open_: _Open, call: ToolCall, decision: Decision
-    ) -> bytes:
-        if decision.action is Action.ALLOW:
-            if open_.legacy:
-                delta: JSONObject = {
-                    "function_call": {"name": call.name, "arguments": call.raw_arguments}
-                }
-            else:
-                delta = {
-                    "tool_calls": [
-                        {
-                            "index": state.allowed,
-                            "id": call.id,
-                            "type": "function",
-                            "function": {"name": call.name, "arguments": call.raw_arguments},
-                        }
-                    ]
-                }
-            state.allowed += 1
-        else:
-            text = denial_text(call, decision)
-            delta = {"content": ("\n\n" if state.text else "") + text}
-            state.text = True
-        chunk = {
-            **self._template,
-            "choices": [
-                {"index": open_.choice, "delta": delta, "logprobs": None, "finish_reason": None}
-            ],
-        }
-        return encode_data(json.dumps(chunk, ensure_ascii=False))
-
-
 class OpenAIChat:
     """The Chat Completions wire format, as OpenAI and Azure OpenAI serve it."""
 
@@ -608,11 +281,15 @@ class OpenAIChat:
         return render_response(parsed, decisions)
 
     def stream(self, route: Route) -> ChatStream:
+        from .openai_chat_stream import ChatStream  # the stream module builds on this one
+
         return ChatStream()
 
     def stream_with_usage(self, body: bytes, request: ParsedRequest) -> tuple[bytes, ChatStream]:
         """For budgets: a stream must report its usage. If the client did not ask for it,
         ask upstream anyway and hide the extra usage chunk from the client."""
+        from .openai_chat_stream import ChatStream
+
         if request.include_usage:
             return body, ChatStream()
         return with_usage(body), ChatStream(strip_usage=True)
