@@ -12,11 +12,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
-from .audit.redact import parse_paths
-from .audit.settings import AuditSettings, Fsync
+from .audit.settings import AuditSettings, parse_audit
+from .config_nodes import as_map, check_keys, err, port
 from .errors import ConfigError
 from .forward.lookup_settings import LookupSettings, parse_lookups
 from .forward.settings import ForwardSettings, parse_forward
@@ -30,6 +29,8 @@ from .policy.names import normalize
 from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
 from .sessions.budgets import Budgets, parse_budgets
+from .upstreams import Upstream as Upstream
+from .upstreams import parse_upstreams
 
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
@@ -40,26 +41,7 @@ TOP_KEYS = {
 # every version, but never silently: each one loaded unenforced is a warning.
 NOT_YET = {"opa", "auth", "telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
-
-# Every provider's upstream, by name. Azure has no default: its URL names the
-# customer's resource, so the azure routes answer 404 until one is configured.
-DEFAULT_UPSTREAMS = {
-    "openai": "https://api.openai.com",
-    "anthropic": "https://api.anthropic.com",
-    "bedrock": "https://bedrock-runtime.us-east-1.amazonaws.com",
-    "gemini": "https://generativelanguage.googleapis.com",
-}
-KNOWN_UPSTREAMS = {*DEFAULT_UPSTREAMS, "azure"}
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    name: str
-    url: str
-    api_key_env: str | None = None
-    region: str | None = None  # AWS region for SigV4 (bedrock); from the URL when absent
-    ca_file: str | None = None  # an extra CA to trust for this upstream's TLS (private gateways)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,36 +71,6 @@ class Config:
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
     source: str | None = None
     warnings: tuple[str, ...] = ()
-
-
-def _err(message: str, node: YMap | None, key: str | None = None,
-         section: str | None = None) -> ConfigError:
-    line = node.line_of(key) if node is not None and key else (node.line if node else None)
-    label = f"{section}.{key}" if section and key else key
-    return ConfigError(message, file=node.file if node else None, line=line, key=label)
-
-
-def _map(node: object, parent: YMap, key: str) -> YMap:
-    if node is None:
-        empty = YMap()
-        empty.line, empty.key_lines, empty.file = parent.line_of(key), {}, parent.file
-        return empty
-    if not isinstance(node, YMap):
-        raise _err("must be a mapping", parent, key)
-    return node
-
-
-def _port(value: object, parent: YMap, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536:
-        raise _err("must be a port number", parent, key)
-    return value
-
-
-def _check_keys(node: YMap, allowed: set[str], where: str) -> None:
-    for key in node:
-        if key not in allowed:
-            raise _err(f"unknown key (expected one of {', '.join(sorted(allowed))})",
-                       node, key, where)
 
 
 def _read(path: Path) -> str:
@@ -158,7 +110,7 @@ class _Builder:
         if items is None:
             return
         if not isinstance(items, list):
-            raise _err("rules must be a list", doc, "rules")
+            raise err("rules must be a list", doc, "rules")
         for i, raw in enumerate(items):
             rule = compile_rule(raw, doc.file, doc.line_of("rules") + i)
             if rule.id in self.rule_where:
@@ -170,56 +122,56 @@ class _Builder:
             self.rules.append(rule)
 
     def add_tools(self, doc: YMap) -> None:
-        tools = _map(doc.get("tools"), doc, "tools")
+        tools = as_map(doc.get("tools"), doc, "tools")
         for name, spec in tools.items():
-            spec = _map(spec, tools, name)
-            _check_keys(spec, {"effect", "description", "api"}, f"tools.{name}")
+            spec = as_map(spec, tools, name)
+            check_keys(spec, {"effect", "description", "api"}, f"tools.{name}")
             if "api" in spec:
                 if not isinstance(spec["api"], str):
-                    raise _err("api names an operation, like jira.createIssue", spec, "api")
+                    raise err("api names an operation, like jira.createIssue", spec, "api")
                 self.tool_links.append(ToolLink(normalize(name), spec["api"], spec.file,
                                                 spec.line_of("api")))
             if "effect" in spec:
                 try:
                     self.effects[normalize(name)] = Effect(spec["effect"])
                 except ValueError:
-                    raise _err("effect must be read or write", spec, "effect") from None
+                    raise err("effect must be read or write", spec, "effect") from None
 
     def add_agents(self, doc: YMap) -> None:
-        agents = _map(doc.get("agents"), doc, "agents")
+        agents = as_map(doc.get("agents"), doc, "agents")
         for name, spec in agents.items():
-            spec = _map(spec, agents, name)
-            _check_keys(spec, {"tools", "description", "budgets", "key_sha256"}, f"agents.{name}")
+            spec = as_map(spec, agents, name)
+            check_keys(spec, {"tools", "description", "budgets", "key_sha256"}, f"agents.{name}")
             self.agent_nodes[name] = spec
             hashes = spec.get("key_sha256", [])
             if not isinstance(hashes, list) or not all(
                     isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
                     for h in hashes):
-                raise _err("must be a list of lower-case hex SHA-256 digests of API keys",
+                raise err("must be a list of lower-case hex SHA-256 digests of API keys",
                            spec, "key_sha256", f"agents.{name}")
             for h in hashes:
                 if h in self.agent_keys and self.agent_keys[h] != name:
-                    raise _err(f"this key already names agent {self.agent_keys[h]!r}", spec,
+                    raise err(f"this key already names agent {self.agent_keys[h]!r}", spec,
                                "key_sha256", f"agents.{name}")
                 self.agent_keys[h] = name
             if "tools" in spec:
                 globs = spec["tools"]
                 if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
-                    raise _err("tools must be a list of tool names or globs", spec, "tools")
+                    raise err("tools must be a list of tool names or globs", spec, "tools")
                 self.agents[name] = AgentScope(tuple(_glob(g) for g in globs), tuple(globs))
 
     def include(self, doc: YMap, base: Path) -> None:
         items = doc.get("include", [])
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise _err("include must be a list of file paths", doc, "include")
+            raise err("include must be a list of file paths", doc, "include")
         for item in items:
             path = (base / item).resolve()
             if path in self.seen:
-                raise _err(f"{item} is included twice (or includes itself)", doc, "include")
+                raise err(f"{item} is included twice (or includes itself)", doc, "include")
             self.seen.add(path)
             sub, text = _load_doc(path)
             self.texts.append(text)
-            _check_keys(sub, INCLUDE_KEYS | {"include"}, "an included file")
+            check_keys(sub, INCLUDE_KEYS | {"include"}, "an included file")
             self.add_tools(sub)
             self.add_agents(sub)
             self.add_rules(sub)
@@ -232,73 +184,10 @@ def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) ->
     except ValueError:
         action = None
     if action not in allowed:
-        raise _err(f"must be one of {', '.join(a.value for a in allowed)}", node, key,
+        raise err(f"must be one of {', '.join(a.value for a in allowed)}", node, key,
                    "defaults")
     assert action is not None
     return action
-
-
-def _upstreams(doc: YMap, env: Mapping[str, str], base: Path) -> dict[str, Upstream]:
-    node = _map(doc.get("upstreams"), doc, "upstreams")
-    specs: dict[str, tuple[str, str | None, str | None]] = {
-        k: (v, None, None) for k, v in DEFAULT_UPSTREAMS.items()}
-    ca_files: dict[str, str] = {}
-    for name, spec in node.items():
-        spec = _map(spec, node, name)
-        _check_keys(spec, {"url", "api_key_env", "region", "ca_file"}, f"upstreams.{name}")
-        if "ca_file" in spec:
-            ca = spec["ca_file"]
-            if not isinstance(ca, str) or not ca:
-                raise _err("ca_file is a path to a PEM file", spec, "ca_file", f"upstreams.{name}")
-            path = Path(ca) if Path(ca).is_absolute() else base / ca
-            if not path.is_file():
-                raise _err(f"no such file: {path}", spec, "ca_file", f"upstreams.{name}")
-            ca_files[name] = str(path)
-        url, key_env, region = spec.get("url"), spec.get("api_key_env"), spec.get("region")
-        if not isinstance(url, str):
-            raise _err("url is required", spec, "url")
-        if key_env is not None and not isinstance(key_env, str):
-            raise _err("api_key_env names an environment variable", spec, "api_key_env")
-        if region is not None and not isinstance(region, str):
-            raise _err("region is an AWS region name", spec, "region")
-        specs[name] = (url, key_env, region)
-    for name in KNOWN_UPSTREAMS - specs.keys():
-        override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
-        if override:
-            specs[name] = (override, None, None)
-    out: dict[str, Upstream] = {}
-    for name, (url, key_env, region) in specs.items():
-        override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
-        url = (override or url).rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _err(f"upstream {name}: {url!r} is not an http(s) URL", node, name)
-        out[name] = Upstream(name, url, key_env, region, ca_files.get(name))
-    return out
-
-
-def _audit_settings(node: YMap) -> AuditSettings:
-    def count(key: str, default: int | None) -> int | None:
-        value = node.get(key, default)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise _err("must be a positive whole number (or null: unbounded)", node, key, "audit")
-        return value
-
-    try:
-        fsync = Fsync(node.get("fsync", "interval"))
-    except ValueError:
-        raise _err("must be one of never, always, interval", node, "fsync", "audit") from None
-    interval = node.get("fsync_interval", 1.0)
-    if not isinstance(interval, int | float) or isinstance(interval, bool) or interval <= 0:
-        raise _err("must be a number of seconds", node, "fsync_interval", "audit")
-    paths = node.get("redact", [])
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p and "" not in p.split(".")
-                                             for p in paths):
-        raise _err("must be a list of dotted paths inside tool arguments (db.dsn, headers.*)",
-                   node, "redact", "audit")
-    return AuditSettings(max_bytes=count("max_bytes", AuditSettings().max_bytes),
-                         keep=count("keep", None), fsync=fsync, fsync_interval_s=float(interval),
-                         redact=parse_paths(paths))
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -312,7 +201,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
                 f"{doc.file}:{doc.line_of(key)}: {key}: not enforced by this version of tether"
             )
         elif key not in TOP_KEYS:
-            raise _err(f"unknown top-level key (expected one of "
+            raise err(f"unknown top-level key (expected one of "
                        f"{', '.join(sorted(TOP_KEYS | NOT_YET))})", doc, key)
 
     builder = _Builder()
@@ -323,8 +212,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     builder.include(doc, file.parent)
     builder.add_rules(doc)
 
-    defaults = _map(doc.get("defaults"), doc, "defaults")
-    _check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error"}, "defaults")
+    defaults = as_map(doc.get("defaults"), doc, "defaults")
+    check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error"}, "defaults")
     default_action = _action(defaults.get("action", "allow"), defaults, "action", tuple(Action))
     on_error = _action(defaults.get("on_error", "deny"), defaults, "on_error",
                        (Action.DENY, Action.ALLOW))
@@ -338,51 +227,51 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     if on_error is Action.ALLOW:
         warnings.append(f"{doc.file}: defaults.on_error is allow: internal errors fail OPEN")
 
-    server = _map(doc.get("server"), doc, "server")
-    _check_keys(server, {"host", "port", "admin_port"}, "server")
-    limits = _map(doc.get("limits"), doc, "limits")
-    _check_keys(limits, {"max_body_bytes", "max_response_bytes", "upstream_timeout"}, "limits")
-    audit = _map(doc.get("audit"), doc, "audit")
-    _check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact"}, "audit")
-    admin = _map(doc.get("admin"), doc, "admin")
-    _check_keys(admin, {"token_env"}, "admin")
-    identity = _map(doc.get("identity"), doc, "identity")
-    _check_keys(identity, {"trust_headers"}, "identity")
+    server = as_map(doc.get("server"), doc, "server")
+    check_keys(server, {"host", "port", "admin_port"}, "server")
+    limits = as_map(doc.get("limits"), doc, "limits")
+    check_keys(limits, {"max_body_bytes", "max_response_bytes", "upstream_timeout"}, "limits")
+    audit = as_map(doc.get("audit"), doc, "audit")
+    check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact"}, "audit")
+    admin = as_map(doc.get("admin"), doc, "admin")
+    check_keys(admin, {"token_env"}, "admin")
+    identity = as_map(doc.get("identity"), doc, "identity")
+    check_keys(identity, {"trust_headers"}, "identity")
 
     def positive_int(node: YMap, key: str, default: int) -> int:
         value = node.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise _err("must be a positive whole number", node, key)
+            raise err("must be a positive whole number", node, key)
         return value
 
     audit_path = audit.get("path", "audit.jsonl")
     if audit_path is not None and not isinstance(audit_path, str):
-        raise _err("path must be a file path", audit, "path")
+        raise err("path must be a file path", audit, "path")
     if isinstance(audit_path, str):
         audit_path = os.path.normpath(file.parent / audit_path) if not Path(audit_path).is_absolute() \
             else audit_path
-    audit_settings = _audit_settings(audit)
+    audit_settings = parse_audit(audit)
     trust = identity.get("trust_headers", True)
     if not isinstance(trust, bool):
-        raise _err("must be true or false", identity, "trust_headers")
+        raise err("must be true or false", identity, "trust_headers")
     host = server.get("host", "127.0.0.1")
     if not isinstance(host, str):
-        raise _err("must be a host name or address", server, "host")
+        raise err("must be a host name or address", server, "host")
     token_env = admin.get("token_env", "TETHER_ADMIN_TOKEN")
     if not isinstance(token_env, str):
-        raise _err("names an environment variable", admin, "token_env")
+        raise err("names an environment variable", admin, "token_env")
     timeout = limits.get("upstream_timeout", 600)
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        raise _err("must be a number of seconds", limits, "upstream_timeout")
+        raise err("must be a number of seconds", limits, "upstream_timeout")
 
     budgets_node = doc.get("budgets")
     if budgets_node is not None and not isinstance(budgets_node, YMap):
-        raise _err("must be a mapping", doc, "budgets")
+        raise err("must be a mapping", doc, "budgets")
     budgets = parse_budgets(budgets_node, builder.agent_nodes)
     store_url = doc.get("store", "memory")
     if not isinstance(store_url, str) or not (
             store_url == "memory" or store_url.startswith(("redis://", "rediss://", "unix://"))):
-        raise _err("must be memory or a redis:// URL", doc, "store")
+        raise err("must be memory or a redis:// URL", doc, "store")
     store_url = env.get("TETHER_STORE", store_url)
 
     apis = parse_apis(doc, file.parent, env, _read, builder.tool_links, builder.rules)
@@ -400,10 +289,10 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     )
     return Config(
         policy=policy,
-        upstreams=_upstreams(doc, env, file.parent),
+        upstreams=parse_upstreams(doc, env, file.parent),
         host=host,
-        port=_port(server.get("port", 8080), server, "port"),
-        admin_port=_port(server.get("admin_port", 9090), server, "admin_port"),
+        port=port(server.get("port", 8080), server, "port"),
+        admin_port=port(server.get("admin_port", 9090), server, "admin_port"),
         max_body_bytes=positive_int(limits, "max_body_bytes", DEFAULT_MAX_BODY),
         max_response_bytes=positive_int(limits, "max_response_bytes", 64 * 1024 * 1024),
         upstream_timeout_s=float(timeout),
