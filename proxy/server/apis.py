@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import uuid
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -29,13 +28,13 @@ from ..approvals.holds import KeepAlive
 from ..config import Upstream
 from ..egress import AMBIGUOUS, Verdict, Who, judge_api
 from ..egress import deciding_rule as deciding_rule  # re-exported: the MCP route uses it
-from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, UpstreamError
+from ..errors import BadRequest, RequestError, RouteNotFound, TetherError
 from ..model import HttpRequest
 from ..policy.apis_config import ToolApi
 from ..sessions.identity import agent_of
 from .errors import status_and_code
 from .llm import Context
-from .upstream import canonical_tail, forward_headers, read_body, return_headers
+from .upstream import canonical_tail, forward_headers, read_body, relay
 
 log = logging.getLogger("tether.apis")
 
@@ -132,21 +131,7 @@ class ApiRoutes:
         url = URL(f"{api.url}{path}" + (f"?{query}" if query else ""), encoded=True)
         headers = forward_headers(request.headers, Upstream(api.provider, api.url,
                                                             api.api_key_env))
-        try:
-            async with self.ctx.client.request(request.method, url, data=body or None,
-                                               headers=headers, allow_redirects=False) as resp:
-                out = web.StreamResponse(status=resp.status, headers=return_headers(resp.headers))
-                await out.prepare(request)
-                self.ctx.governor.metrics.requests.labels(api.provider, str(resp.status)).inc()
-                try:
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                    await out.write_eof()
-                except ConnectionResetError:
-                    log.info("client disconnected during a tool API response")
-                except (aiohttp.ClientError, TimeoutError) as e:
-                    log.warning("tool API response broke: %s", type(e).__name__)
-                return out
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise UpstreamError(f"the {api.name} API could not be reached: "
-                                f"{type(e).__name__}") from e
+        requests = self.ctx.governor.metrics.requests
+        return await relay(self.ctx.client, request, url, body, headers,
+                           what=f"the {api.name} API", allow_redirects=False,
+                           counted=lambda status: requests.labels(api.provider, str(status)).inc())

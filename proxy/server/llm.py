@@ -45,6 +45,7 @@ from .upstream import (
     forward_headers,
     forward_query,
     read_body,
+    relay,
     return_headers,
     sign_request,
 )
@@ -315,21 +316,6 @@ class LLMRoutes:
     async def _pass_through(self, request: web.Request, upstream: Upstream,
                             route: Route) -> web.StreamResponse:
         body = await read_body(request, self.ctx.config.max_body_bytes)
-        headers = forward_headers(request.headers, upstream)
-        try:
-            async with self.ctx.client.request(request.method,
-                                               self._url(upstream, route, request),
-                                               data=body or None, headers=headers,
-                                               ssl=self._ssl(upstream)) as resp:
-                out = web.StreamResponse(status=resp.status,
-                                         headers=return_headers(resp.headers))
-                await out.prepare(request)
-                try:
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                    await out.write_eof()
-                except ConnectionResetError:
-                    log.info("client disconnected during a pass-through response")
-                return out
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise UpstreamError(f"the upstream could not be reached: {type(e).__name__}") from e
+        return await relay(self.ctx.client, request, self._url(upstream, route, request), body,
+                           forward_headers(request.headers, upstream), what="the upstream",
+                           ssl=self._ssl(upstream))

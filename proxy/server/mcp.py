@@ -24,12 +24,11 @@ from __future__ import annotations
 import logging
 import uuid
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from ..config import Upstream
-from ..errors import BadRequest, RequestError, TetherError, UpstreamError
+from ..errors import BadRequest, RequestError, TetherError
 from ..model import Action, Decision, Exchange, ToolCall
 from ..policy.mcp import (
     INVALID_REQUEST,
@@ -46,7 +45,7 @@ from ..sessions.identity import agent_of
 from .apis import ApiRoutes, deciding_rule
 from .errors import status_and_code
 from .llm import Context
-from .upstream import canonical_tail, forward_headers, read_body, return_headers
+from .upstream import canonical_tail, forward_headers, read_body, relay
 
 log = logging.getLogger("tether.mcp")
 
@@ -179,21 +178,8 @@ class McpRoutes:
                        body: bytes) -> web.StreamResponse:
         headers = forward_headers(request.headers, Upstream(server.provider, server.url,
                                                             server.api_key_env))
-        try:
-            async with self.ctx.client.request(request.method, target, data=body or None,
-                                               headers=headers, allow_redirects=False) as resp:
-                out = web.StreamResponse(status=resp.status, headers=return_headers(resp.headers))
-                await out.prepare(request)
-                self.ctx.governor.metrics.requests.labels(server.provider, str(resp.status)).inc()
-                try:
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                    await out.write_eof()
-                except ConnectionResetError:
-                    log.info("client disconnected during an MCP response")
-                except (aiohttp.ClientError, TimeoutError) as e:
-                    log.warning("MCP server response broke: %s", type(e).__name__)
-                return out
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise UpstreamError(f"the MCP server {server.name} could not be reached: "
-                                f"{type(e).__name__}") from e
+        requests = self.ctx.governor.metrics.requests
+        return await relay(self.ctx.client, request, target, body, headers,
+                           what=f"the MCP server {server.name}", allow_redirects=False,
+                           counted=lambda status: requests.labels(server.provider,
+                                                                  str(status)).inc())

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import ssl as ssl_
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import unquote_plus
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from ..config import Upstream
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge, UpstreamError
+
+log = logging.getLogger("tether.server")
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -131,3 +137,32 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
     return bytes(body)
+
+
+async def relay(client: aiohttp.ClientSession, request: web.Request, url: URL | str,
+                body: bytes, headers: CIMultiDict[str], *, what: str,
+                allow_redirects: bool = True, ssl: ssl_.SSLContext | bool = True,
+                counted: Callable[[int], None] | None = None) -> web.StreamResponse:
+    """Send the request on unchanged and stream the answer back as it comes.
+
+    Used where nothing in the answer is governed (pass-through paths, allowed tool
+    API and MCP requests). `what` names the upstream in errors and logs; `counted`
+    is told the upstream's status."""
+    try:
+        async with client.request(request.method, url, data=body or None, headers=headers,
+                                  allow_redirects=allow_redirects, ssl=ssl) as resp:
+            out = web.StreamResponse(status=resp.status, headers=return_headers(resp.headers))
+            await out.prepare(request)
+            if counted is not None:
+                counted(resp.status)
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+            except ConnectionResetError:
+                log.info("client disconnected during a response from %s", what)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("the response from %s broke: %s", what, type(e).__name__)
+            return out
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise UpstreamError(f"{what} could not be reached: {type(e).__name__}") from e
