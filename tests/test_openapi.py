@@ -12,7 +12,7 @@ import pytest
 from proxy import config as config_mod
 from proxy.errors import ConfigError
 from proxy.model import Action, Effect, HttpRequest, ToolCall
-from proxy.policy.openapi import Spec, compile_spec
+from proxy.policy.openapi import compile_spec
 from proxy.policy.openapi_check import (
     INVALID_ARGUMENTS,
     INVALID_REQUEST,
@@ -22,6 +22,7 @@ from proxy.policy.openapi_check import (
     check_arguments,
     judge,
 )
+from proxy.policy.openapi_model import Spec
 from proxy.policy.source import load_yaml
 
 RULES = Path(__file__).resolve().parent.parent / "rules" / "openapi"

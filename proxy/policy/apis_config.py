@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 from ..errors import ConfigError
 from ..model import Effect
 from .names import normalize
-from .openapi import Operation, Spec, compile_spec
+from .openapi import compile_spec
+from .openapi_model import Operation, Spec
 from .rules import Rule
 from .source import YMap, load_yaml
 

@@ -35,7 +35,19 @@ from urllib.parse import unquote_to_bytes
 from jsonschema.exceptions import ValidationError
 
 from ..model import Action, Effect, HttpRequest, RuleTrace, ToolCall
-from .openapi import FORM, Body, Json, Match, Operation, Param, Schema, Shape, Spec, effect_of_method, is_json
+from .openapi_model import (
+    FORM,
+    Body,
+    Json,
+    Match,
+    Operation,
+    Param,
+    Schema,
+    Shape,
+    Spec,
+    effect_of_method,
+    is_json,
+)
 
 UNKNOWN_OPERATION = "tether:unknown-operation"
 INVALID_REQUEST = "tether:invalid-request"
