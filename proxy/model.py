@@ -68,6 +68,9 @@ class Exchange:
     session: str | None = None
     agent: str | None = None
     endpoint: str = ""
+    # Verified identity claims the config chose to expose to policy (auth.jwt.claims);
+    # empty for static keys and unauthenticated requests.
+    claims: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,6 +153,7 @@ def exchange_for(
     session: str | None,
     agent: str | None,
     endpoint: str,
+    claims: Mapping[str, object] | None = None,
 ) -> Exchange:
     return Exchange(
         provider=provider,
@@ -162,4 +163,5 @@ def exchange_for(
         session=session,
         agent=agent,
         endpoint=endpoint,
+        claims=claims or {},
     )
