@@ -337,8 +337,8 @@ class Loop:
         return await self.send(self.fake.click_body(channel, ts, action, user=user,
                                                     username=user[2:].lower()), **headers)
 
-    def pending(self) -> list[Approval]:
-        return self.stack.tether.holds.queue.pending()
+    async def pending(self) -> list[Approval]:
+        return await self.stack.tether.holds.queue.pending()
 
     def approval_events(self) -> list[tuple[str, str | None]]:
         return [(r["event"], r.get("decided_by")) for r in self.stack.audit()
@@ -376,7 +376,7 @@ async def test_posted_message_shows_the_exact_call_escaped(loop: Loop) -> None:
     assert post.authorization == f"Bearer {BOT_TOKEN}"
     assert post.content_type == "application/json; charset=utf-8"
     assert post.body["channel"] == CHANNEL
-    [pending] = loop.pending()
+    [pending] = await loop.pending()
     [actions] = [b for b in post.body["blocks"] if b["type"] == "actions"]
     assert [(e["action_id"], e["value"], e.get("style")) for e in actions["elements"]] == [
         (APPROVE, pending.id, "primary"), (DENY, pending.id, "danger")]
@@ -457,7 +457,7 @@ async def test_bad_signatures_and_stale_timestamps_change_nothing(loop: Loop) ->
     async with aiohttp.ClientSession() as http, http.post(
             loop.stack.admin_url + "/slack/interactions", data=body) as resp:
         assert resp.status == 401
-    assert len(loop.pending()) == 1 and not agent.done()
+    assert len(await loop.pending()) == 1 and not agent.done()
     assert loop.approval_events() == [("created", None)]
     assert loop.fake.of("chat.update") == []
     # The same click, correctly signed, still works.
@@ -497,7 +497,7 @@ async def test_unlisted_user_cannot_approve(loop: Loop) -> None:
     assert (note.body["channel"], note.body["user"]) == (CHANNEL, MALLORY)
     status, reply = await loop.click(DENY, MALLORY)
     assert reply["text"].startswith("You may not deny this call")
-    assert len(loop.pending()) == 1 and not agent.done()
+    assert len(await loop.pending()) == 1 and not agent.done()
     refused = [r for r in loop.stack.audit() if r.get("event") == "refused"]
     assert [(r["attempted_by"], r["attempted"], r["state"]) for r in refused] == [
         ("slack:U0MALLORY (mallory)", "approve", "pending"),
@@ -513,7 +513,7 @@ async def test_rule_approvers_narrow_who_may_approve(loop: Loop) -> None:
     agent = loop.hold("delete_volume", args)
     status, reply = await loop.click(APPROVE, ALICE)
     assert status == 200 and "the rule that held it names other approvers" in reply["text"]
-    assert len(loop.pending()) == 1
+    assert len(await loop.pending()) == 1
     status, reply = await loop.click(APPROVE, OWNER)
     assert reply["text"].startswith("Approved")
     _, calls = await asyncio.wait_for(agent, 10)
@@ -523,7 +523,7 @@ async def test_rule_approvers_narrow_who_may_approve(loop: Loop) -> None:
 async def test_decision_elsewhere_and_timeout_update_the_message(loop: Loop) -> None:
     agent = loop.hold()
     await loop.posted()
-    [pending] = loop.pending()
+    [pending] = await loop.pending()
     async with aiohttp.ClientSession() as http, http.post(
             f"{loop.stack.admin_url}/v1/approvals/{pending.id}/approve",
             json={"by": "oncall", "reason": "ticket OPS-1"},
@@ -586,7 +586,7 @@ async def test_no_signing_secret_fails_closed(loop: Loop, monkeypatch: pytest.Mo
     monkeypatch.delenv("TETHER_TEST_SLACK_SECRET")
     status, reply = await loop.click(APPROVE, ALICE)
     assert status == 503 and "TETHER_TEST_SLACK_SECRET" in reply["error"]["message"]
-    assert len(loop.pending()) == 1 and not agent.done()
+    assert len(await loop.pending()) == 1 and not agent.done()
     assert loop.approval_events() == [("created", None)]
     # The secret is read when a click arrives: setting it turns the endpoint on.
     monkeypatch.setenv("TETHER_TEST_SLACK_SECRET", SECRET)

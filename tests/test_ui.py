@@ -66,8 +66,8 @@ async def stack(make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch) -> Async
     made = await make_stack(policy=POLICY)
     yield made
     # A test that failed half-way leaves a request waiting: end it now, not in 60 s.
-    for approval in made.tether.holds.queue.pending():
-        made.tether.holds.queue.decide(approval.id, approve=False, by="teardown")
+    for approval in await made.tether.holds.queue.pending():
+        await made.tether.holds.queue.decide(approval.id, approve=False, by="teardown")
 
 
 async def hold(stack: Stack, call: Call, *, tools: list[ChatCompletionToolParam] = TOOLS,
@@ -79,10 +79,10 @@ async def hold(stack: Stack, call: Call, *, tools: list[ChatCompletionToolParam]
     task = asyncio.create_task(client.chat.completions.create(
         model="gpt-x", messages=MESSAGES, tools=tools, user=user))
     for _ in range(500):
-        if stack.tether.holds.queue.pending() or task.done():
+        if await stack.tether.holds.queue.pending() or task.done():
             break
         await asyncio.sleep(0.02)
-    assert stack.tether.holds.queue.pending(), "tether opened no approval"
+    assert await stack.tether.holds.queue.pending(), "tether opened no approval"
     assert not task.done()
     return task
 
@@ -221,7 +221,7 @@ async def test_a_refused_token_is_asked_for_again(stack: Stack, browser: Browser
 async def test_a_call_already_decided_elsewhere_says_so(stack: Stack,
                                                         browser: BrowserContext) -> None:
     task = await hold(stack, Call("resize_volume", ARGS))
-    [approval] = stack.tether.holds.queue.pending()
+    [approval] = await stack.tether.holds.queue.pending()
     page = await browser.new_page()
     await page.clock.install()
     await page.goto(stack.admin_url + "/ui/")
@@ -256,11 +256,11 @@ async def test_a_name_is_required_before_deciding(stack: Stack, browser: Browser
     await card.get_by_role("button", name="Approve").click()
     await expect(page.get_by_role("alert")).to_contain_text("Enter your name")
     await page.wait_for_timeout(300)
-    assert stack.tether.holds.queue.pending() and not task.done()
+    assert await stack.tether.holds.queue.pending() and not task.done()
     await page.get_by_label("Deciding as").fill("gina")
     await card.get_by_role("button", name="Approve").click()
     await asyncio.wait_for(task, 10)
-    assert stack.tether.holds.queue.recent()[0].decided_by == "gina"
+    assert (await stack.tether.holds.queue.recent())[0].decided_by == "gina"
 
 
 async def test_without_an_admin_token_configured_the_page_says_so(

@@ -6,10 +6,16 @@ repeated click changes nothing), expires, and an approved ticket is used at
 most once. Changed arguments make a different hash, so they need a new
 approval.
 
-The queue lives in memory. Pending approvals are never auto-approved: when the
-process stops, waiting requests end with it, and a restarted tether starts
-with no pending approvals (so nothing held can slip through). A Redis-backed
-queue that survives restarts is not built yet.
+Two implementations of one protocol, `Approvals`: `ApprovalQueue` keeps them
+in this process (`store: memory`; when the process stops, everything pending
+ends denied, and a restarted tether starts with none), `RedisApprovals`
+(redis_queue.py) keeps them in the Redis that holds the budgets, so any
+replica can decide or redeem what another opened. Pending approvals are never
+auto-approved by either.
+
+Listeners run on the process that made the change (the creator for `created`,
+whoever won the transition for `decided`, expiry included), synchronously
+inside the call; they only record and start background work.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ..model import Exchange, ToolCall
 from ..policy.names import normalize
@@ -95,8 +102,74 @@ class TooManyPending(Exception):
 Listener = Callable[[Approval], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Where an approval's Slack message is, so whichever replica ends it can edit it."""
+
+    approval: Approval
+    channel: str
+    ts: str
+    slack_user: str | None = None   # the Slack user whose click decided it, if one did
+
+
+class Approvals(Protocol):
+    """The approvals of every replica that shares this store. Store failures raise
+    `StoreUnavailable` (the caller fails closed); the memory queue never raises it."""
+
+    def on_created(self, listener: Listener) -> None: ...
+
+    def on_decided(self, listener: Listener) -> None: ...
+
+    async def pending(self) -> list[Approval]: ...
+
+    async def recent(self, limit: int = 50) -> list[Approval]: ...
+
+    async def get(self, approval_id: str) -> Approval | None: ...
+
+    async def create(self, call: ToolCall, exchange: Exchange, *, mode: Mode,
+                     rules: tuple[str, ...], message: str, revision: str,
+                     approvers: tuple[str, ...], timeout_s: float) -> Approval: ...
+
+    async def decide(self, approval_id: str, *, approve: bool, by: str,
+                     reason: str | None = None, ticket_validity_s: float = 3600,
+                     slack_user: str | None = None) -> tuple[Approval | None, bool]:
+        """(the approval, whether this call changed it). Only a pending, unexpired
+        approval can be decided, by exactly one caller; the rest report the state.
+        `slack_user` is kept with the decision (only if this call made it), so the
+        message edit can mention who clicked, whichever replica makes it."""
+        ...
+
+    async def wait(self, approval_id: str) -> Approval:
+        """Until decided or expired; an expired approval is final (a timeout is a deny)."""
+        ...
+
+    async def redeem(self, binding: str) -> Approval | None:
+        """An approved, unused, still valid ticket for exactly this call, used up by
+        this call; no two callers ever get the same one."""
+        ...
+
+    async def waiting_for(self, binding: str) -> Approval | None:
+        """A pending approval for exactly this call, so a re-issue does not open another."""
+        ...
+
+    async def orphans(self) -> list[Approval]:
+        """The pending approvals that end with this process (it is stopping)."""
+        ...
+
+    async def set_message(self, approval_id: str, channel: str, ts: str) -> None: ...
+
+    async def claim_message(self, approval_id: str) -> Message | None:
+        """The message to edit, once the approval has ended and the message exists;
+        given to one caller only, so a message is edited once."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class ApprovalQueue:
+    """The memory queue (`store: memory`): one process, nothing survives it."""
+
     max_pending: int = 100
     max_pending_per_session: int = 5
     keep_decided: int = 500
@@ -104,6 +177,9 @@ class ApprovalQueue:
     _events: dict[str, asyncio.Event] = field(default_factory=dict)
     _created: list[Listener] = field(default_factory=list)
     _decided: list[Listener] = field(default_factory=list)
+    _messages: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _claimed: set[str] = field(default_factory=set)
+    _slack_users: dict[str, str] = field(default_factory=dict)
 
     def on_created(self, listener: Listener) -> None:
         self._created.append(listener)
@@ -111,22 +187,25 @@ class ApprovalQueue:
     def on_decided(self, listener: Listener) -> None:
         self._decided.append(listener)
 
-    def pending(self) -> list[Approval]:
+    async def pending(self) -> list[Approval]:
+        return self._pending()
+
+    def _pending(self) -> list[Approval]:
         self._expire()
         return [a for a in self._items.values() if a.state is State.PENDING]
 
-    def recent(self, limit: int = 50) -> list[Approval]:
+    async def recent(self, limit: int = 50) -> list[Approval]:
         decided = [a for a in self._items.values() if a.state is not State.PENDING]
         return decided[-limit:][::-1]
 
-    def get(self, approval_id: str) -> Approval | None:
+    async def get(self, approval_id: str) -> Approval | None:
         self._expire()
         return self._items.get(approval_id)
 
-    def create(self, call: ToolCall, exchange: Exchange, *, mode: Mode, rules: tuple[str, ...],
-               message: str, revision: str, approvers: tuple[str, ...], timeout_s: float
-               ) -> Approval:
-        pending = self.pending()
+    async def create(self, call: ToolCall, exchange: Exchange, *, mode: Mode,
+                     rules: tuple[str, ...], message: str, revision: str,
+                     approvers: tuple[str, ...], timeout_s: float) -> Approval:
+        pending = self._pending()
         if len(pending) >= self.max_pending:
             raise TooManyPending(f"{len(pending)} approvals are already pending (at most "
                                  f"{self.max_pending})")
@@ -134,13 +213,8 @@ class ApprovalQueue:
         if len(mine) >= self.max_pending_per_session:
             raise TooManyPending(f"this session already has {len(mine)} pending approvals "
                                  f"(at most {self.max_pending_per_session})")
-        now = time.time()
-        approval = Approval(
-            id="apv_" + secrets.token_hex(8), binding=binding_of(call, exchange, revision),
-            mode=mode, tool=call.name, arguments=canonical_arguments(call),
-            session=exchange.session, agent=exchange.agent, provider=exchange.provider,
-            rules=rules, message=message, policy_revision=revision, approvers=approvers,
-            created=now, expires=now + timeout_s)
+        approval = new_approval(call, exchange, mode=mode, rules=rules, message=message,
+                                revision=revision, approvers=approvers, timeout_s=timeout_s)
         self._items[approval.id] = approval
         self._events[approval.id] = asyncio.Event()
         self._trim()
@@ -148,20 +222,18 @@ class ApprovalQueue:
             listener(approval)
         return approval
 
-    def decide(self, approval_id: str, *, approve: bool, by: str, reason: str | None = None,
-               ticket_validity_s: float = 3600) -> tuple[Approval | None, bool]:
-        """(the approval, whether this call changed it). Only a pending, unexpired
-        approval can be decided; everything else is a no-op that reports the state."""
+    async def decide(self, approval_id: str, *, approve: bool, by: str,
+                     reason: str | None = None, ticket_validity_s: float = 3600,
+                     slack_user: str | None = None) -> tuple[Approval | None, bool]:
         self._expire()
         current = self._items.get(approval_id)
         if current is None or current.state is not State.PENDING:
             return current, False
-        now = time.time()
-        decided = replace(current, state=State.APPROVED if approve else State.DENIED,
-                          decided_by=by, reason=reason, decided_at=now,
-                          valid_until=now + ticket_validity_s if approve
-                          and current.mode is Mode.TICKET else None)
+        decided = decided_as(current, approve=approve, by=by, reason=reason,
+                             ticket_validity_s=ticket_validity_s, now=time.time())
         self._items[approval_id] = decided
+        if slack_user is not None:
+            self._slack_users[approval_id] = slack_user
         event = self._events.pop(approval_id, None)
         if event is not None:
             event.set()
@@ -170,7 +242,6 @@ class ApprovalQueue:
         return decided, True
 
     async def wait(self, approval_id: str) -> Approval:
-        """Until decided or expired; an expired approval is final (a timeout is a deny)."""
         approval = self._items[approval_id]
         event = self._events.get(approval_id)
         if event is not None and approval.state is State.PENDING:
@@ -181,8 +252,7 @@ class ApprovalQueue:
         self._expire()
         return self._items[approval_id]
 
-    def redeem(self, binding: str) -> Approval | None:
-        """An approved, unused, still valid ticket for exactly this call; it is used up."""
+    async def redeem(self, binding: str) -> Approval | None:
         now = time.time()
         for approval in self._items.values():
             if (approval.binding == binding and approval.mode is Mode.TICKET
@@ -193,16 +263,33 @@ class ApprovalQueue:
                 return used
         return None
 
-    def waiting_for(self, binding: str) -> Approval | None:
-        """A pending ticket for exactly this call, so a re-issue does not open another."""
-        return next((a for a in self.pending() if a.binding == binding), None)
+    async def waiting_for(self, binding: str) -> Approval | None:
+        return next((a for a in self._pending() if a.binding == binding), None)
+
+    async def orphans(self) -> list[Approval]:
+        return self._pending()  # nothing outlives this process
+
+    async def set_message(self, approval_id: str, channel: str, ts: str) -> None:
+        if approval_id in self._items:
+            self._messages[approval_id] = (channel, ts)
+
+    async def claim_message(self, approval_id: str) -> Message | None:
+        approval = self._items.get(approval_id)
+        where = self._messages.get(approval_id)
+        if (approval is None or where is None or approval.state is State.PENDING
+                or approval_id in self._claimed):
+            return None
+        self._claimed.add(approval_id)
+        return Message(approval, *where, self._slack_users.get(approval_id))
+
+    async def close(self) -> None:
+        return None
 
     def _expire(self) -> None:
         now = time.time()
         for approval in list(self._items.values()):
             if approval.state is State.PENDING and approval.expires <= now:
-                expired = replace(approval, state=State.EXPIRED, decided_at=now,
-                                  decided_by="timeout")
+                expired = expired_as(approval, now)
                 self._items[approval.id] = expired
                 event = self._events.pop(approval.id, None)
                 if event is not None:
@@ -214,3 +301,30 @@ class ApprovalQueue:
         decided = [k for k, a in self._items.items() if a.state is not State.PENDING]
         for key in decided[: max(0, len(decided) - self.keep_decided)]:
             del self._items[key]
+            self._messages.pop(key, None)
+            self._claimed.discard(key)
+            self._slack_users.pop(key, None)
+
+
+def new_approval(call: ToolCall, exchange: Exchange, *, mode: Mode, rules: tuple[str, ...],
+                 message: str, revision: str, approvers: tuple[str, ...], timeout_s: float
+                 ) -> Approval:
+    now = time.time()
+    return Approval(
+        id="apv_" + secrets.token_hex(8), binding=binding_of(call, exchange, revision),
+        mode=mode, tool=call.name, arguments=canonical_arguments(call),
+        session=exchange.session, agent=exchange.agent, provider=exchange.provider,
+        rules=rules, message=message, policy_revision=revision, approvers=approvers,
+        created=now, expires=now + timeout_s)
+
+
+def decided_as(current: Approval, *, approve: bool, by: str, reason: str | None,
+               ticket_validity_s: float, now: float) -> Approval:
+    return replace(current, state=State.APPROVED if approve else State.DENIED,
+                   decided_by=by, reason=reason, decided_at=now,
+                   valid_until=now + ticket_validity_s if approve
+                   and current.mode is Mode.TICKET else None)
+
+
+def expired_as(current: Approval, now: float) -> Approval:
+    return replace(current, state=State.EXPIRED, decided_at=now, decided_by="timeout")

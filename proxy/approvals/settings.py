@@ -6,6 +6,8 @@
       max_pending: 100             # past these, new holds are denied at once
       max_pending_per_session: 5
       keepalive: 15s               # SSE comment interval while a stream waits
+      keep_decided: 500            # ended approvals listed by GET /v1/approvals (recent)
+      keep_decided_for: 24h        # and how long they stay readable (store: redis)
     slack:
       channel: C0123456789
       approvers: [U0123ABCD]       # Slack user ids whose clicks count
@@ -31,6 +33,8 @@ class ApprovalSettings:
     max_pending: int = 100
     max_pending_per_session: int = 5
     keepalive_s: float = 15.0
+    keep_decided: int = 500
+    keep_decided_for_s: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +65,7 @@ def parse_approvals(node: object, parent: YMap) -> ApprovalSettings:
                           key="approvals")
     where = "approvals"
     _keys(node, {"timeout", "ticket_validity", "max_pending", "max_pending_per_session",
-                 "keepalive"}, where)
+                 "keepalive", "keep_decided", "keep_decided_for"}, where)
 
     def duration(key: str, default: float) -> float:
         if key not in node:
@@ -76,7 +80,8 @@ def parse_approvals(node: object, parent: YMap) -> ApprovalSettings:
 
     return ApprovalSettings(duration("timeout", 600), duration("ticket_validity", 3600),
                             count("max_pending", 100), count("max_pending_per_session", 5),
-                            duration("keepalive", 15))
+                            duration("keepalive", 15), count("keep_decided", 500),
+                            duration("keep_decided_for", 86400))
 
 
 def parse_slack(node: object, parent: YMap, env: Mapping[str, str]) -> SlackSettings | None:

@@ -6,7 +6,10 @@ counted, never a summary a model wrote). A click comes back to
 `POST /slack/interactions` on the admin port and decides the approval through
 the same queue as the REST API, so the first decision wins wherever it comes
 from. When the approval ends (Slack, REST, timeout), the message is edited to
-show the outcome and loses its buttons.
+show the outcome and loses its buttons. The message's channel and ts are kept
+with the approval (in Redis, with `store: redis`), so the replica that ends it
+edits the message another replica posted; the edit is claimed once, by
+whichever of "posted" and "ended" comes second.
 
 A click counts only if Slack's v0 signature over the raw body checks out with a
 timestamp within 5 minutes, and the user is in `slack.approvers` (for
@@ -40,8 +43,9 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from ..audit import AuditLog, AuditWriteError, redact
+from ..errors import StoreUnavailable
 from ..telemetry import Metrics
-from .queue import Approval, ApprovalQueue, State
+from .queue import Approval, Approvals, State
 from .settings import SlackSettings
 
 log = logging.getLogger("tether.approvals.slack")
@@ -284,7 +288,7 @@ class SlackNotifier:
     background tasks; every task is kept in `_tasks` until done, and `close` drains them.
     """
 
-    def __init__(self, settings: SlackSettings, queue: ApprovalQueue, http: HttpSource = None,
+    def __init__(self, settings: SlackSettings, queue: Approvals, http: HttpSource = None,
                  audit: AuditLog | None = None, metrics: Metrics | None = None, *,
                  ticket_validity_s: float = 3600.0, env: Mapping[str, str] = os.environ,
                  clock: Callable[[], float] = time.time) -> None:
@@ -297,8 +301,6 @@ class SlackNotifier:
         self._http = http if isinstance(http, aiohttp.ClientSession) else None
         self._factory = http if callable(http) and self._http is None else None
         self._owned: aiohttp.ClientSession | None = None
-        self._posts: dict[str, asyncio.Task[Posted | None]] = {}
-        self._clicked: dict[str, str] = {}   # approval id -> the Slack user deciding it now
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         registry = metrics.registry if metrics is not None else None
@@ -312,15 +314,10 @@ class SlackNotifier:
     # -- the queue's listeners ------------------------------------------------------------
 
     def _created(self, approval: Approval) -> None:
-        task = self._spawn(self._post(approval), f"slack-post-{approval.id}")
-        if task is not None:
-            self._posts[approval.id] = task
+        self._spawn(self._post_and_share(approval), f"slack-post-{approval.id}")
 
     def _decided(self, approval: Approval) -> None:
-        post = self._posts.pop(approval.id, None)
-        if post is not None:
-            self._spawn(self._update(approval, post, self._clicked.get(approval.id)),
-                        f"slack-update-{approval.id}")
+        self._spawn(self._update(approval.id), f"slack-update-{approval.id}")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
         if self._closed:
@@ -358,16 +355,35 @@ class SlackNotifier:
             return None
         return Posted(channel, ts)
 
-    async def _update(self, approval: Approval, post: asyncio.Task[Posted | None],
-                      slack_user: str | None) -> None:
-        posted = await post
+    async def _post_and_share(self, approval: Approval) -> None:
+        posted = await self._post(approval)
         if posted is None:
             return
         try:
-            await self._call("chat.update", {"channel": posted.channel, "ts": posted.ts,
-                                             **decided_message(approval, slack_user)})
+            await self.queue.set_message(approval.id, posted.channel, posted.ts)
+        except StoreUnavailable as e:
+            log.error("slack: the message of approval %s was not recorded: %s", approval.id,
+                      e.message)
+            return
+        await self._update(approval.id)  # it may have ended while we posted
+
+    async def _update(self, approval_id: str) -> None:
+        """Edits the message if the approval has ended and the message exists, unless
+        someone (on any replica) already claimed that edit."""
+        try:
+            claimed = await self.queue.claim_message(approval_id)
+        except StoreUnavailable as e:
+            log.error("slack: the message of approval %s was not updated: %s", approval_id,
+                      e.message)
+            return
+        if claimed is None:
+            return
+        try:
+            await self._call("chat.update", {"channel": claimed.channel, "ts": claimed.ts,
+                                             **decided_message(claimed.approval,
+                                                               claimed.slack_user)})
         except SlackError as e:
-            log.error("slack: the message of approval %s was not updated: %s", approval.id, e)
+            log.error("slack: the message of approval %s was not updated: %s", approval_id, e)
 
     async def _tell(self, channel: str, user: str, text: str) -> None:
         try:
@@ -434,13 +450,13 @@ class SlackNotifier:
     # -- clicks ---------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.Response:
-        """POST /slack/interactions. Decides synchronously (in memory, well within Slack's
-        3 s); the message edit runs in the background."""
+        """POST /slack/interactions. Decides before answering (memory, or one Redis round
+        trip: well within Slack's 3 s); the message edit runs in the background."""
         body = await request.read()
-        status, reply = self.interaction(request.headers, body)
+        status, reply = await self.interaction(request.headers, body)
         return web.json_response(reply, status=status)
 
-    def interaction(self, headers: Mapping[str, str], body: bytes) -> tuple[int, Json]:
+    async def interaction(self, headers: Mapping[str, str], body: bytes) -> tuple[int, Json]:
         secret = self._env.get(self.settings.signing_secret_env, "")
         if not secret:
             self.interactions.labels("disabled").inc()
@@ -463,11 +479,16 @@ class SlackNotifier:
         retry = headers.get("X-Slack-Retry-Num")
         if retry:
             log.info("slack: retry %s of a click on %s", retry, click.approval_id)
-        return 200, _ephemeral(self._apply(click))
+        try:
+            return 200, _ephemeral(await self._apply(click))
+        except StoreUnavailable as e:
+            self.interactions.labels("unavailable").inc()
+            log.error("slack: click on %s not applied: %s", click.approval_id, e.message)
+            return 200, _ephemeral(f"{escape(e.message)}; nothing was changed, try again.")
 
-    def _apply(self, click: Click) -> str:
+    async def _apply(self, click: Click) -> str:
         verb = "approve" if click.approve else "deny"
-        approval = self.queue.get(click.approval_id)
+        approval = await self.queue.get(click.approval_id)
         # Who may click is checked first, so others cannot even learn which ids exist.
         refusal = self._refusal(click, approval)
         if refusal is not None:
@@ -486,15 +507,13 @@ class SlackNotifier:
             self.interactions.labels("unknown").inc()
             return (f"Approval {escape(click.approval_id)} is not known to this tether "
                     f"(it may have restarted); nothing was changed.")
-        self._clicked[approval.id] = click.user_id
-        try:
-            decided, changed = self.queue.decide(
-                approval.id, approve=click.approve, by=click.by,
-                reason=f"clicked {'Approve' if click.approve else 'Deny'} in Slack",
-                ticket_validity_s=self.ticket_validity_s)
-        finally:
-            del self._clicked[approval.id]
-        assert decided is not None
+        decided, changed = await self.queue.decide(
+            approval.id, approve=click.approve, by=click.by,
+            reason=f"clicked {'Approve' if click.approve else 'Deny'} in Slack",
+            ticket_validity_s=self.ticket_validity_s, slack_user=click.user_id)
+        if decided is None:  # gone from the store since it was read
+            self.interactions.labels("unknown").inc()
+            return f"Approval {escape(click.approval_id)} is no longer known; nothing was changed."
         if not changed:
             self.interactions.labels("repeated").inc()
             return (f"Approval {decided.id} is already {decided.state.value}"

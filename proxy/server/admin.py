@@ -95,11 +95,18 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
         return web.json_response({"reset": request.match_info["id"], "agent": agent})
 
     async def approvals(request: web.Request) -> web.Response:
-        return web.json_response({"pending": [a.as_json() for a in queue.pending()],
-                                  "recent": [a.as_json() for a in queue.recent()]})
+        try:
+            pending, recent = await queue.pending(), await queue.recent()
+        except StoreUnavailable as e:
+            return _problem(503, e.message)
+        return web.json_response({"pending": [a.as_json() for a in pending],
+                                  "recent": [a.as_json() for a in recent]})
 
     async def approval(request: web.Request) -> web.Response:
-        found = queue.get(request.match_info["id"])
+        try:
+            found = await queue.get(request.match_info["id"])
+        except StoreUnavailable as e:
+            return _problem(503, e.message)
         if found is None:
             return _problem(404, "no such approval")
         return web.json_response(found.as_json())
@@ -118,15 +125,20 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
         by, reason = body.get("by", "admin-api"), body.get("reason")
         if not isinstance(by, str) or not by or not (reason is None or isinstance(reason, str)):
             return _problem(400, "'by' must be a name and 'reason' text")
-        current = queue.get(request.match_info["id"])
-        if current is None:
+        try:
+            current = await queue.get(request.match_info["id"])
+            if current is None:
+                return _problem(404, "no such approval")
+            if approve and current.approvers and by not in current.approvers:
+                return _problem(403, f"{by} may not approve this call (approvers: "
+                                     f"{', '.join(current.approvers)})")
+            decided, changed = await queue.decide(
+                current.id, approve=approve, by=by, reason=reason,
+                ticket_validity_s=config.approvals.ticket_validity_s)
+        except StoreUnavailable as e:
+            return _problem(503, e.message)
+        if decided is None:  # gone between the read and the decision (its TTL ran out)
             return _problem(404, "no such approval")
-        if approve and current.approvers and by not in current.approvers:
-            return _problem(403, f"{by} may not approve this call (approvers: "
-                                 f"{', '.join(current.approvers)})")
-        decided, changed = queue.decide(current.id, approve=approve, by=by, reason=reason,
-                                        ticket_validity_s=config.approvals.ticket_validity_s)
-        assert decided is not None
         if not changed:
             return web.json_response({"error": {"message": f"approval {decided.id} is already "
                                                            f"{decided.state.value}"},

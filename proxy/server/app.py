@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .. import tracing
 from ..approvals.holds import Holds
-from ..approvals.queue import ApprovalQueue
+from ..approvals.redis_queue import make_approvals
 from ..approvals.slack import SlackNotifier
 from ..audit import AuditLog
 from ..config import Config
@@ -56,7 +56,7 @@ class Tether:
 
     async def close(self) -> None:
         """Pending approvals are never left to be approved later: they end denied."""
-        self.holds.stop()
+        await self.holds.stop()
         await self.guard.store.close()
         self.governor.audit.close()
 
@@ -96,7 +96,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
                          config.on_store_error)
     settings = config.approvals
-    queue = ApprovalQueue(settings.max_pending, settings.max_pending_per_session)
+    queue = make_approvals(config.store_url, settings)
     holds = Holds(queue, settings, audit, metrics, config.policy.revision)
     # The server span is outermost, so it sees the status the error middleware renders.
     middlewares = [server_middleware(spans)] if spans is not None else []
