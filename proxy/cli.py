@@ -29,9 +29,9 @@ def _load(path: str) -> config_mod.Config:
 
 
 async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
-                 forward_port: int | None = None) -> None:
+                 forward_port: int | None = None, transparent_port: int | None = None) -> None:
     from . import tracing
-    from .server.app import bound_port, build, start
+    from .server.app import CONTEXT, bound_port, build, start
 
     # OTLP/HTTP export only when an OTEL_EXPORTER_OTLP_*ENDPOINT is set; else no tracing.
     spans = tracing.from_env()
@@ -42,7 +42,7 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
 
     proxy_port, admin_bound = bound_port(runners[0]), bound_port(runners[1])
     forward = None
-    if forward_port is not None:
+    if forward_port is not None or transparent_port is not None:
         from .egress import Egress
         from .forward.master import start_forward
 
@@ -52,13 +52,17 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                                       reverse=(loopback, proxy_port), own_ports=(admin_bound,),
                                       egress=Egress(cfg.apis, cfg.cloud, tether.holds,
                                                     cfg.agent_keys, cfg.trust_identity_headers,
-                                                    cfg.lookups))
+                                                    cfg.lookups, opa=tether.opa),
+                                      transparent_port=transparent_port,
+                                      auth=tether.proxy[CONTEXT].auth)
     prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
     print(
         f"tether: proxy on http://{host}:{proxy_port} "
         f"({prefixes}), admin on http://{host}:{admin_bound}, "
         + (f"HTTP_PROXY on http://{host}:{forward.port} (CA {cfg.forward.ca_dir}), "
-           if forward else "")
+           if forward and forward_port is not None else "")
+        + (f"transparent on {host}:{forward.transparent_port}, "
+           if forward and forward.transparent_port is not None else "")
         + f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
         flush=True,
     )
@@ -81,11 +85,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for up in cfg.upstreams.values():
         if up.api_key_env and not os.environ.get(up.api_key_env):
             print(f"warning: upstream {up.name}: {up.api_key_env} is not set; "
-                  "the agent's own key is passed through", file=sys.stderr)
+                  + ("the agent's own key is passed through" if up.pass_agent_credentials
+                     else "its requests are refused (503) until it is"), file=sys.stderr)
     asyncio.run(_serve(cfg, args.host or cfg.host,
                        cfg.port if args.port is None else args.port,
                        cfg.admin_port if args.admin_port is None else args.admin_port,
-                       args.forward_port))
+                       args.forward_port,
+                       cfg.forward.transparent_port if args.transparent_port is None
+                       else args.transparent_port))
     return 0
 
 
@@ -271,6 +278,32 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_opa_test(args: argparse.Namespace) -> int:
+    """OPA-style `test_*` rules in .rego directories, run with the embedded engine."""
+    from .opa.testing import run_tests
+
+    passed = failed = 0
+    for directory in args.dirs:
+        try:
+            results = run_tests(Path(directory))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if not results:
+            print(f"FAIL {directory}: no test_* rules found")
+            failed += 1
+        for r in results:
+            if r.passed:
+                passed += 1
+                if args.verbose:
+                    print(f"PASS {r.name}")
+            else:
+                failed += 1
+                print(f"FAIL {r.name}: {r.detail}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.janitor import run_demo
 
@@ -304,6 +337,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-port", type=int, default=None, help="admin port (default 9090)")
     s.add_argument("--forward-port", type=int, default=None,
                    help="HTTP_PROXY listener port (off unless given)")
+    s.add_argument("--transparent-port", type=int, default=None,
+                   help="transparent listener port for iptables REDIRECT "
+                        "(default forward.transparent_port; off unless set)")
     s.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("ca", help="the forward proxy's CA")
@@ -349,6 +385,10 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--partial", action="store_true",
                     help="the oldest file may start mid-chain (older files removed on purpose)")
     au.set_defaults(func=cmd_audit)
+
+    ot = sub.add_parser("opa-test", help="run OPA test_* rules in .rego directories (no OPA binary)")
+    ot.add_argument("dirs", nargs="+", metavar="DIR")
+    ot.set_defaults(func=cmd_opa_test)
 
     d = sub.add_parser("demo", help="the cloud janitor story, offline")
     d.add_argument("--rules", default=None, help="rule file (default: the packaged janitor.yaml)")

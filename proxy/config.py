@@ -15,11 +15,13 @@ from pathlib import Path
 
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
 from .audit.settings import AuditSettings, parse_audit
+from .auth.settings import AuthSettings, load_warnings, parse_auth
 from .config_nodes import as_map, check_keys, err, port
 from .errors import ConfigError
 from .forward.lookup_settings import LookupSettings, parse_lookups
 from .forward.settings import ForwardSettings, parse_forward
 from .model import Action, Effect
+from .opa.settings import OpaSettings, parse_opa
 from .policy.apis_config import Apis, ToolLink, parse_apis
 from .policy.cloud import CloudCatalog
 from .policy.cloud_config import parse_cloud
@@ -35,11 +37,11 @@ from .upstreams import parse_upstreams
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward", "mcp", "cloud",
+    "forward", "mcp", "cloud", "auth", "opa",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
-NOT_YET = {"opa", "auth", "telemetry"}
+NOT_YET = {"telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 
@@ -69,6 +71,8 @@ class Config:
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     cloud: CloudCatalog | None = None      # None: the built-in catalog
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
+    opa: OpaSettings | None = None         # None: no OPA is asked
+    auth: AuthSettings = field(default_factory=AuthSettings)
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -141,7 +145,8 @@ class _Builder:
         agents = as_map(doc.get("agents"), doc, "agents")
         for name, spec in agents.items():
             spec = as_map(spec, agents, name)
-            check_keys(spec, {"tools", "description", "budgets", "key_sha256"}, f"agents.{name}")
+            check_keys(spec, {"tools", "description", "budgets", "key_sha256", "filter_tools"},
+                       f"agents.{name}")
             self.agent_nodes[name] = spec
             hashes = spec.get("key_sha256", [])
             if not isinstance(hashes, list) or not all(
@@ -158,7 +163,11 @@ class _Builder:
                 globs = spec["tools"]
                 if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
                     raise err("tools must be a list of tool names or globs", spec, "tools")
-                self.agents[name] = AgentScope(tuple(_glob(g) for g in globs), tuple(globs))
+                filter_tools = spec.get("filter_tools")
+                if filter_tools is not None and not isinstance(filter_tools, bool):
+                    raise err("must be true or false", spec, "filter_tools", f"agents.{name}")
+                self.agents[name] = AgentScope(tuple(_glob(g) for g in globs), tuple(globs),
+                                               filter_tools)
 
     def include(self, doc: YMap, base: Path) -> None:
         items = doc.get("include", [])
@@ -213,7 +222,11 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     builder.add_rules(doc)
 
     defaults = as_map(doc.get("defaults"), doc, "defaults")
-    check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error"}, "defaults")
+    check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error",
+                          "filter_tools"}, "defaults")
+    filter_tools = defaults.get("filter_tools", True)
+    if not isinstance(filter_tools, bool):
+        raise err("must be true or false", defaults, "filter_tools", "defaults")
     default_action = _action(defaults.get("action", "allow"), defaults, "action", tuple(Action))
     on_error = _action(defaults.get("on_error", "deny"), defaults, "on_error",
                        (Action.DENY, Action.ALLOW))
@@ -277,19 +290,26 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     apis = parse_apis(doc, file.parent, env, _read, builder.tool_links, builder.rules)
     builder.texts.extend(apis.texts)
     builder.effects = {**apis.effects, **builder.effects}
+    opa = parse_opa(doc.get("opa"), doc, file.parent, env)
+    builder.texts.extend(opa.texts if opa else ())
     revision = hashlib.sha256("\0".join(builder.texts).encode()).hexdigest()[:12]
     policy = Policy(
         rules=tuple(builder.rules),
         default_action=default_action,
         on_error=on_error,
         undeclared_tools=undeclared,
+        filter_tools=filter_tools,
         agents=builder.agents,
         effects=builder.effects,
         revision=revision,
     )
+    upstreams = parse_upstreams(doc, env, file.parent)
+    forward = parse_forward(doc.get("forward"), doc, file.parent)
+    auth = parse_auth(doc.get("auth"), doc, file.parent)
+    warnings.extend(load_warnings(auth, upstreams, forward, str(doc.file)))
     return Config(
         policy=policy,
-        upstreams=parse_upstreams(doc, env, file.parent),
+        upstreams=upstreams,
         host=host,
         port=port(server.get("port", 8080), server, "port"),
         admin_port=port(server.get("admin_port", 9090), server, "admin_port"),
@@ -308,9 +328,11 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         slack=parse_slack(doc.get("slack"), doc, env),
         apis=apis,
         mcp=parse_mcp(doc, env),
-        forward=parse_forward(doc.get("forward"), doc, file.parent),
+        forward=forward,
+        auth=auth,
         cloud=parse_cloud(doc.get("cloud"), doc),
         lookups=parse_lookups(doc.get("cloud")),
+        opa=opa,
         source=str(file),
         warnings=tuple(warnings),
     )

@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .approvals.holds import Holds, KeepAlive
 from .forward.lookup_settings import LookupSettings
@@ -23,6 +24,9 @@ from .model import Action, Decision, Effect, Exchange, HttpRequest, RuleTrace, T
 from .policy.apis_config import Apis, ToolApi
 from .policy.cloud import CloudCatalog, CloudOperation, Refused, Unclassified
 from .policy.openapi_check import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
+
+if TYPE_CHECKING:
+    from .opa.client import OpaClient
 
 log = logging.getLogger("tether.egress")
 
@@ -45,6 +49,7 @@ class Egress:
     agent_keys: Mapping[str, str] = field(default_factory=dict)
     trust_headers: bool = True
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
+    opa: OpaClient | None = None        # None: no `opa:` section
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,7 @@ class Who:
     session: str | None
     agent: str | None
     target: str
+    claims: Mapping[str, object] = field(default_factory=dict)  # verified (auth.jwt.claims)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,8 @@ def api_for_host(apis: Apis, host: str) -> ToolApi | None:
 
 
 async def judge_api(governor: Governor, holds: Holds | None, api: ToolApi, http: HttpRequest,
-                    who: Who, alive: KeepAlive | None, base_path: str = "") -> Verdict:
+                    who: Who, alive: KeepAlive | None, base_path: str = "", *,
+                    opa: OpaClient | None = None) -> Verdict:
     """An `apis:` request: operation of the spec (else denied), its parameters and body
     checked, method overrides judged, then the rules (`api: jira.createIssue`)."""
     judged = judge(api.spec, http, base_path)
@@ -115,13 +122,14 @@ async def judge_api(governor: Governor, holds: Holds | None, api: ToolApi, http:
     what = f"{judged.method} {judged.path}" + (f" ({op.name})" if op else "")
     return await _decide(governor, holds, call, api.provider, who, judged.method, alive, what,
                          extra=(judged.denial,) if judged.denial else (),
-                         api=op.name if op else None, effect=judged.effect)
+                         api=op.name if op else None, effect=judged.effect, opa=opa)
 
 
 async def judge_cloud(governor: Governor, holds: Holds | None,
                       found: CloudOperation | Unclassified | Refused, http: HttpRequest,
                       who: Who, alive: KeepAlive | None, *, provider: str,
-                      pass_unclassified: bool = False, extra: tuple[RuleTrace, ...] = ()) -> Verdict:
+                      pass_unclassified: bool = False, extra: tuple[RuleTrace, ...] = (),
+                      opa: OpaClient | None = None) -> Verdict:
     """A cloud API request, as `proxy.policy.cloud.classify` read it; `extra`: verdicts
     from outside the rules on a named operation (a failed tag lookup)."""
     if isinstance(found, Refused):
@@ -138,20 +146,24 @@ async def judge_cloud(governor: Governor, holds: Holds | None,
         call = ToolCall(id=who.rid, name=name, raw_arguments="{}", arguments={})
         return await _decide(governor, holds, call, provider, who, http.method, alive,
                              f"{http.method} {http.path}", extra=extra, api=None,
-                             effect=Effect.WRITE)
+                             effect=Effect.WRITE, opa=opa)
     args = dict(found.arguments)
     call = ToolCall(id=who.rid, name=found.operation,
                     raw_arguments=json.dumps(args, ensure_ascii=False, default=str), arguments=args)
     return await _decide(governor, holds, call, provider, who, http.method, alive, found.api,
                          extra=extra,
-                         api=found.api, effect=found.effect)
+                         api=found.api, effect=found.effect, opa=opa)
 
 
 async def _decide(governor: Governor, holds: Holds | None, call: ToolCall, provider: str,
                   who: Who, method: str, alive: KeepAlive | None, what: str, *,
-                  extra: tuple[RuleTrace, ...], api: str | None, effect: Effect) -> Verdict:
+                  extra: tuple[RuleTrace, ...], api: str | None, effect: Effect,
+                  opa: OpaClient | None = None) -> Verdict:
     exchange = Exchange(provider=provider, model="", declared_tools=(call.name,),
-                        session=who.session, agent=who.agent, endpoint=f"{method} {who.target}")
+                        session=who.session, agent=who.agent, endpoint=f"{method} {who.target}",
+                        claims=who.claims)
+    if opa is not None:  # OPA's verdict joins the rules': the strictest wins
+        extra = (*extra, await opa.judge(call, exchange, "egress", api=api, effect=effect))
     decision = governor.decide(call, exchange, request_id=who.rid, extra=extra, api=api,
                                effect=effect)
     if decision.action is Action.HOLD:

@@ -6,6 +6,7 @@ A verdict is a value (`model.Decision`); a failure is one of these.
     ├── ConfigError        a config or rule file is wrong (names file, line, rule, key)
     ├── RequestError       the agent sent something we refuse (status + provider error code)
     │   ├── BadRequest           400: malformed JSON, wrong types
+    │   ├── Unauthorized         401: no valid agent identity where auth requires one
     │   ├── PayloadTooLarge      413: body over the configured limit
     │   ├── RouteNotFound        404: no such route
     │   ├── BudgetExceeded       429: a budget is spent or the session was stopped
@@ -67,6 +68,18 @@ class RequestError(TetherError):
 class BadRequest(RequestError):
     status = 400
     code = "invalid_request"
+
+
+class Unauthorized(RequestError):
+    """`reason` is one of a closed set (proxy.auth.verify.Reason): a metric label."""
+
+    status = 401
+    code = "unauthenticated"
+    kind = "authentication_error"
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PayloadTooLarge(RequestError):

@@ -128,6 +128,13 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.auth_failures = Counter(
+            "tether_auth_failures",
+            "Requests refused 401 because the agent's identity was missing or did not verify,"
+            " by reason (a closed set: proxy.auth.verify.Reason)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.audit_write_errors = Counter(
             "tether_audit_write_errors",
             "Audit records that could not be written (the call or event is denied)",
@@ -137,6 +144,12 @@ class Metrics:
             "tether_shadow_matches",
             "Tool calls a `mode: shadow` rule matched (recorded, not enforced), by rule",
             ["rule"],
+            registry=self.registry,
+        )
+        self.tools_filtered = Counter(
+            "tether_tools_filtered",
+            "Declared tools taken out of requests because they are outside the agent's scope",
+            ["provider", "agent"],
             registry=self.registry,
         )
         self.approvals_pending = Gauge(
@@ -190,6 +203,31 @@ class Metrics:
             ["provider", "mode"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
+        self.opa_decisions = Counter(
+            "tether_opa_decisions",
+            "OPA verdicts on tool calls and egress requests, by result (allow, deny, hold, error)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.opa_errors = Counter(
+            "tether_opa_errors",
+            "OPA queries that gave no verdict (each one denied), by reason (a closed set:"
+            " proxy.policy.opa.ERROR_REASONS)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.opa_cache_hits = Counter(
+            "tether_opa_cache_hits",
+            "OPA verdicts answered from tether's cache",
+            registry=self.registry,
+        )
+        self.opa_seconds = Histogram(
+            "tether_opa_seconds",
+            "Time to get an answer from OPA (remote or embedded), cache misses only",
+            registry=self.registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                     0.5, 1),
         )
 
     def render(self) -> bytes:

@@ -1,11 +1,16 @@
 """The `upstreams:` section: where each provider's requests go and how tether
 authenticates there. TETHER_UPSTREAM_<NAME> overrides a URL (tests, air gaps).
+
+Keys are only *named* here (an environment variable, a file such as a mounted
+Kubernetes Secret); they are read per request by server/credentials.py, so a
+rotated key takes effect without a restart and no key ever sits in the config,
+its repr, or an error message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +26,9 @@ DEFAULT_UPSTREAMS = {
     "gemini": "https://generativelanguage.googleapis.com",
 }
 KNOWN_UPSTREAMS = {*DEFAULT_UPSTREAMS, "azure"}
+KEYS = {"url", "api_key_env", "api_key_file", "agent_credentials", "region", "ca_file",
+        "aws_credentials_file", "aws_profile"}
+AGENT_CREDENTIALS = ("strip", "pass")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,42 +38,79 @@ class Upstream:
     api_key_env: str | None = None
     region: str | None = None  # AWS region for SigV4 (bedrock); from the URL when absent
     ca_file: str | None = None  # an extra CA to trust for this upstream's TLS (private gateways)
+    api_key_file: str | None = None  # a file holding the key (a mounted Secret), re-read on change
+    # The agent's own credentials (Authorization, x-api-key ...) go upstream only when
+    # True (`agent_credentials: pass`, for legacy scripts); tether's key still wins.
+    pass_agent_credentials: bool = False
+    aws_credentials_file: str | None = None  # bedrock: botocore's shared-credentials format
+    aws_profile: str | None = None
+
+    @property
+    def has_key_source(self) -> bool:
+        return bool(self.api_key_env or self.api_key_file)
+
+
+def _path(spec: YMap, key: str, name: str, base: Path, what: str) -> str | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise err(f"{key} is a path to {what}", spec, key, f"upstreams.{name}")
+    path = Path(value) if Path(value).is_absolute() else base / value
+    # A Secret volume is mounted before the container starts, so a missing file is a
+    # wrong path or mount: refused now, with its line, rather than a 503 per request.
+    if not path.is_file():
+        raise err(f"no such file: {path}", spec, key, f"upstreams.{name}")
+    return str(path)
+
+
+def _name(spec: YMap, key: str, what: str) -> str | None:
+    value = spec.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise err(f"{key} {what}", spec, key)
+    return value
+
+
+def _parse_one(name: str, spec: YMap, base: Path) -> Upstream:
+    where = f"upstreams.{name}"
+    check_keys(spec, KEYS, where)
+    url = spec.get("url")
+    if not isinstance(url, str):
+        raise err("url is required", spec, "url")
+    key_env = _name(spec, "api_key_env", "names an environment variable")
+    region = _name(spec, "region", "is an AWS region name")
+    profile = _name(spec, "aws_profile", "names a profile of aws_credentials_file")
+    key_file = _path(spec, "api_key_file", name, base, "a file holding the API key")
+    if key_env and key_file:
+        raise err("give api_key_env or api_key_file, not both", spec, "api_key_file", where)
+    aws_file = _path(spec, "aws_credentials_file", name, base, "an AWS shared-credentials file")
+    if (aws_file or profile) and name != "bedrock":
+        raise err("AWS credentials sign Bedrock requests only", spec,
+                  "aws_credentials_file" if aws_file else "aws_profile", where)
+    mode = spec.get("agent_credentials", "strip")
+    if mode not in AGENT_CREDENTIALS:
+        raise err("must be strip (the default: the agent's own credentials never go "
+                  "upstream) or pass", spec, "agent_credentials", where)
+    return Upstream(name, url, key_env, region, _path(spec, "ca_file", name, base, "a PEM file"),
+                    api_key_file=key_file, pass_agent_credentials=mode == "pass",
+                    aws_credentials_file=aws_file, aws_profile=profile)
 
 
 def parse_upstreams(doc: YMap, env: Mapping[str, str], base: Path) -> dict[str, Upstream]:
     node = as_map(doc.get("upstreams"), doc, "upstreams")
-    specs: dict[str, tuple[str, str | None, str | None]] = {
-        k: (v, None, None) for k, v in DEFAULT_UPSTREAMS.items()}
-    ca_files: dict[str, str] = {}
+    specs = {k: Upstream(k, v) for k, v in DEFAULT_UPSTREAMS.items()}
     for name, spec in node.items():
-        spec = as_map(spec, node, name)
-        check_keys(spec, {"url", "api_key_env", "region", "ca_file"}, f"upstreams.{name}")
-        if "ca_file" in spec:
-            ca = spec["ca_file"]
-            if not isinstance(ca, str) or not ca:
-                raise err("ca_file is a path to a PEM file", spec, "ca_file", f"upstreams.{name}")
-            path = Path(ca) if Path(ca).is_absolute() else base / ca
-            if not path.is_file():
-                raise err(f"no such file: {path}", spec, "ca_file", f"upstreams.{name}")
-            ca_files[name] = str(path)
-        url, key_env, region = spec.get("url"), spec.get("api_key_env"), spec.get("region")
-        if not isinstance(url, str):
-            raise err("url is required", spec, "url")
-        if key_env is not None and not isinstance(key_env, str):
-            raise err("api_key_env names an environment variable", spec, "api_key_env")
-        if region is not None and not isinstance(region, str):
-            raise err("region is an AWS region name", spec, "region")
-        specs[name] = (url, key_env, region)
+        specs[name] = _parse_one(name, as_map(spec, node, name), base)
     for name in KNOWN_UPSTREAMS - specs.keys():
         override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
         if override:
-            specs[name] = (override, None, None)
+            specs[name] = Upstream(name, override)
     out: dict[str, Upstream] = {}
-    for name, (url, key_env, region) in specs.items():
+    for name, up in specs.items():
         override = env.get(f"TETHER_UPSTREAM_{name.upper()}")
-        url = (override or url).rstrip("/")
+        url = (override or up.url).rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise err(f"upstream {name}: {url!r} is not an http(s) URL", node, name)
-        out[name] = Upstream(name, url, key_env, region, ca_files.get(name))
+        out[name] = replace(up, url=url)
     return out

@@ -262,8 +262,8 @@ async def test_identity_and_credentials(env: Env) -> None:
     [record] = env.stack.decisions()
     assert (record["session"], record["agent"]) == ("user-7", "janitor")
     sent = {k.lower(): v for k, v in env.fake.headers[-1].items()}
-    # the agent's own key passes as its SDK sent it (this SDK release: a bearer token)
-    assert sent["authorization"] == "Bearer k" and "anthropic-version" in sent
+    # the agent's own key never goes upstream (agent_credentials: strip, the default)
+    assert "authorization" not in sent and "x-api-key" not in sent and "anthropic-version" in sent
     assert "x-tether-agent" not in sent
 
 

@@ -4,6 +4,11 @@
 one for as long as it runs, which would change how every aiohttp task of the
 process is scheduled. The steps it takes are taken here instead (servers up,
 `running`, and at the end `done`), with only the addons HTTP_PROXY mode needs.
+
+One master runs up to two listeners, one addon judging both: the HTTP_PROXY
+listener (mitmproxy's `regular` mode) and the transparent one (`transparent`
+mode: connections an iptables REDIRECT sent here; mitmproxy reads their
+original destination with SO_ORIGINAL_DST, see `deploy/transparent/`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mitmproxy import options
+from mitmproxy.proxy import mode_specs
 
 # mitmproxy.addons (which mitmproxy.master imports) loads every addon, proxyauth's
 # ldap3 included, which warns about pyasn1 names it still uses: not tether's to see.
@@ -23,6 +29,7 @@ with warnings.catch_warnings():
     from mitmproxy.addons import block, core, disable_h2c, next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
 
+from ..auth.authenticator import Authenticator
 from ..egress import Egress, api_for_host
 from ..governor import Governor
 from ..telemetry import Metrics
@@ -44,7 +51,8 @@ class ForwardProxy:
     server: proxyserver.Proxyserver
     addon: ForwardAddon
     host: str
-    port: int
+    port: int                        # the HTTP_PROXY listener; 0 when only the transparent one runs
+    transparent_port: int | None = None
 
     async def stop(self) -> None:
         """Close the listener, then end the connections still open (a client that
@@ -63,16 +71,28 @@ class ForwardProxy:
 
 
 async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardSettings, *,
-                        host: str, port: int, reverse: tuple[str, int],
+                        host: str, port: int | None, reverse: tuple[str, int],
                         own_ports: Iterable[int], egress: Egress | None = None,
-                        resolver: Resolver | None = None) -> ForwardProxy:
-    """Open the HTTP_PROXY listener on `host:port` (0: any free port).
+                        resolver: Resolver | None = None,
+                        transparent_port: int | None = None,
+                        auth: Authenticator | None = None) -> ForwardProxy:
+    """Open the HTTP_PROXY listener on `host:port` (0: any free port; None: none) and,
+    with `transparent_port`, the transparent listener on `host:transparent_port`
+    (0 is allowed for one of the two only: mitmproxy refuses two servers on one address).
 
     `reverse`: where LLM requests are re-addressed (tether's proxy port, reachable
     from here); `own_ports`: tether's other ports, never a forwarding target.
     `egress`: what tool and cloud API requests are judged by (none: only LLM and
-    pass hosts); `resolver`: replaces the system's DNS (split-horizon, tests).
+    pass hosts); `resolver`: replaces the system's DNS (split-horizon, tests);
+    `auth`: the reverse route's Authenticator (`auth:`), shared so that the identity
+    the forward proxy established reaches the reverse route (proxy/auth/handoff.py).
     One per process: mitmproxy keeps its master and options in a module global."""
+    modes = ([] if port is None else [f"regular@{port}"]) + (
+        [] if transparent_port is None else [f"transparent@{transparent_port}"])
+    if not modes:
+        raise ForwardStartError("neither an HTTP_PROXY nor a transparent port was given")
+    if port is not None and port == transparent_port:
+        raise ForwardStartError(f"the HTTP_PROXY and transparent listeners share port {port}")
     ensure_ca(settings.ca_dir)
     opts = options.Options()
     master = Master(opts, event_loop=asyncio.get_running_loop())
@@ -80,11 +100,11 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     egress = egress or Egress()
     targets = Targets(settings, (*own_ports, reverse[1]),
                       named=lambda host: api_for_host(egress.apis, host) is not None)
-    addon = ForwardAddon(governor, metrics, targets, reverse, egress, resolver)
+    addon = ForwardAddon(governor, metrics, targets, reverse, egress, resolver, auth)
     master.addons.add(core.Core(), server, next_layer.NextLayer(), tlsconfig.TlsConfig(),
                       block.Block(), disable_h2c.DisableH2C(), addon)  # type: ignore[no-untyped-call]
     opts.update(  # type: ignore[no-untyped-call]
-        mode=["regular"],
+        mode=modes,
         listen_host=host,
         listen_port=port,
         confdir=settings.ca_dir,
@@ -95,8 +115,18 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     if not await server.setup_servers() or not server.listen_addrs():
         await master.done()
         raise ForwardStartError(f"cannot listen on {host}:{port} (see the log)")
-    bound = int(server.listen_addrs()[0][1])
-    targets.own_ports = frozenset({*targets.own_ports, bound})
+    bound = {type(instance.mode): int(instance.listen_addrs[0][1])
+             for instance in server.servers if instance.listen_addrs}
+    regular = bound.get(mode_specs.RegularMode, 0)
+    transparent = bound.get(mode_specs.TransparentMode)
+    if (port is not None and not regular) or (transparent_port is not None and transparent is None):
+        await master.done()
+        raise ForwardStartError(f"a forward listener on {host} did not open (see the log)")
+    targets.own_ports = frozenset({*targets.own_ports, *bound.values()})
+    targets.transparent_port = transparent
     await master.running()
-    log.info("forward proxy on %s:%d", host, bound)
-    return ForwardProxy(master, server, addon, host, bound)
+    if port is not None:
+        log.info("forward proxy on %s:%d", host, regular)
+    if transparent is not None:
+        log.info("transparent proxy on %s:%d", host, transparent)
+    return ForwardProxy(master, server, addon, host, regular, transparent)

@@ -6,6 +6,8 @@ forward:
   allow_private: [127.0.0.1, 10.0.0.0/8, db.internal]   # SSRF exceptions
   pass_hosts: ["*.github.com"]  # tool hosts forwarded with no policy (apis: and cloud hosts are judged first)
   upstream_ca: certs/corp.pem   # extra CA bundle trusted for upstream TLS
+  transparent_port: 15001       # the transparent listener (iptables REDIRECT target); off if unset
+  transparent_agent: db-agent   # the agent all transparent traffic is (the pod is the agent)
 ```
 """
 
@@ -18,7 +20,9 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..policy.source import YMap
 
-KEYS = {"ca_dir", "allow_private", "pass_hosts", "upstream_ca"}
+KEYS = {"ca_dir", "allow_private", "pass_hosts", "upstream_ca", "transparent_port",
+        "transparent_agent"}
+MAX_AGENT = 200
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -30,6 +34,10 @@ class ForwardSettings:
     allow_hosts: tuple[str, ...] = ()       # lower-case names (exact, or "*.suffix" globs)
     pass_hosts: tuple[str, ...] = ()        # lower-case globs
     upstream_ca: str | None = None
+    transparent_port: int | None = None     # `tether serve --transparent-port` overrides it
+    # Transparent clients cannot authenticate to a proxy they do not know of: under
+    # auth.mode required, their tool/cloud traffic is refused unless this names them.
+    transparent_agent: str | None = None
 
 
 def _err(message: str, node: YMap, key: str) -> ConfigError:
@@ -75,10 +83,20 @@ def parse_forward(node: object, parent: YMap, base: Path) -> ForwardSettings:
         if "*" in wild or "?" in wild or "[" in wild:
             raise _err(f"{entry!r}: only a leading '*.' wildcard is allowed", node, "pass_hosts")
     upstream_ca = node.get("upstream_ca")
+    transparent = node.get("transparent_port")
+    if transparent is not None and (isinstance(transparent, bool) or not isinstance(transparent, int)
+                                    or not 0 < transparent < 65536):
+        raise _err("must be a TCP port (1-65535)", node, "transparent_port")
+    agent = node.get("transparent_agent")
+    if agent is not None and (not isinstance(agent, str) or not agent.strip()
+                              or len(agent) > MAX_AGENT):
+        raise _err("must be an agent name", node, "transparent_agent")
     return ForwardSettings(
         ca_dir=_path(node.get("ca_dir", ".tether/ca"), node, "ca_dir", base),
         allow_networks=tuple(networks),
         allow_hosts=tuple(hosts),
         pass_hosts=tuple(passes),
         upstream_ca=None if upstream_ca is None else _path(upstream_ca, node, "upstream_ca", base),
+        transparent_port=transparent,
+        transparent_agent=agent.strip() if isinstance(agent, str) else None,
     )

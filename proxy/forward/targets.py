@@ -80,6 +80,7 @@ class Targets:
         self.settings = settings
         self.own_ports = frozenset(own_ports)
         self.named = named
+        self.transparent_port: int | None = None  # set once the transparent listener is bound
 
     def host_allowed(self, host: str) -> Refusal | None:
         """A host's name alone: an LLM host, a pass host, or refused."""
@@ -112,6 +113,16 @@ class Targets:
         return Refusal(f"tether:{kind}-address",
                        f"{host} resolves to {kind} address {ip}; "
                        "name it in forward.allow_private to allow it")
+
+    def loop(self, ip: Address, port: int) -> Refusal | None:
+        """A transparent connection whose original destination is tether itself: its
+        transparent port on any address (a direct connection, or a redirect that went
+        round), or one of its ports on a loopback or other non-public address."""
+        ip = _unmap(ip)
+        if port == self.transparent_port or (port in self.own_ports and not ip.is_global) \
+                or ip.is_unspecified:
+            return Refusal("tether:loop", f"{ip}:{port} is tether itself; not forwarded")
+        return None
 
     def _allowed_private(self, host: str, ip: Address) -> bool:
         if host_matches(host, self.settings.allow_hosts):

@@ -15,7 +15,7 @@ evaluated like the others but only named in `Decision.shadow`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..model import Action, Decision, Effect, Exchange, OnDeny, RuleTrace, ToolCall
@@ -35,8 +35,12 @@ NOBODY = "<nobody>"  # hold rules whose approver lists share no one
 class AgentScope:
     tools: tuple[re.Pattern[str], ...]
     globs: tuple[str, ...]
+    # Take the tools outside the scope out of the agent's requests, so the model never
+    # sees them; None follows `defaults.filter_tools` (Policy.filter_tools).
+    filter_tools: bool | None = None
 
     def permits(self, name: str) -> bool:
+        """`name` in normal form (policy.names.normalize)."""
         return any(p.fullmatch(name) for p in self.tools)
 
 
@@ -49,6 +53,7 @@ class Policy:
     agents: Mapping[str, AgentScope] = field(default_factory=dict)
     effects: Mapping[str, Effect] = field(default_factory=dict)
     revision: str = ""
+    filter_tools: bool = True  # defaults.filter_tools
 
 
 def effect_of(name: str, effects: Mapping[str, Effect]) -> Effect:
@@ -83,6 +88,18 @@ class PolicyEngine:
     @property
     def revision(self) -> str:
         return self.policy.revision
+
+    def tool_filter(self, agent: str | None) -> Callable[[str], bool] | None:
+        """Which declared tools an agent's requests may keep, or None when they are not
+        filtered (no agent, no scope, or `filter_tools: false`). The same test as the
+        `tether:agent-scope` check, so a tool the model is shown is one it may call."""
+        scope = self._agents.get(normalize(agent)) if agent else None
+        if scope is None:
+            return None
+        on = self.policy.filter_tools if scope.filter_tools is None else scope.filter_tools
+        if not on:
+            return None
+        return lambda name: scope.permits(normalize(name))
 
     def decide(self, call: ToolCall, exchange: Exchange, *, explain: bool = False,
                api: str | None = None, effect: Effect | None = None) -> Decision:

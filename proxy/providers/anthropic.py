@@ -19,11 +19,12 @@ in `anthropic_stream`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from . import tool_scope
 from .anthropic_stream import (
     CUT_REASONS,
     GOVERNED_BLOCK,
@@ -36,7 +37,16 @@ from .anthropic_stream import (
     usage_total,
 )
 from .arguments import strict_pairs
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary, denial_text
+from .base import (
+    ErrorReply,
+    ParsedRequest,
+    ParsedResponse,
+    Restricted,
+    Route,
+    RouteKind,
+    denial_summary,
+    denial_text,
+)
 
 type JSONObject = dict[str, object]
 
@@ -213,6 +223,10 @@ class AnthropicMessages:
     """The Messages wire format."""
 
     name = "anthropic.messages"
+
+    def restrict_tools(self, body: bytes, permits: Callable[[str], bool]
+                       ) -> Restricted | None:
+        return tool_scope.anthropic(body, permits)
 
     def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
         return parse_request(body)

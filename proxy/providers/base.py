@@ -23,9 +23,9 @@ leave" holds in a stream while text before the calls flows at once.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..model import Decision, Exchange, ToolCall, Usage
 
@@ -87,6 +87,29 @@ class WireFormat(Protocol):
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Restricted:
+    """A request body with the tools outside an agent's scope removed."""
+
+    body: bytes
+    removed: tuple[str, ...]  # the names taken out, in the order they were declared
+
+
+@runtime_checkable
+class RestrictsTools(Protocol):
+    """A format that can take declared tools out of a request before it goes upstream,
+    so the model never sees a tool its agent may not use (hub and spoke).
+
+    `permits(name)` says whether a declared tool may stay (hosted tools are named by
+    their type, see each format). None means nothing was removed: the body is sent
+    byte for byte as the agent wrote it. A `tool_choice` that forces a removed tool
+    raises `BadRequest`: the agent asked for something it may not have, and quietly
+    letting the model choose another tool would change what the request means.
+    """
+
+    def restrict_tools(self, body: bytes, permits: Callable[[str], bool]) -> Restricted | None: ...
 
 
 class RouteKind(enum.Enum):

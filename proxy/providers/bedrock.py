@@ -19,15 +19,25 @@ error code from.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from . import tool_scope
 from .arguments import parse_arguments
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary, denial_text
+from .base import (
+    ErrorReply,
+    ParsedRequest,
+    ParsedResponse,
+    Restricted,
+    Route,
+    RouteKind,
+    denial_summary,
+    denial_text,
+)
 
 if TYPE_CHECKING:
     from .bedrock_stream import ConverseStream
@@ -40,7 +50,11 @@ TOOL_USE, END_TURN = "tool_use", "end_turn"
 # answer may be cut with it, so it is denied even if its input happens to parse.
 CUT_REASONS = frozenset({"max_tokens", "model_context_window_exceeded", "content_filtered",
                          "guardrail_intervened", "malformed_tool_use", "malformed_model_output"})
-ERROR_TYPES = {400: "ValidationException", 403: "AccessDeniedException",
+# 401 (tether's own authentication failed): AWS's code for credentials it does not
+# recognise. botocore does not model it for bedrock-runtime, so it is a ClientError
+# with that code, never mistaken for AccessDeniedException (a policy denial, 403).
+ERROR_TYPES = {400: "ValidationException", 401: "UnrecognizedClientException",
+               403: "AccessDeniedException",
                404: "ResourceNotFoundException", 408: "ModelTimeoutException",
                413: "ValidationException", 429: "ThrottlingException",
                503: "ServiceUnavailableException"}
@@ -232,6 +246,10 @@ class BedrockConverse:
     """The Converse wire format (Bedrock's model-neutral chat API)."""
 
     name = "bedrock.converse"
+
+    def restrict_tools(self, body: bytes, permits: Callable[[str], bool]
+                       ) -> Restricted | None:
+        return tool_scope.bedrock(body, permits)
 
     def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
         return parse_request(body, route)

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from . import tool_scope
 from .arguments import strict_pairs
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, RouteKind, denial_summary
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, RouteKind, denial_summary
 from .gemini_chunks import (
     Chunk,
     error_body,
@@ -268,6 +269,10 @@ class GeminiFormat:
     """generateContent / streamGenerateContent."""
 
     name = "gemini.generate"
+
+    def restrict_tools(self, body: bytes, permits: Callable[[str], bool]
+                       ) -> Restricted | None:
+        return tool_scope.gemini(body, permits)
 
     def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
         return parse_request(body, route)

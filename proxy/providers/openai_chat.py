@@ -10,14 +10,15 @@ held back while everything else passes.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from . import tool_scope
 from .arguments import parse_arguments, strict_pairs
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, denial_summary, denial_text
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_summary, denial_text
 
 if TYPE_CHECKING:
     from .openai_chat_stream import ChatStream
@@ -269,6 +270,10 @@ class OpenAIChat:
     """The Chat Completions wire format, as OpenAI and Azure OpenAI serve it."""
 
     name = "openai.chat"
+
+    def restrict_tools(self, body: bytes, permits: Callable[[str], bool]
+                       ) -> Restricted | None:
+        return tool_scope.chat(body, permits)
 
     def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
         return parse_request(body, route.model or "")

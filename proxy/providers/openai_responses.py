@@ -21,14 +21,15 @@ The stream filter is in `openai_responses_stream`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BadRequest, NotGoverned, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from . import tool_scope
 from .arguments import parse_arguments
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Route, denial_text
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_text
 from .openai_chat import _loads_object, denied_error
 
 if TYPE_CHECKING:
@@ -260,6 +261,10 @@ class OpenAIResponses:
     """The Responses wire format, as OpenAI and Azure OpenAI serve it."""
 
     name = "openai.responses"
+
+    def restrict_tools(self, body: bytes, permits: Callable[[str], bool]
+                       ) -> Restricted | None:
+        return tool_scope.responses(body, permits)
 
     def parse_request(self, body: bytes, route: Route) -> ParsedRequest:
         return parse_request(body, route.model or "")

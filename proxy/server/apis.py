@@ -25,13 +25,13 @@ from aiohttp import web
 from yarl import URL
 
 from ..approvals.holds import KeepAlive
+from ..auth.authenticator import ANONYMOUS, Identity
 from ..config import Upstream
 from ..egress import AMBIGUOUS, Verdict, Who, judge_api
 from ..egress import deciding_rule as deciding_rule  # re-exported: the MCP route uses it
 from ..errors import BadRequest, RequestError, RouteNotFound, TetherError
 from ..model import HttpRequest
 from ..policy.apis_config import ToolApi
-from ..sessions.identity import agent_of
 from .errors import status_and_code
 from .llm import Context
 from .upstream import canonical_tail, forward_headers, read_body, relay
@@ -95,22 +95,25 @@ class ApiRoutes:
     async def _govern(self, request: web.Request, api: ToolApi, path: str, body: bytes,
                       rid: str) -> web.StreamResponse:
         target = URL(api.url)
+        who = await self.ctx.auth.identify(request.headers, request.rel_url.raw_query_string)
+        # The credential that named the agent is tether's: neither judged nor forwarded.
+        dropped = {h.lower() for h in who.drop_headers}
         http = HttpRequest(method=request.method, scheme=target.scheme, host=target.host or "",
                            port=target.port or 0, path=path,
-                           query=request.rel_url.raw_query_string,
-                           headers=tuple(request.headers.items()), body=body)
+                           query=who.query(request.rel_url.raw_query_string),
+                           headers=tuple((k, v) for k, v in request.headers.items()
+                                         if k.lower() not in dropped), body=body)
         trust = self.ctx.config.trust_identity_headers
-        agent = agent_of(request.headers, self.ctx.config.agent_keys, trust)
         session = (request.headers.get("x-tether-session") if trust else None) or None
         verdict = await judge_api(self.ctx.governor, self.ctx.holds, api, http,
-                                  Who(rid, session, agent, path),
-                                  self._alive(request))
+                                  Who(rid, session, who.agent, path, claims=who.claims),
+                                  self._alive(request), opa=self.ctx.opa)
         if not verdict.allowed:
             if verdict.status != 499:
                 self.ctx.governor.metrics.requests.labels(api.provider, str(verdict.status)).inc()
             return error_reply(verdict.status, verdict.message, verdict.code, verdict.rule,
                                verdict.rules)
-        return await self._forward(request, api, path, body)
+        return await self._forward(request, api, path, body, who)
 
     @staticmethod
     def _alive(request: web.Request) -> KeepAlive:
@@ -125,12 +128,16 @@ class ApiRoutes:
         return check
 
     async def _forward(self, request: web.Request, api: ToolApi, path: str,
-                       body: bytes) -> web.StreamResponse:
-        query = request.rel_url.raw_query_string
+                       body: bytes, who: Identity = ANONYMOUS) -> web.StreamResponse:
+        query = who.query(request.rel_url.raw_query_string)
         # The path and query bytes exactly as judged: no re-encoding on the way out.
         url = URL(f"{api.url}{path}" + (f"?{query}" if query else ""), encoded=True)
+        # A tool API's own token is the agent's business unless tether holds one
+        # (`api_key_env`): agent credentials pass there, as before.
         headers = forward_headers(request.headers, Upstream(api.provider, api.url,
-                                                            api.api_key_env))
+                                                            api.api_key_env,
+                                                            pass_agent_credentials=True),
+                                  drop=who.drop_headers)
         requests = self.ctx.governor.metrics.requests
         return await relay(self.ctx.client, request, url, body, headers,
                            what=f"the {api.name} API", allow_redirects=False,

@@ -18,9 +18,11 @@ from ..approvals.holds import Holds
 from ..approvals.redis_queue import make_approvals
 from ..approvals.slack import SlackNotifier
 from ..audit import AuditLog
+from ..auth.jwks_fetch import make_authenticator
 from ..config import Config
 from ..errors import RouteNotFound
 from ..governor import Governor
+from ..opa.client import OpaClient
 from ..policy.engine import PolicyEngine
 from ..providers import PROVIDERS
 from ..providers.base import Provider
@@ -53,10 +55,13 @@ class Tether:
     holds: Holds
     proxy: web.Application
     admin: web.Application
+    opa: OpaClient | None = None  # shared with the forward proxy's Egress
 
     async def close(self) -> None:
         """Pending approvals are never left to be approved later: they end denied."""
         await self.holds.stop()
+        if self.opa is not None:
+            await self.opa.close()
         await self.guard.store.close()
         self.governor.audit.close()
 
@@ -95,6 +100,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     governor = Governor(PolicyEngine(config.policy), audit, metrics, tracing.tracer_of(spans))
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
                          config.on_store_error)
+    opa = OpaClient(config.opa, metrics, config.policy.effects) if config.opa else None
     settings = config.approvals
     queue = make_approvals(config.store_url, settings)
     holds = Holds(queue, settings, audit, metrics, config.policy.revision)
@@ -118,7 +124,9 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
                                          auto_decompress=True, trust_env=False,
                                          trace_configs=traces) as client:
-            ctx = Context(config, governor, guard, holds, client)
+            ctx = Context(config, governor, guard, holds, client,
+                          auth=make_authenticator(config, client, metrics))
+            ctx.opa = opa
             holder["ctx"] = ctx
             app[CONTEXT] = ctx
             yield
@@ -134,7 +142,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
                         slack=slack.handle if slack is not None else None)
-    return Tether(config, governor, guard, holds, proxy, admin)
+    return Tether(config, governor, guard, holds, proxy, admin, opa=opa)
 
 
 async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:

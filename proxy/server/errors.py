@@ -12,7 +12,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..errors import BudgetExceeded, RequestError, StoreUnavailable, TetherError, UpstreamError
+from ..errors import (
+    BudgetExceeded,
+    RequestError,
+    StoreUnavailable,
+    TetherError,
+    Unauthorized,
+    UpstreamError,
+)
 from ..providers import PROVIDERS
 from ..providers.base import ErrorReply, Provider
 
@@ -44,6 +51,8 @@ def from_exception(provider: Provider, e: TetherError) -> web.Response:
     response = reply(provider.error(status, str(e), code), retry=retry, code=code)
     if isinstance(e, BudgetExceeded) and e.retry_after is not None:
         response.headers["retry-after"] = str(e.retry_after)
+    if isinstance(e, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tether"'
     return response
 
 

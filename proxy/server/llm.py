@@ -22,23 +22,28 @@ from yarl import URL
 
 from .. import tracing
 from ..approvals.holds import Holds, KeepAlive
+from ..audit.log import AuditWriteError
+from ..auth.authenticator import ANONYMOUS, Authenticator, Identity
 from ..config import Config, Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
 from ..governor import Governor
-from ..model import Action, Decision, Exchange, OnDeny, ToolCall
+from ..model import Action, Decision, Exchange, OnDeny, RuleTrace, ToolCall
+from ..opa.client import OpaClient
 from ..policy.openapi_check import arguments_trace
 from ..providers import sse
 from ..providers.base import (
     ParsedRequest,
     Provider,
+    RestrictsTools,
     Route,
     RouteKind,
     Step,
     StreamFilter,
+    WireFormat,
     exchange_for,
 )
 from ..sessions.guard import Admission, SessionGuard
-from ..sessions.identity import agent_of, session_of
+from ..sessions.identity import session_of
 from .errors import PROVIDER_KEY, reply, status_and_code
 from .upstream import (
     canonical_tail,
@@ -71,6 +76,8 @@ class Context:
     guard: SessionGuard
     holds: Holds
     client: aiohttp.ClientSession
+    auth: Authenticator
+    opa: OpaClient | None = None  # None: no `opa:` section
 
 
 @dataclass(slots=True)
@@ -86,6 +93,7 @@ class Call:
     admission: Admission | None = None
     started: float = field(default_factory=time.perf_counter)
     waited: float = 0.0  # upstream and human time, which is not tether's overhead
+    who: Identity = ANONYMOUS  # the verified identity; its consumed credential is not forwarded
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -108,6 +116,8 @@ class LLMRoutes:
             if route.kind is RouteKind.REFUSE:
                 refusal = {501: NotGoverned, 400: BadRequest}.get(route.status, RouteNotFound)
                 raise refusal(route.message)
+            # Before anything is read or forwarded, pass-through routes too.
+            who = await self.ctx.auth.identify(request.headers, request.rel_url.raw_query_string)
         except RequestError as e:
             self.ctx.governor.reject(provider=provider.name, status=e.status, code=e.code,
                                      message=e.message, request_id=uuid.uuid4().hex,
@@ -115,11 +125,11 @@ class LLMRoutes:
             self.ctx.governor.metrics.requests.labels(provider.name, str(e.status)).inc()
             raise
         if route.kind is RouteKind.PASS:
-            return await self._pass_through(request, upstream, route)
+            return await self._pass_through(request, upstream, route, who)
         trust = self.ctx.config.trust_identity_headers
-        agent = agent_of(request.headers, self.ctx.config.agent_keys, trust)
         session = request.headers.get("x-tether-session") if trust else None
-        call = Call(provider, route, upstream, uuid.uuid4().hex, session or None, agent)
+        call = Call(provider, route, upstream, uuid.uuid4().hex, session or None, who.agent,
+                    who=who)
         return await self._govern(request, call)
 
     @staticmethod
@@ -133,10 +143,11 @@ class LLMRoutes:
             _CONTEXTS[upstream.ca_file] = found
         return found
 
-    def _url(self, upstream: Upstream, route: Route, request: web.Request) -> URL:
+    def _url(self, upstream: Upstream, route: Route, request: web.Request,
+             who: Identity = ANONYMOUS) -> URL:
         """The upstream URL with the path bytes exactly as judged (no re-encoding)."""
         url = f"{upstream.url}/{route.upstream_path}"
-        query = forward_query(request.rel_url.raw_query_string, upstream)
+        query = forward_query(who.query(request.rel_url.raw_query_string), upstream)
         return URL(f"{url}?{query}" if query else url, encoded=True)
 
     async def _govern(self, request: web.Request, call: Call) -> web.StreamResponse:
@@ -147,6 +158,7 @@ class LLMRoutes:
             parsed = fmt.parse_request(body, call.route)
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)
+            body, parsed = self._restrict(fmt, body, parsed, call)
             call.admission = await self.ctx.guard.admit(
                 agent=call.agent, session=call.session, model=parsed.model,
                 body_bytes=len(body), max_output=parsed.max_output_tokens)
@@ -154,15 +166,17 @@ class LLMRoutes:
             self._reject(call, e)
             raise
         exchange = exchange_for(call.provider.name, parsed, session=call.session,
-                                agent=call.agent, endpoint=call.route.upstream_path)
+                                agent=call.agent, endpoint=call.route.upstream_path,
+                                claims=call.who.claims)
         tracing.note_request(exchange)
         stream: StreamFilter | None = None
         if parsed.stream and isinstance(fmt, ReportsUsage):
             body, stream = fmt.stream_with_usage(body, parsed)
-        url = self._url(call.upstream, call.route, request)
+        url = self._url(call.upstream, call.route, request, call.who)
         try:
             headers = sign_request(call.upstream, "POST", str(url),
-                                   forward_headers(request.headers, call.upstream), body)
+                                   forward_headers(request.headers, call.upstream,
+                                                   drop=call.who.drop_headers), body)
             sent = time.perf_counter()
             async with self.ctx.client.post(url, data=body, headers=headers,
                                             ssl=self._ssl(call.upstream)) as resp:
@@ -190,6 +204,30 @@ class LLMRoutes:
             self._reject(call, err)
             raise err from e
 
+    def _restrict(self, fmt: WireFormat, body: bytes, parsed: ParsedRequest,
+                  call: Call) -> tuple[bytes, ParsedRequest]:
+        """The agent's declared tools cut to its scope (`filter_tools`), so the model never
+        sees a tool the agent may not call; the filtered body is parsed again so the
+        exchange (and the undeclared-tool check) sees what the model saw."""
+        governor = self.ctx.governor
+        permits = governor.engine.tool_filter(call.agent)
+        if permits is None or not isinstance(fmt, RestrictsTools):
+            return body, parsed
+        cut = fmt.restrict_tools(body, permits)
+        if cut is None:
+            return body, parsed
+        governor.metrics.tools_filtered.labels(
+            call.provider.name, governor.metrics.labels.agent(call.agent)).inc(len(cut.removed))
+        try:  # the filtering is the safe side: a lost record is logged, not fatal
+            governor.audit.write({
+                "kind": "tools_filtered", "request_id": call.rid, "provider": call.provider.name,
+                "endpoint": call.route.upstream_path, "session": call.session, "agent": call.agent,
+                "removed": list(cut.removed), "policy_revision": governor.engine.revision})
+        except AuditWriteError:
+            log.exception("audit write failed for filtered tools")
+            governor.metrics.audit_write_errors.inc()
+        return cut.body, fmt.parse_request(cut.body, call.route)
+
     def _reject(self, call: Call, e: TetherError) -> None:
         status, code = status_and_code(e)
         self.ctx.governor.reject(provider=call.provider.name, status=status, code=code,
@@ -214,11 +252,16 @@ class LLMRoutes:
     async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call,
                       out: web.StreamResponse | None = None) -> list[Decision]:
         decisions = []
+        opa = self.ctx.opa
+        budget = await opa.budget(self.ctx.guard, call.admission) if opa and calls else None
         for c in calls:
             trace = await self.ctx.guard.check_call(call.admission, c)
             # A tool linked to an OpenAPI operation: its arguments must fit the operation.
             op = self.ctx.config.apis.for_tool(c.name)
-            extra = (trace, arguments_trace(op, c) if op else None)
+            extra: tuple[RuleTrace | None, ...] = (trace, arguments_trace(op, c) if op else None)
+            if opa is not None:  # OPA's verdict joins the rules': the strictest wins
+                extra += (await opa.judge(c, exchange, "llm", api=op.name if op else None,
+                                          budget=budget),)
             decisions.append(self.ctx.governor.decide(
                 c, exchange, request_id=call.rid, extra=tuple(t for t in extra if t),
                 api=op.name if op else None))
@@ -314,8 +357,9 @@ class LLMRoutes:
             step = stream.decide(await self._decide(step.pending, exchange, call, out))
 
     async def _pass_through(self, request: web.Request, upstream: Upstream,
-                            route: Route) -> web.StreamResponse:
+                            route: Route, who: Identity = ANONYMOUS) -> web.StreamResponse:
         body = await read_body(request, self.ctx.config.max_body_bytes)
-        return await relay(self.ctx.client, request, self._url(upstream, route, request), body,
-                           forward_headers(request.headers, upstream), what="the upstream",
-                           ssl=self._ssl(upstream))
+        return await relay(self.ctx.client, request, self._url(upstream, route, request, who),
+                           body, forward_headers(request.headers, upstream,
+                                                 drop=who.drop_headers),
+                           what="the upstream", ssl=self._ssl(upstream))

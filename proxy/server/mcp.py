@@ -10,7 +10,9 @@ forwarded; a batch with any denied call is refused whole: every request in it
 gets an error, the denied ones naming their rule. Other methods (initialize,
 tools/list, notifications, resources/*, prompts/*), GET (the server-to-client
 stream) and DELETE (end of session) pass through unchanged; so do
-`Mcp-Session-Id` and `MCP-Protocol-Version`. A body that is not JSON-RPC tether
+`Mcp-Session-Id` and `MCP-Protocol-Version`. Every method is authenticated
+first (`auth:`; under `mode: required` no identity is 401 with a JSON-RPC
+error), and the credential that named the agent is never forwarded. A body that is not JSON-RPC tether
 can read unambiguously gets HTTP 400 with a JSON-RPC parse error (-32700) or
 invalid request (-32600/-32602), is audited, and is not forwarded.
 
@@ -27,9 +29,10 @@ import uuid
 from aiohttp import web
 from yarl import URL
 
+from ..auth.authenticator import Identity
 from ..config import Upstream
 from ..errors import BadRequest, RequestError, TetherError
-from ..model import Action, Decision, Exchange, ToolCall
+from ..model import Action, Decision, Exchange, RuleTrace, ToolCall
 from ..policy.mcp import (
     INVALID_REQUEST,
     McpServer,
@@ -41,7 +44,6 @@ from ..policy.mcp import (
     render,
 )
 from ..policy.openapi_check import arguments_trace
-from ..sessions.identity import agent_of
 from .apis import ApiRoutes, deciding_rule
 from .errors import status_and_code
 from .llm import Context
@@ -89,15 +91,19 @@ class McpRoutes:
             return self._refuse(provider, e.status, INVALID_REQUEST, e.code, e.message, rid,
                                 raw_path[:200])
         url = server.url + (f"/{tail}" if tail else "")
-        query = request.rel_url.raw_query_string
-        target = URL(url + (f"?{query}" if query else ""), encoded=True)
         try:
+            who = await self.ctx.auth.identify(request.headers, request.rel_url.raw_query_string)
+            query = who.query(request.rel_url.raw_query_string)
+            target = URL(url + (f"?{query}" if query else ""), encoded=True)
             if request.method == "POST":
-                return await self._govern(request, server, target, body, rid)
-            return await self._forward(request, server, target, body)
+                return await self._govern(request, server, target, body, rid, who)
+            return await self._forward(request, server, target, body, who)
         except TetherError as e:
             status, code = status_and_code(e)
-            return self._refuse(provider, status, INVALID_REQUEST, code, str(e), rid, url)
+            reply = self._refuse(provider, status, INVALID_REQUEST, code, str(e), rid, url)
+            if status == 401:
+                reply.headers["WWW-Authenticate"] = 'Bearer realm="tether"'
+            return reply
         except Exception:  # noqa: BLE001 - a failure while judging must not forward
             log.exception("judging an MCP request failed")
             self.ctx.governor.metrics.fail_closed.labels("mcp").inc()
@@ -114,9 +120,9 @@ class McpRoutes:
                          status, code)
 
     async def _govern(self, request: web.Request, server: McpServer, target: URL, body: bytes,
-                      rid: str) -> web.StreamResponse:
+                      rid: str, who: Identity) -> web.StreamResponse:
         trust = self.ctx.config.trust_identity_headers
-        agent = agent_of(request.headers, self.ctx.config.agent_keys, trust)
+        agent = who.agent
         session = (request.headers.get("x-tether-session") if trust else None) or None
         try:
             envelope = parse_body(body, request.headers.get("mcp-protocol-version"))
@@ -125,16 +131,16 @@ class McpRoutes:
                                 e.message, rid, "POST", session, agent)
         judged = [m for m in envelope.messages if m.call is not None]
         if not judged:
-            return await self._forward(request, server, target, body)
+            return await self._forward(request, server, target, body, who)
         try:
             decisions = await self._decide(request, server, [m.call for m in judged if m.call],
-                                           session, agent, rid)
+                                           session, who, rid)
         except ConnectionResetError:
             # The agent went away: its approval has ended denied; nothing is forwarded.
             log.info("agent disconnected while its MCP tool call was held (%s)", rid)
             return rpc_reply(b"", 499, "client_gone")
         if all(d.allowed for d in decisions):
-            return await self._forward(request, server, target, body)
+            return await self._forward(request, server, target, body, who)
         denied = {id(m): d for m, d in zip(judged, decisions, strict=True) if not d.allowed}
         self.ctx.governor.metrics.requests.labels(server.provider, "200-denied").inc()
         return rpc_reply(render([self._answer(m, denied.get(id(m)))
@@ -149,35 +155,44 @@ class McpRoutes:
                             "tool call in the same batch was denied")
 
     async def _decide(self, request: web.Request, server: McpServer, calls: list[ToolCall],
-                      session: str | None, agent: str | None, rid: str) -> list[Decision]:
+                      session: str | None, who: Identity, rid: str) -> list[Decision]:
         decisions = []
         for call in calls:
-            exchange = self._exchange(server, call, session, agent)
+            exchange = self._exchange(server, call, session, who)
             op = self.ctx.config.apis.for_tool(call.name)
             trace = arguments_trace(op, call) if op else None
+            extra: tuple[RuleTrace, ...] = (trace,) if trace else ()
+            if self.ctx.opa is not None:  # OPA's verdict joins the rules': the strictest wins
+                extra += (await self.ctx.opa.judge(call, exchange, "mcp",
+                                                   api=op.name if op else None),)
             decisions.append(self.ctx.governor.decide(
-                call, exchange, request_id=rid, extra=(trace,) if trace else (),
+                call, exchange, request_id=rid, extra=extra,
                 api=op.name if op else None))
         held = [i for i, d in enumerate(decisions) if d.action is Action.HOLD]
         if held:
             # One exchange per call (each declares its own name); holds are waited on together.
             exchange = Exchange(provider=server.provider, model="",
                                 declared_tools=tuple(c.name for c in calls), session=session,
-                                agent=agent, endpoint="tools/call")
+                                agent=who.agent, endpoint="tools/call", claims=who.claims)
             decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
                                                      ApiRoutes._alive(request))
         return decisions
 
     @staticmethod
     def _exchange(server: McpServer, call: ToolCall, session: str | None,
-                  agent: str | None) -> Exchange:
+                  who: Identity) -> Exchange:
         return Exchange(provider=server.provider, model="", declared_tools=(call.name,),
-                        session=session, agent=agent, endpoint="tools/call")
+                        session=session, agent=who.agent, endpoint="tools/call",
+                        claims=who.claims)
 
     async def _forward(self, request: web.Request, server: McpServer, target: URL,
-                       body: bytes) -> web.StreamResponse:
+                       body: bytes, who: Identity) -> web.StreamResponse:
+        # As for tool APIs: the agent's own token passes unless tether holds one; the
+        # credential that authenticated the agent to tether never does.
         headers = forward_headers(request.headers, Upstream(server.provider, server.url,
-                                                            server.api_key_env))
+                                                            server.api_key_env,
+                                                            pass_agent_credentials=True),
+                                  drop=who.drop_headers)
         requests = self.ctx.governor.metrics.requests
         return await relay(self.ctx.client, request, target, body, headers,
                            what=f"the MCP server {server.name}", allow_redirects=False,

@@ -5,7 +5,8 @@ real AWS keys), so its `Authorization` and `X-Amz-*` headers are dropped and the
 request is signed anew with botocore's signer over the exact URL, headers and
 body that are sent.
 
-Credentials come from botocore's usual chain (environment, shared config,
+Credentials come from `upstreams.bedrock.aws_credentials_file` (re-read when it
+changes) when set, else from botocore's usual chain (environment, shared config,
 container or instance role). The chain is resolved once and kept while the
 `AWS_*` variables it reads stay the same: role credentials refresh themselves,
 and a change of the environment (a rotated key, a test's) starts a new chain.
@@ -15,6 +16,7 @@ role does not cost a metadata-service timeout on every request.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -23,13 +25,16 @@ from urllib.parse import urlsplit
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.credentials import SharedCredentialProvider
 from botocore.session import Session
 from multidict import CIMultiDict
 
 from ..config import Upstream
 from ..errors import UpstreamError
+from .credentials import CredentialsUnavailable
 
 _REGION = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com$")
+log = logging.getLogger("tether.credentials")
 SERVICE = "bedrock"
 RETRY_EMPTY_S = 60.0
 # What botocore's chain reads from the environment; a change starts a new chain.
@@ -67,6 +72,50 @@ class _Chain:
 _chain = _Chain()
 
 
+class _CredentialsFile:
+    """`upstreams.bedrock.aws_credentials_file`: botocore's shared-credentials format
+    (a mounted Secret), re-read when its stat changes, like an `api_key_file`
+    (server/credentials.py): a rotation applies on the next request, a file gone
+    mid-rotation keeps the last good credentials."""
+
+    def __init__(self, path: str, profile: str) -> None:
+        self.path, self.profile = path, profile
+        self._signature: tuple[int, ...] | None = None
+        self._credentials: Any = None
+
+    def __repr__(self) -> str:
+        return f"_CredentialsFile({self.path!r}, profile={self.profile!r})"
+
+    def credentials(self) -> Any:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return self._credentials
+        signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        if signature != self._signature:
+            try:
+                found = SharedCredentialProvider(self.path, self.profile).load()
+            except Exception:  # noqa: BLE001 - a half-written file: keep the last good
+                log.warning("AWS credentials file %s could not be read", self.path)
+                return self._credentials
+            if found is not None:
+                self._signature, self._credentials = signature, found
+        return self._credentials
+
+
+_FILES: dict[tuple[str, str], _CredentialsFile] = {}
+
+
+def _credentials_for(upstream: Upstream) -> Any:
+    if upstream.aws_credentials_file is None:
+        return _chain.credentials()
+    where = (upstream.aws_credentials_file, upstream.aws_profile or "default")
+    found = _FILES.get(where)
+    if found is None:
+        found = _FILES[where] = _CredentialsFile(*where)
+    return found.credentials()
+
+
 def aws_credentials() -> Any:
     """tether's own AWS credentials (botocore's chain), shared by every signer."""
     return _chain.credentials()
@@ -84,7 +133,11 @@ def region_of(upstream: Upstream) -> str:
 
 def sign(upstream: Upstream, method: str, url: str, headers: CIMultiDict[str],
          body: bytes) -> CIMultiDict[str]:
-    credentials = _chain.credentials()
+    credentials = _credentials_for(upstream)
+    if credentials is None and upstream.aws_credentials_file:
+        raise CredentialsUnavailable(
+            f"tether has no AWS credentials in {upstream.aws_credentials_file} (profile "
+            f"{upstream.aws_profile or 'default'}); the request was not forwarded")
     if credentials is None:
         raise UpstreamError("tether has no AWS credentials to sign the Bedrock request "
                             "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)")

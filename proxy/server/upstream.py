@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import ssl as ssl_
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -17,6 +16,7 @@ from yarl import URL
 
 from ..config import Upstream
 from ..errors import BadRequest, PayloadTooLarge, UpstreamError
+from .credentials import required_key, upstream_key
 
 log = logging.getLogger("tether.server")
 
@@ -28,7 +28,8 @@ NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 NOT_RETURNED = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie"}
 TETHER_HEADERS = ("x-tether-",)
 AUTH_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
-# How each upstream takes the key tether holds for it (`api_key_env`).
+# The agent's own credentials; Proxy-Authorization is hop-by-hop and never forwarded.
+# How each upstream takes the key tether holds for it (`api_key_env` / `api_key_file`).
 AUTH_STYLE = {
     "openai": ("Authorization", "Bearer {}"),
     "azure": ("api-key", "{}"),
@@ -82,37 +83,47 @@ def sign_request(upstream: Upstream, method: str, url: str, headers: CIMultiDict
     return sign(upstream, method, url, headers, body)
 
 
-# Query parameters that carry a credential, per upstream. When tether holds its
-# own key for that upstream, the agent's is not forwarded (Google decodes
-# `%6Bey` to `key`, so names are compared decoded).
+# Query parameters that carry a credential, per upstream. Google decodes `%6Bey` to
+# `key`, so names are compared decoded.
 CREDENTIAL_PARAMS = {"gemini": frozenset({"key", "access_token"})}
 
 
 def forward_query(raw_query: str, upstream: Upstream, env: Mapping[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
+    """The agent's query without its credentials, unless the upstream passes them
+    (`agent_credentials: pass`) and tether holds no key of its own."""
     drop = CREDENTIAL_PARAMS.get(upstream.name, frozenset())
-    if not (raw_query and drop and upstream.api_key_env and env.get(upstream.api_key_env)):
+    if not (raw_query and drop):
+        return raw_query
+    if upstream.pass_agent_credentials and upstream_key(upstream, env) is None:
         return raw_query
     return "&".join(p for p in raw_query.split("&")
                     if unquote_plus(p.partition("=")[0]) not in drop)
 
 
 def forward_headers(headers: Mapping[str, str], upstream: Upstream,
-                    env: Mapping[str, str] | None = None) -> CIMultiDict[str]:
-    env = os.environ if env is None else env
+                    env: Mapping[str, str] | None = None, *,
+                    drop: Collection[str] = ()) -> CIMultiDict[str]:
+    """The headers that go upstream. The agent's own credentials are dropped unless
+    the upstream is set to `agent_credentials: pass` and tether has no key for it;
+    `drop` names headers that never go, whatever the mode (the one the agent
+    authenticated to tether with). Raises CredentialsUnavailable (503) when tether
+    is configured to hold a key and has none: nothing is sent."""
     connection_tokens = {
         t.strip().lower() for t in headers.get("connection", "").split(",") if t.strip()
     }
+    dropped = {d.lower() for d in drop}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
-        if low in NOT_FORWARDED or low in connection_tokens or low.startswith(TETHER_HEADERS):
+        if (low in NOT_FORWARDED or low in connection_tokens or low.startswith(TETHER_HEADERS)
+                or low in dropped):
             continue
         out.add(name, value)
-    key = env.get(upstream.api_key_env) if upstream.api_key_env else None
-    if key:
+    key = required_key(upstream, env)
+    if key is not None or not upstream.pass_agent_credentials:
         for name in AUTH_HEADERS:
             out.popall(name, None)
+    if key is not None:
         header, template = AUTH_STYLE.get(upstream.name, ("Authorization", "Bearer {}"))
         out[header] = template.format(key)
     out["Accept-Encoding"] = "gzip, deflate"
