@@ -21,7 +21,7 @@ from prometheus_client.samples import Sample
 
 from proxy.approvals.queue import ApprovalQueue
 from proxy.approvals.settings import SlackSettings
-from proxy.approvals.slack import SlackNotifier
+from proxy.approvals.slack.notifier import SlackNotifier
 from proxy.telemetry import Metrics
 from tests.conftest import POLICY, MakeStack
 from tests.fakes import Call, FakeOpenAI, Reply

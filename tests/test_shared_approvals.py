@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.approvals.slack import APPROVE, DENY
+from proxy.approvals.slack.messages import APPROVE, DENY
 from proxy.demo.fake_slack import FakeSlack
 from tests.conftest import MakeStack, Stack
 from tests.fakes import Call, FakeOpenAI, Reply

@@ -24,17 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.approvals.queue import Approval, Mode, State
-from proxy.approvals.slack import (
-    APPROVE,
-    DENY,
-    BadPayload,
-    clip,
-    decided_message,
-    escape,
-    parse_click,
-    pending_message,
-    verify_signature,
-)
+from proxy.approvals.slack.interactions import BadPayload, parse_click, verify_signature
+from proxy.approvals.slack.messages import APPROVE, DENY, clip, decided_message, escape, pending_message
 from proxy.demo.fake_slack import Failure, FakeSlack, SlackCall
 from tests.conftest import MakeStack, Stack
 from tests.fakes import Call, Reply
@@ -623,7 +614,7 @@ async def test_other_interactions_are_acknowledged_and_ignored(loop: Loop) -> No
 
 
 def test_secrets_in_arguments_never_reach_slack() -> None:
-    from proxy.approvals.slack import shown_arguments
+    from proxy.approvals.slack.messages import shown_arguments
 
     shown = shown_arguments('{"user":"ops","password":"hunter2",'
                             '"aws_secret_access_key":"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}')

@@ -17,10 +17,9 @@ import pytest
 from proxy import config as config_mod
 from proxy.egress import Egress
 from proxy.errors import ConfigError
-from proxy.forward.addon import _authority
 from proxy.forward.master import ForwardStartError, start_forward
 from proxy.forward.settings import ForwardSettings
-from proxy.forward.targets import Targets
+from proxy.forward.targets import Targets, authority
 from tests.conftest import MakeStack
 
 REDIRECT = Path(__file__).resolve().parent.parent / "deploy" / "transparent" / "tether-redirect"
@@ -52,7 +51,7 @@ def test_a_bad_transparent_port_fails_at_load_with_its_line(tmp_path: Path, valu
     ("host:http", ("host", -1)),            # a port that is not a number never matches
 ])
 def test_host_header_authority(header: str, want: tuple[str, int | None]) -> None:
-    assert _authority(header) == want
+    assert authority(header) == want
 
 
 @pytest.mark.parametrize(("ip", "port", "loop"), [

@@ -33,8 +33,9 @@ from ..auth.authenticator import Authenticator
 from ..egress import Egress, api_for_host
 from ..governor import Governor
 from ..telemetry import Metrics
-from .addon import ForwardAddon, Resolver
+from .addon import ForwardAddon
 from .ca import ensure_ca
+from .resolve import Resolver
 from .settings import ForwardSettings
 from .targets import Targets
 

@@ -136,3 +136,23 @@ def same_host(*names: str | None) -> bool:
     """Every name given (CONNECT host, TLS SNI, Host header) names one host."""
     normed = {norm_host(n) for n in names if n is not None}
     return len(normed) <= 1
+
+
+def authority(text: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]:port` -> (host, port or None); a bad port is -1."""
+    host, text = authority_host(text), text.strip()
+    if text.startswith("["):
+        rest = text[text.find("]") + 1:] if "]" in text else ""
+    else:
+        rest = text[text.find(":"):] if text.count(":") == 1 else ""
+    if not rest.startswith(":"):
+        return host, None
+    return host, int(rest[1:]) if rest[1:].isdigit() else -1
+
+
+def authority_host(text: str) -> str:
+    """`host`, `host:port`, `[v6]:port` -> the host part."""
+    text = text.strip()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text

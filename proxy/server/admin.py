@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..approvals.holds import Holds
-from ..approvals.slack import INTERACTIONS_PATH
+from ..approvals.slack.interactions import INTERACTIONS_PATH
 from ..approvals.ui import OPEN_PATHS as UI_PATHS
 from ..approvals.ui import ui_routes
 from ..config import Config

@@ -16,7 +16,7 @@ from aiohttp import web
 from .. import tracing
 from ..approvals.holds import Holds
 from ..approvals.redis_queue import make_approvals
-from ..approvals.slack import SlackNotifier
+from ..approvals.slack.notifier import SlackNotifier
 from ..audit import AuditLog
 from ..auth.jwks_fetch import make_authenticator
 from ..config import Config
@@ -141,7 +141,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     proxy.router.add_route("*", "/{tail:.*}", _not_found)
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
-                        slack=slack.handle if slack is not None else None)
+                        slack=slack.interactions.handle if slack is not None else None)
     return Tether(config, governor, guard, holds, proxy, admin, opa=opa)
 
 
