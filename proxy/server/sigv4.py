@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +71,7 @@ class _Chain:
 
 
 _chain = _Chain()
+MAX_CREDENTIALS_FILE = 64 * 1024
 
 
 class _CredentialsFile:
@@ -90,6 +92,9 @@ class _CredentialsFile:
         try:
             st = os.stat(self.path)
         except OSError:
+            return self._credentials
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CREDENTIALS_FILE:
+            # A FIFO swapped in would block the event loop on open; a huge file is not ours.
             return self._credentials
         signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         if signature != self._signature:
