@@ -13,11 +13,22 @@ import functools
 import unicodedata
 
 _DROP = {"Cf", "Cc", "Cs", "Co", "Cn", "Zl", "Zp"}
+# Only names up to this length are cached: the cache holds 8192 entries, and a request
+# may carry a name as long as its body (10 MB), so caching every name would let an
+# agent pin gigabytes with a few thousand requests.
+CACHED_LENGTH = 256
 
 
-@functools.lru_cache(maxsize=8192)
 def normalize(name: str) -> str:
-    """Cached (bounded): tool names and argument keys repeat from call to call."""
+    """Cached (bounded in entries and in entry size): tool names and argument keys
+    repeat from call to call."""
+    return _cached(name) if len(name) <= CACHED_LENGTH else _normal(name)
+
+
+def _normal(name: str) -> str:
     text = unicodedata.normalize("NFKC", name)
     text = "".join(ch for ch in text if unicodedata.category(ch) not in _DROP)
     return text.strip().casefold()
+
+
+_cached = functools.lru_cache(maxsize=8192)(_normal)

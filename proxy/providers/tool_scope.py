@@ -45,21 +45,29 @@ class _Cut:
         self.permits = permits
         self.removed: list[str] = []
 
-    def keep(self, name: str | None) -> bool:
-        """A tool without a readable name stays: no call can name it, so the
-        undeclared-tool check denies whatever the model makes of it."""
-        if name is None or self.permits(name):
-            return True
-        self.removed.append(name)
-        return False
+    def keep(self, *names: str | None) -> bool:
+        """A tool stays only when every name it carries is in the scope: an entry with
+        a harmless name where tether looks and another where the upstream reads
+        (`type: custom` with both `function` and `custom`) is cut. A tool without a
+        readable name stays: no call can name it, so the undeclared-tool check denies
+        whatever the model makes of it."""
+        outside = [n for n in names if n is not None and not self.permits(n)]
+        self.removed.extend(outside)
+        return not outside
 
-    def gone(self, name: object) -> bool:
-        return isinstance(name, str) and name in self.removed
+    def gone(self, *names: object) -> bool:
+        """A forced or allowed tool outside the scope, judged as the scope judges names
+        (normal form), so `DELETE_VOLUME` is the removed `delete_volume`."""
+        return any(isinstance(n, str) and not self.permits(n) for n in names)
 
     def result(self, obj: JSONObject) -> Restricted | None:
         if not self.removed:
             return None
-        return Restricted(json.dumps(obj, ensure_ascii=False).encode(), tuple(self.removed))
+        try:
+            body = json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): escaped, as it was sent
+            body = json.dumps(obj).encode()
+        return Restricted(body, tuple(self.removed))
 
 
 def _load(body: bytes) -> JSONObject:
@@ -95,23 +103,31 @@ def _chat_tool_name(tool: object) -> str | None:
     return _str(tool.get("name"))
 
 
+def _chat_tool_names(tool: object) -> tuple[str | None, ...]:
+    """Every name the entry carries: which one OpenAI reads depends on its `type`."""
+    if not isinstance(tool, dict):
+        return ()
+    return (_str(_sub(tool, "function").get("name")), _str(_sub(tool, "custom").get("name")),
+            _str(tool.get("name")))
+
+
 def chat(body: bytes, permits: Permits) -> Restricted | None:
     obj = _load(body)
     cut = _Cut(permits)
     declared = obj.get("tools")
     if isinstance(declared, list):
-        tools = [t for t in declared if cut.keep(_chat_tool_name(t))]
+        tools = [t for t in declared if cut.keep(*_chat_tool_names(t))]
         choice = obj.get("tool_choice")
         if isinstance(choice, dict):
             if choice.get("type") == "allowed_tools":
                 allowed = _sub(choice, "allowed_tools")
                 refs = allowed.get("tools")
                 if isinstance(refs, list):
-                    left = [r for r in refs if not cut.gone(_chat_tool_name(r))]
+                    left = [r for r in refs if not cut.gone(*_chat_tool_names(r))]
                     if not left and refs:
                         raise _forced(", ".join(str(_chat_tool_name(r)) for r in refs))
                     allowed["tools"] = left
-            elif cut.gone(_chat_tool_name(choice)):
+            elif cut.gone(*_chat_tool_names(choice)):
                 raise _forced(str(_chat_tool_name(choice)))
         obj["tools"] = tools
         if not tools and cut.removed:
@@ -214,13 +230,17 @@ def _bedrock_name(tool: object) -> str | None:
     return None
 
 
+def _bedrock_names(tool: object) -> tuple[str | None, ...]:
+    return tuple(_str(_sub(tool, kind).get("name")) for kind in ("toolSpec", "systemTool"))
+
+
 def bedrock(body: bytes, permits: Permits) -> Restricted | None:
     obj = _load(body)
     cut = _Cut(permits)
     config = obj.get("toolConfig")
     if not isinstance(config, dict) or not isinstance(config.get("tools"), list):
         return None
-    tools = [t for t in config["tools"] if cut.keep(_bedrock_name(t))]
+    tools = [t for t in config["tools"] if cut.keep(*_bedrock_names(t))]
     forced = _sub(_sub(config, "toolChoice"), "tool").get("name")
     if cut.gone(forced):
         raise _forced(str(forced))
@@ -236,8 +256,12 @@ def bedrock(body: bytes, permits: Permits) -> Restricted | None:
 
 
 def _key(obj: JSONObject, camel: str) -> str | None:
-    """Which spelling of a field the request used (Gemini accepts both)."""
+    """Which spelling of a field the request used (Gemini accepts both). Both at once is
+    refused: which one Google reads is not ours to guess, and the filter must not edit
+    one while the other goes upstream."""
     snake = re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), camel)
+    if snake != camel and camel in obj and snake in obj:
+        raise BadRequest(f"both {camel!r} and {snake!r} are given")
     return camel if camel in obj else snake if snake in obj else None
 
 

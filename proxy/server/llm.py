@@ -8,7 +8,9 @@ call is decided.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -59,6 +61,34 @@ log = logging.getLogger("tether.server")
 _CONTEXTS: dict[str, ssl.SSLContext] = {}
 
 STREAM_TYPES = {"text/event-stream", "application/vnd.amazon.eventstream"}
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer whole, or its first `limit` bytes. One `read(n)` returns only what has
+    arrived so far, which for a large answer is a piece of it."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
+def refuse_lone_surrogates(body: bytes) -> None:
+    """A JSON string may escape half of a UTF-16 pair (`"\\ud800"`); Python reads it
+    as a str that cannot be written as UTF-8 again, so a session fingerprint, a
+    filtered body or an audit record of it would fail half-way. Such a body is refused
+    400 up front. Only bodies that escape a surrogate at all pay for the second look."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest("the request body holds an unpaired UTF-16 surrogate (\\ud800-"
+                         "\\udfff), which is not text; it was not forwarded") from None
+    except (ValueError, RecursionError):
+        return  # not JSON: the format's own parser refuses it with its own message
 
 
 @runtime_checkable
@@ -155,6 +185,7 @@ class LLMRoutes:
         assert fmt is not None
         try:
             body = await read_body(request, self.ctx.config.max_body_bytes)
+            refuse_lone_surrogates(body)
             parsed = fmt.parse_request(body, call.route)
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)
@@ -237,7 +268,7 @@ class LLMRoutes:
 
     async def _upstream_error(self, resp: aiohttp.ClientResponse, ctype: str, call: Call,
                               exchange: Exchange) -> web.Response:
-        body = await resp.content.read(self.ctx.config.max_response_bytes)
+        body = await read_at_most(resp, self.ctx.config.max_response_bytes)
         if ctype != "application/json":
             raise UpstreamError(f"the upstream answered {resp.status} with "
                                 f"{ctype or 'no content type'}, not a JSON error")
@@ -290,7 +321,7 @@ class LLMRoutes:
         assert fmt is not None
         limit = self.ctx.config.max_response_bytes
         reading = time.perf_counter()
-        body = await resp.content.read(limit + 1)
+        body = await read_at_most(resp, limit + 1)
         call.waited += time.perf_counter() - reading
         if len(body) > limit:
             raise UpstreamError(f"the upstream response is over the {limit}-byte limit")
