@@ -148,7 +148,10 @@ class Authenticator:
     def _static(self, token: str) -> str | None:
         # Looked up by digest: only digests are stored, and whatever the lookup's
         # timing says is about a SHA-256 of the guess, which teaches nothing of a key.
-        return self.agent_keys.get(hashlib.sha256(token.encode()).hexdigest())
+        # A header that is not UTF-8 arrives holding surrogates, which strict UTF-8
+        # cannot encode: such a token names no agent, but it must not be a crash.
+        raw = token.encode("utf-8", "surrogatepass")
+        return self.agent_keys.get(hashlib.sha256(raw).hexdigest())
 
     async def _keys(self, issuer: JwtIssuer, kid: str | None) -> KeySet:
         cache = self.caches[issuer.issuer]

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import ssl
-from pathlib import Path
 
 import aiohttp
 
 from ..config import Config
+from ..server.credentials import read_small_file
 from ..telemetry import Metrics
 from .authenticator import Authenticator, JwksUnavailable
 from .settings import JwtIssuer, fetch_url_ok
 
 MAX_DOCUMENT = 1024 * 1024
+MAX_TOKEN_FILE = 64 * 1024
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
@@ -37,8 +38,8 @@ class JwksFetcher:
     async def __call__(self, issuer: JwtIssuer) -> object:
         if issuer.jwks_file is not None:
             try:
-                return json.loads(Path(issuer.jwks_file).read_bytes()[:MAX_DOCUMENT])
-            except (OSError, ValueError) as e:
+                return json.loads(read_small_file(issuer.jwks_file, MAX_DOCUMENT))
+            except (OSError, ValueError, RecursionError) as e:
                 raise JwksUnavailable(f"cannot read {issuer.jwks_file}: {e}") from None
         url = issuer.jwks_url or await self._discover(issuer)
         return await self._get_json(issuer, url)
@@ -70,23 +71,28 @@ class JwksFetcher:
         headers = {"Accept": "application/json"}
         if issuer.token_file is not None:
             try:
-                token = Path(issuer.token_file).read_text(encoding="utf-8").strip()
-            except OSError as e:
-                raise JwksUnavailable(f"cannot read token_file: {e.strerror}") from None
+                token = read_small_file(issuer.token_file, MAX_TOKEN_FILE).decode().strip()
+            except (OSError, ValueError) as e:
+                raise JwksUnavailable(f"cannot read token_file: {e}") from None
             headers["Authorization"] = f"Bearer {token}"
         try:
             async with self.client.get(url, headers=headers, ssl=self._ssl(issuer),
                                        allow_redirects=False, timeout=TIMEOUT) as resp:
                 if resp.status != 200:
                     raise JwksUnavailable(f"{url} answered {resp.status}")
-                body = await resp.content.read(MAX_DOCUMENT + 1)
+                # Whole, up to the bound: one read() returns only what has arrived so far.
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT:
+                        break
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as e:
             raise JwksUnavailable(f"{url} could not be reached: {type(e).__name__}") from None
         if len(body) > MAX_DOCUMENT:
             raise JwksUnavailable(f"{url} sent more than {MAX_DOCUMENT} bytes")
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise JwksUnavailable(f"{url} did not send JSON") from None
 
 

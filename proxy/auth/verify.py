@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -72,7 +73,7 @@ def _b64json(segment: str) -> object:
     padded = segment + "=" * (-len(segment) % 4)
     try:
         return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (binascii.Error, ValueError, UnicodeError):
+    except (binascii.Error, ValueError, UnicodeError, RecursionError):  # `[[[[…` nests deep
         return None
 
 
@@ -171,11 +172,19 @@ def claim_at(payload: Mapping[str, object], path: str) -> object | None:
     return walk(payload, parts)
 
 
+def printable(name: str) -> bool:
+    """No control, format (zero-width, bidi overrides), separator-line or unassigned
+    characters: an agent name lands in audit records, logs, rules and approval
+    messages, where a newline or a right-to-left override would forge or hide text."""
+    return not any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
+                   for ch in name)
+
+
 def identity(payload: Mapping[str, object], issuer: JwtIssuer
              ) -> tuple[str, dict[str, object]]:
     """The agent the token names, and the claims the config exposes to policy."""
     value = claim_at(payload, issuer.agent_claim)
-    if not isinstance(value, str) or not value or len(value) > MAX_AGENT:
+    if not isinstance(value, str) or not value or len(value) > MAX_AGENT or not printable(value):
         raise refuse(Reason.AGENT, f"the token has no usable {issuer.agent_claim} claim")
     agent = issuer.agents.get(value) if issuer.agents else value
     if agent is None:
