@@ -32,14 +32,16 @@ policy's function instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from regopy import Interpreter, LogLevel, Output, RegoError
 
 from ..policy.opa import Defined, Failed, Reply, Undefined, parse_json
 
+log = logging.getLogger("tether.opa")
 _ERROR = re.compile(r"\(error \d+:([^|\s]*)\|(\d+)\|\d+\s*\(errormsg \d+:([^)]*)\)")
 
 
@@ -95,11 +97,10 @@ def reply_of(out: Output) -> Reply:
     return Defined(bindings["x"])
 
 
-class EmbeddedOpa:
-    """The decision rule of a compiled policy, evaluated on a dedicated thread."""
+class _Engine:
+    """One interpreter, its compiled bundle, and the one thread that may touch them."""
 
     def __init__(self, modules: Sequence[tuple[str, str]], data: str | None, path: str) -> None:
-        self.path = path
         self._rego = new_interpreter(modules, data)
         query = "x = data." + path.replace("/", ".")
         try:
@@ -108,7 +109,7 @@ class EmbeddedOpa:
             raise RegoLoadError(f"Rego does not compile: {describe(e, dict(modules))}") from e
         if not self._bundle.ok():
             raise RegoLoadError(f"Rego does not compile for the query {query!r}")
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-rego")
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-rego")
 
     def evaluate(self, document: str) -> Reply:
         """One decision (blocking; runs on the worker thread). `document`: the input as JSON."""
@@ -119,9 +120,54 @@ class EmbeddedOpa:
             return Failed("eval", f"the embedded engine refused the query: {str(e)[:200]}")
         return reply_of(out)
 
+
+class EmbeddedOpa:
+    """The decision rule of a compiled policy, evaluated on a dedicated thread.
+
+    A query that runs past the caller's timeout (a policy whose cost grows with the
+    agent's arguments) cannot be stopped, and would hold the thread while every later
+    decision queued behind it and timed out too. So the engine it holds is retired:
+    it finishes that query on its own thread and is dropped, and later decisions go
+    to a fresh engine. At most MAX_RETIRED such queries run at once; past that,
+    decisions wait (and deny on timeout) until one ends, so an agent cannot turn
+    the policy into a thread and a CPU core per request."""
+
+    MAX_RETIRED = 2
+
+    def __init__(self, modules: Sequence[tuple[str, str]], data: str | None, path: str) -> None:
+        self.path = path
+        self._source = (tuple(modules), data)
+        self._engine = _Engine(modules, data, path)
+        self._retired: list[Future[Reply]] = []
+
+    def evaluate(self, document: str) -> Reply:
+        """One decision, blocking, on the calling thread (tests and `tether opa-test`)."""
+        return self._engine.evaluate(document)
+
     async def query(self, document: str) -> Reply:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self.evaluate, document)
+        engine = self._engine
+        job = engine.worker.submit(engine.evaluate, document)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:  # the caller's timeout
+            if job.running():
+                self._retire(engine, job)
+            raise
+
+    def _retire(self, engine: _Engine, job: Future[Reply]) -> None:
+        if engine is not self._engine:
+            return  # already replaced by another overrun
+        self._retired = [j for j in self._retired if not j.done()]
+        if len(self._retired) >= self.MAX_RETIRED:
+            log.error("embedded OPA: %d queries ran past the timeout and are still running; "
+                      "decisions deny until one ends", len(self._retired) + 1)
+            return
+        modules, data = self._source
+        self._engine = _Engine(modules, data, self.path)  # compiled at load: ~5 ms
+        self._retired.append(job)
+        engine.worker.shutdown(wait=False)  # its thread ends with the overrun query
+        log.warning("embedded OPA: a query ran past the timeout; it finishes on its own "
+                    "thread, and later decisions use a fresh engine")
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._engine.worker.shutdown(wait=False, cancel_futures=True)

@@ -37,10 +37,18 @@ class RemoteOpa:
         try:
             async with self._client().post(self.endpoint, data=body, headers=self._headers,
                                            allow_redirects=False) as resp:
-                answer = await resp.content.read(MAX_ANSWER + 1)
-                if len(answer) > MAX_ANSWER:
-                    return Failed("bad_json", f"the answer is over {MAX_ANSWER} bytes")
-                return read_http(resp.status, answer)
+                ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                if resp.status == 200 and ctype != "application/json":
+                    # A captive portal or a misrouted proxy: whatever it says is not OPA's.
+                    return Failed("bad_json", f"the answer is {ctype or 'untyped'}, not JSON")
+                # Whole, up to the bound (one read() returns only what has arrived so
+                # far); a gzip answer is bounded after decompression.
+                answer = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    answer += chunk
+                    if len(answer) > MAX_ANSWER:
+                        return Failed("bad_json", f"the answer is over {MAX_ANSWER} bytes")
+                return read_http(resp.status, bytes(answer))
         except (aiohttp.ClientError, OSError) as e:
             return Failed("connect", f"{type(e).__name__}")
 
