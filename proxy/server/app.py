@@ -58,7 +58,8 @@ class Tether:
     opa: OpaClient | None = None  # shared with the forward proxy's Egress
 
     async def close(self) -> None:
-        """Pending approvals are never left to be approved later: they end denied."""
+        """Requests waiting on this process end denied (nothing is approved by a stop); with
+        Redis, approvals themselves stay for other replicas and expire on their timeout."""
         await self.holds.stop()
         if self.opa is not None:
             await self.opa.close()
