@@ -8,6 +8,7 @@ is a `ConfigError` with file and line.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ TOP_KEYS = {
 # every version, but never silently: each one loaded unenforced is a warning.
 NOT_YET = {"telemetry"}
 INCLUDE_KEYS = {"rules", "tools", "agents"}
+# Keys that say how this process runs, not what it decides: left out of the policy
+# revision, so replicas that differ only in ports, audit path or store still agree on it
+# (approval tickets are bound to the revision).
+OPERATIONAL_KEYS = {"server", "audit", "admin", "limits", "store", "slack", "telemetry",
+                    "upstreams", "approvals"}
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 
 
@@ -187,6 +193,13 @@ class _Builder:
             self.include(sub, path.parent)
 
 
+def _policy_text(doc: YMap) -> str:
+    """The main file as the policy revision sees it: every key but the operational ones,
+    canonical (key order and formatting do not change the revision)."""
+    policy = {k: v for k, v in doc.items() if k not in OPERATIONAL_KEYS}
+    return json.dumps(policy, sort_keys=True, default=str, ensure_ascii=False)
+
+
 def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) -> Action:
     try:
         action = Action(str(value))
@@ -215,7 +228,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
     builder = _Builder()
     builder.seen.add(file.resolve())
-    builder.texts.append(text)
+    builder.texts.append(_policy_text(doc))
     builder.add_tools(doc)
     builder.add_agents(doc)
     builder.include(doc, file.parent)

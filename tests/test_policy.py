@@ -271,3 +271,21 @@ def test_api_names_and_globs(tmp_path: Path, pattern: str, api: str, matches: bo
                             "    action: deny\n")
     decision = engine.decide(call("op"), exchange("op"), api=api)
     assert (decision.action is Action.DENY) is matches
+
+
+def test_the_policy_revision_ignores_how_the_process_runs(tmp_path: Path) -> None:
+    """Replicas with other ports, audit paths or stores agree on the revision (tickets
+    are bound to it); a rule, or its formatting-independent content, decides it."""
+    rules = "rules:\n  - {id: r, match: {tool: x}, action: deny}\n"
+    texts = {
+        "a": f"server: {{port: 1}}\naudit: {{path: a.jsonl}}\nstore: memory\n{rules}",
+        "b": f"audit: {{path: b.jsonl}}\nserver: {{port: 2}}\n{rules}",
+        "c": "rules:\n- id: r\n  match: {tool: x}\n  action: deny\n",
+        "d": "rules:\n  - {id: r, match: {tool: y}, action: deny}\n",
+    }
+    revision = {}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        revision[name] = config_mod.load(tmp_path / f"{name}.yaml", env={}).policy.revision
+    assert revision["a"] == revision["b"] == revision["c"]
+    assert revision["d"] != revision["a"]
