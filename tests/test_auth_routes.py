@@ -90,9 +90,10 @@ async def test_apis_name_the_agent_and_drop_its_credential(make_stack: MakeStack
     got = [(d["agent"], d["api"], d["action"]) for d in stack.decisions()]
     assert got == [("db-agent", "jira.addComment", "deny"), ("db-agent", "jira.getIssue", "allow"),
                    ("key-agent", "jira.getIssue", "allow")]
-    status, _, body = await send(stack, "GET", "/apis/jira/rest/api/2/issue/OPS-1",
-                                 {"X-Tether-Agent": "db-agent"})
+    status, headers, body = await send(stack, "GET", "/apis/jira/rest/api/2/issue/OPS-1",
+                                       {"X-Tether-Agent": "db-agent"})
     assert status == 401 and json.loads(body)["error"]["code"] == "unauthenticated"
+    assert headers.get("WWW-Authenticate", "").startswith("Bearer")
     assert len(jira.seen) == 2
 
 

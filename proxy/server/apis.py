@@ -29,7 +29,7 @@ from ..auth.authenticator import ANONYMOUS, Identity
 from ..config import Upstream
 from ..egress import AMBIGUOUS, Verdict, Who, judge_api
 from ..egress import deciding_rule as deciding_rule  # re-exported: the MCP route uses it
-from ..errors import BadRequest, RequestError, RouteNotFound, TetherError
+from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, Unauthorized
 from ..model import HttpRequest
 from ..policy.apis_config import ToolApi
 from .errors import status_and_code
@@ -78,7 +78,10 @@ class ApiRoutes:
             return await self._govern(request, api, path, body, rid)
         except TetherError as e:
             status, code = status_and_code(e)
-            return self._refuse(provider, status, code, str(e), rid, path)
+            reply = self._refuse(provider, status, code, str(e), rid, path)
+            if isinstance(e, Unauthorized):
+                reply.headers["WWW-Authenticate"] = 'Bearer realm="tether"'
+            return reply
         except Exception:  # noqa: BLE001 - a failure while judging must not forward
             log.exception("judging a tool API request failed")
             self.ctx.governor.metrics.fail_closed.labels("apis").inc()
