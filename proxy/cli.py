@@ -11,12 +11,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import config as config_mod
 from .errors import ConfigError
 from .model import Exchange, ToolCall
 from .policy.engine import PolicyEngine
 from .providers.arguments import parse_arguments
+
+if TYPE_CHECKING:
+    from .opa.offline import OfflineDecider
 
 log = logging.getLogger("tether")
 
@@ -129,10 +133,12 @@ def _explain_call(engine: PolicyEngine, tool: str, raw: str, agent: str | None,
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from .opa.offline import OfflineDecider
+
     cfg = _load(args.config)
-    engine = PolicyEngine(cfg.policy)
-    call, exchange = _explain_call(engine, args.tool, args.args, args.agent, None)
-    decision = engine.decide(call, exchange, explain=True)
+    with OfflineDecider(cfg) as decider:
+        call, exchange = _explain_call(decider.engine, args.tool, args.args, args.agent, None)
+        decision = decider.decide(call, exchange, explain=True)
     print(f"decision: {decision.action.value}")
     if decision.message:
         print(f"message:  {decision.message}")
@@ -151,6 +157,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    from .opa.offline import OfflineDecider
     from .policy.source import load_yaml
 
     passed = failed = 0
@@ -168,31 +175,37 @@ def cmd_test(args: argparse.Namespace) -> int:
         except (ConfigError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        engine = PolicyEngine(cfg.policy)
-        for i, case in enumerate(cases):
-            name = case.get("name", f"case {i + 1}") if isinstance(case, dict) else f"case {i + 1}"
-            if not isinstance(case, dict) or "tool" not in case or "expect" not in case:
-                print(f"FAIL {file}: {name}: a case needs 'tool' and 'expect'")
-                failed += 1
-                continue
-            raw = case["args"] if isinstance(case.get("args"), str) else json.dumps(
-                case.get("args", {}))
-            call, exchange = _explain_call(engine, str(case["tool"]), raw, case.get("agent"),
-                                           case.get("declared"))
-            decision = engine.decide(call, exchange)
-            want_rules = set(case.get("rules", []))
-            ok = decision.action.value == case["expect"] and want_rules <= set(decision.rules)
-            if ok:
-                passed += 1
-                if args.verbose:
-                    print(f"PASS {file}: {name}")
-            else:
-                failed += 1
-                print(f"FAIL {file}: {name}: got {decision.action.value} "
-                      f"(rules: {', '.join(decision.rules) or 'none'}), want {case['expect']}"
-                      + (f" (rules: {', '.join(sorted(want_rules))})" if want_rules else ""))
+        with OfflineDecider(cfg) as decider:
+            passed, failed = _run_cases(decider, file, cases, args.verbose, passed, failed)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _run_cases(decider: OfflineDecider, file: Path, cases: list[object], verbose: bool,
+               passed: int, failed: int) -> tuple[int, int]:
+    for i, case in enumerate(cases):
+        name = case.get("name", f"case {i + 1}") if isinstance(case, dict) else f"case {i + 1}"
+        if not isinstance(case, dict) or "tool" not in case or "expect" not in case:
+            print(f"FAIL {file}: {name}: a case needs 'tool' and 'expect'")
+            failed += 1
+            continue
+        raw = case["args"] if isinstance(case.get("args"), str) else json.dumps(
+            case.get("args", {}))
+        call, exchange = _explain_call(decider.engine, str(case["tool"]), raw, case.get("agent"),
+                                       case.get("declared"))
+        decision = decider.decide(call, exchange)
+        want_rules = set(case.get("rules", []))
+        ok = decision.action.value == case["expect"] and want_rules <= set(decision.rules)
+        if ok:
+            passed += 1
+            if verbose:
+                print(f"PASS {file}: {name}")
+        else:
+            failed += 1
+            print(f"FAIL {file}: {name}: got {decision.action.value} "
+                  f"(rules: {', '.join(decision.rules) or 'none'}), want {case['expect']}"
+                  + (f" (rules: {', '.join(sorted(want_rules))})" if want_rules else ""))
+    return passed, failed
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
