@@ -10,26 +10,19 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import config as config_mod
+from .cli_offline import (
+    cmd_check,
+    cmd_explain,
+    cmd_opa_test,
+    cmd_replay,
+    cmd_test,
+    load_config,
+)
 from .errors import ConfigError
-from .model import Exchange, ToolCall
-from .policy.engine import PolicyEngine
-from .providers.arguments import parse_arguments
-
-if TYPE_CHECKING:
-    from .opa.offline import OfflineDecider
 
 log = logging.getLogger("tether")
-
-
-def _load(path: str) -> config_mod.Config:
-    cfg = config_mod.load(path)
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return cfg
 
 
 async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
@@ -85,7 +78,7 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = load_config(args.config)
     for up in cfg.upstreams.values():
         if up.api_key_env and not os.environ.get(up.api_key_env):
             print(f"warning: upstream {up.name}: {up.api_key_env} is not set; "
@@ -104,126 +97,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
     """Print the forward proxy's CA certificate (creating the CA if needed); never the key."""
     from .forward.ca import export_pem
 
-    cfg = _load(args.config)
+    cfg = load_config(args.config)
     sys.stdout.write(export_pem(cfg.forward.ca_dir))
-    return 0
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    failed = False
-    for path in args.files:
-        try:
-            cfg = _load(path)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed = True
-            continue
-        print(f"{path}: ok ({len(cfg.policy.rules)} rules, revision {cfg.policy.revision})")
-    return 1 if failed else 0
-
-
-def _explain_call(engine: PolicyEngine, tool: str, raw: str, agent: str | None,
-                  declared: Sequence[str] | None) -> tuple[ToolCall, Exchange]:
-    arguments, problem = parse_arguments(raw)
-    call = ToolCall(id="explain", name=tool, raw_arguments=raw,
-                    arguments=None if problem else arguments, problem=problem)
-    exchange = Exchange(provider="cli", model="", agent=agent,
-                        declared_tools=tuple(declared) if declared is not None else (tool,))
-    return call, exchange
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from .opa.offline import OfflineDecider
-
-    cfg = _load(args.config)
-    with OfflineDecider(cfg) as decider:
-        call, exchange = _explain_call(decider.engine, args.tool, args.args, args.agent, None)
-        decision = decider.decide(call, exchange, explain=True)
-    print(f"decision: {decision.action.value}")
-    if decision.message:
-        print(f"message:  {decision.message}")
-    print(f"effect:   {decision.effect.value}")
-    for t in decision.trace:
-        mark = ("SHADOW" if t.shadow else "MATCH") if t.matched else "no   "
-        action = f" -> {t.action.value}" if t.matched and t.action else ""
-        if t.shadow and t.matched:
-            action += " (shadow: not enforced)"
-        print(f"  {mark} {t.rule_id}{action}: {t.reason}")
-    if decision.shadow:
-        print(f"  (shadow rules matched, not enforced: {', '.join(decision.shadow)})")
-    if not decision.rules:
-        print(f"  (no rule matched: defaults.action {cfg.policy.default_action.value})")
-    return 0
-
-
-def cmd_test(args: argparse.Namespace) -> int:
-    from .opa.offline import OfflineDecider
-    from .policy.source import load_yaml
-
-    passed = failed = 0
-    for path in args.files:
-        file = Path(path)
-        try:
-            doc = load_yaml(file.read_text(encoding="utf-8"), str(file))
-            if not isinstance(doc, dict) or not isinstance(doc.get("config"), str):
-                raise ConfigError("a test file needs 'config: PATH' and 'cases: [...]'",
-                                  file=str(file))
-            cfg = _load(str(file.parent / doc["config"]))
-            cases = doc.get("cases")
-            if not isinstance(cases, list):
-                raise ConfigError("'cases' must be a list", file=str(file))
-        except (ConfigError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        with OfflineDecider(cfg) as decider:
-            passed, failed = _run_cases(decider, file, cases, args.verbose, passed, failed)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
-def _run_cases(decider: OfflineDecider, file: Path, cases: list[object], verbose: bool,
-               passed: int, failed: int) -> tuple[int, int]:
-    for i, case in enumerate(cases):
-        name = case.get("name", f"case {i + 1}") if isinstance(case, dict) else f"case {i + 1}"
-        if not isinstance(case, dict) or "tool" not in case or "expect" not in case:
-            print(f"FAIL {file}: {name}: a case needs 'tool' and 'expect'")
-            failed += 1
-            continue
-        raw = case["args"] if isinstance(case.get("args"), str) else json.dumps(
-            case.get("args", {}))
-        call, exchange = _explain_call(decider.engine, str(case["tool"]), raw, case.get("agent"),
-                                       case.get("declared"))
-        decision = decider.decide(call, exchange)
-        want_rules = set(case.get("rules", []))
-        ok = decision.action.value == case["expect"] and want_rules <= set(decision.rules)
-        if ok:
-            passed += 1
-            if verbose:
-                print(f"PASS {file}: {name}")
-        else:
-            failed += 1
-            print(f"FAIL {file}: {name}: got {decision.action.value} "
-                  f"(rules: {', '.join(decision.rules) or 'none'}), want {case['expect']}"
-                  + (f" (rules: {', '.join(sorted(want_rules))})" if want_rules else ""))
-    return passed, failed
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from .audit.chain import chain_files
-    from .replay import ReplayInputError, read_records, render_json, render_text, replay
-
-    cfg = _load(args.config)
-    files: list[Path] = []
-    try:
-        for target in map(Path, args.files):
-            rotated = target.is_dir() or any(target.parent.glob(target.name + ".[0-9]*"))
-            files += chain_files(target) if rotated else [target]
-        outcomes = replay(PolicyEngine(cfg.policy), read_records(files))
-    except (ReplayInputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    render = render_json if args.json else render_text
-    print(render(outcomes, args.config, cfg.policy.revision))
     return 0
 
 
@@ -289,32 +164,6 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     message = error.get("message") if isinstance(error, dict) else body
     print(f"error: HTTP {status}: {message}", file=sys.stderr)
     return 1
-
-
-def cmd_opa_test(args: argparse.Namespace) -> int:
-    """OPA-style `test_*` rules in .rego directories, run with the embedded engine."""
-    from .opa.testing import run_tests
-
-    passed = failed = 0
-    for directory in args.dirs:
-        try:
-            results = run_tests(Path(directory))
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if not results:
-            print(f"FAIL {directory}: no test_* rules found")
-            failed += 1
-        for r in results:
-            if r.passed:
-                passed += 1
-                if args.verbose:
-                    print(f"PASS {r.name}")
-            else:
-                failed += 1
-                print(f"FAIL {r.name}: {r.detail}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
