@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.approvals.queue import Approval, ApprovalQueue, Approvals, Mode, State, TooManyPending
-from proxy.approvals.redis_queue import DECIDED, ITEM, PENDING, RedisApprovals
+from proxy.approvals.redis_layout import DECIDED, ITEM, PENDING
+from proxy.approvals.redis_queue import RedisApprovals
 from proxy.errors import StoreUnavailable
 from proxy.model import Exchange, ToolCall
 from tests.redis_server import RedisServer
