@@ -17,7 +17,6 @@ the cloud another, so each refuses.
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_plus
 
 from ..model import Effect, HttpRequest
+from ..strict_json import DuplicateKey, loads
 
 FORM = "application/x-www-form-urlencoded"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -242,29 +242,12 @@ def decoded_body(request: HttpRequest) -> bytes:
     return out
 
 
-class _Duplicate(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def strict_json(body: bytes, what: str) -> object:
     """Strict JSON: UTF-8, no duplicate keys (parsers disagree on which wins), no NaN."""
     try:
         text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except _Duplicate as e:
+        return loads(text)
+    except DuplicateKey as e:
         raise Refuse(f"the {what} holds a {e}") from e
     except RecursionError as e:
         raise Refuse(f"the {what} is nested too deeply") from e

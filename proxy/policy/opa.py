@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .. import strict_json
 from ..model import Action, Effect, Exchange, RuleTrace, ToolCall
 
 INPUT_VERSION = 1
@@ -197,27 +198,10 @@ class Verdict:
         return self.error is None
 
 
-class _Duplicate(ValueError):
-    pass
-
-
-def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Duplicate(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json(text: str | bytes) -> object:
     """Strict JSON: duplicate keys and NaN/Infinity are errors (two readers must not
     disagree on what OPA said)."""
-    return json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
+    return strict_json.loads(text)
 
 
 def read_http(status: int, body: bytes) -> Reply:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from ..strict_json import strict_pairs
 from . import tool_scope
 from .anthropic_stream import (
     CUT_REASONS,
@@ -36,7 +37,6 @@ from .anthropic_stream import (
     usage_of,
     usage_total,
 )
-from .arguments import strict_pairs
 from .base import (
     ErrorReply,
     ParsedRequest,

@@ -26,18 +26,11 @@ from urllib.parse import unquote
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from ..strict_json import strict_pairs
 from . import tool_scope
-from .arguments import strict_pairs
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, RouteKind, denial_summary
-from .gemini_chunks import (
-    Chunk,
-    error_body,
-    field_of,
-    finish_problem,
-    read_chunk,
-    rewrite,
-    tool_call,
-)
+from .gemini_read import Chunk, field_of, read_chunk
+from .gemini_rewrite import error_body, finish_problem, rewrite, tool_call
 from .gemini_stream import GeminiStream
 from .openai_chat import CHAT
 

@@ -5,7 +5,7 @@ array sent element by element. Either way the filter holds a chunk carrying a
 call, and every chunk after it, until the candidate's `finishReason` arrives
 (it marks a call cut by MAX_TOKENS or MALFORMED_FUNCTION_CALL) or the array
 closes; then it hands the calls out to be decided. Chunks before pass at once.
-Reading and rewriting the chunks themselves is gemini_chunks.py.
+Reading the chunks themselves is gemini_read.py; rewriting them, gemini_rewrite.py.
 """
 
 from __future__ import annotations
@@ -17,16 +17,8 @@ from dataclasses import dataclass, field
 from ..errors import ProtocolError
 from ..model import Decision, OnDeny, ToolCall, Usage
 from .base import Step, denial_text
-from .gemini_chunks import (
-    Candidate,
-    Chunk,
-    FunctionCall,
-    error_body,
-    finish_problem,
-    read_chunk,
-    rewrite,
-    tool_call,
-)
+from .gemini_read import Candidate, Chunk, FunctionCall, read_chunk
+from .gemini_rewrite import error_body, finish_problem, rewrite, tool_call
 from .jsonarray import JSONArraySplitter
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
 

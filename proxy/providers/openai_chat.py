@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from ..strict_json import strict_pairs
 from . import tool_scope
-from .arguments import parse_arguments, strict_pairs
+from .arguments import parse_arguments
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_summary, denial_text
 
 if TYPE_CHECKING:

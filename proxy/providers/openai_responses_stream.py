@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..errors import ProtocolError, UpstreamError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
 from ..policy.engine import MALFORMED
-from .arguments import strict_pairs
+from ..strict_json import strict_pairs
 from .base import Step, denial_text
 from .openai_responses import (
     DELTA_EVENTS,

@@ -1,55 +1,26 @@
-"""Gemini `GenerateContentResponse`s: read them and rewrite denied calls.
+"""Gemini `GenerateContentResponse`s, read without losing their bytes.
 
 A function call is one part, `{"functionCall": {"name", "args": {...}, "id"?}}`,
 in `candidates[i].content.parts`, and it arrives whole, in one chunk. To keep
 an allowed call's arguments byte-identical, a response is never re-serialised:
 `read_chunk` walks the JSON, recording where each part starts and ends (the
-values it does not need are skipped by the C decoder), and `rewrite` splices
-replacement text parts into the original text. Duplicate keys anywhere are
-refused (a part with two `functionCall`s is read differently by different
+values it does not need are skipped by the C decoder), so gemini_rewrite.py
+can splice replacement parts into the original text. Duplicate keys anywhere
+are refused (a part with two `functionCall`s is read differently by different
 parsers), and a key is recognised in either spelling, `functionCall` or
 `function_call`, because Google's JSON parser and the SDK both accept both.
-The stream filter (gemini_stream.py) reads every chunk with these.
+This module only reads and validates; it decides and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from ..model import Decision, ToolCall, Usage
-from .arguments import parse_arguments, strict_pairs
-from .base import denial_text
-
-type JSONObject = dict[str, object]
-
-# The finishReason under which a function call is complete; Gemini uses it for calls too.
-CLEAN_FINISH = "STOP"
-
-STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-          404: "NOT_FOUND", 409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
-          499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE",
-          503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-
-
-def error_body(status: int, message: str, code: str) -> str:
-    """An error in Google's shape; tether's own code is the ErrorInfo reason."""
-    return json.dumps({"error": {
-        "code": status,
-        "message": message,
-        "status": STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT"),
-        "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                     "reason": code.upper(), "domain": "tether"}],
-    }}, ensure_ascii=False)
-
-
-def finish_problem(finish: str | None) -> str | None:
-    if finish is None or finish == CLEAN_FINISH:
-        return None
-    return f"the candidate finished with finishReason {finish}, so its function call is not trusted"
-
+from ..model import Usage
+from ..strict_json import no_constants, strict_pairs
 
 # --- keys in either spelling ------------------------------------------------------------
 
@@ -69,11 +40,7 @@ def field_of(obj: Mapping[str, object], name: str) -> object:
     return obj.get(name, obj.get(alt))
 
 
-def _no_constants(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_STRICT = json.JSONDecoder(object_pairs_hook=strict_pairs, parse_constant=_no_constants)
+_STRICT = json.JSONDecoder(object_pairs_hook=strict_pairs, parse_constant=no_constants)
 # Arguments are only delimited here; parse_arguments judges them, so a bad one denies
 # that call instead of failing the whole response.
 _LENIENT = json.JSONDecoder()
@@ -349,80 +316,3 @@ def _fault(value: object) -> UpstreamFault:
     message, code = value.get("message"), value.get("code")
     ok = isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str)
     return UpstreamFault(message if isinstance(message, str) else str(value)[:500], ok)
-
-
-def tool_call(cand: Candidate, call: FunctionCall, index: int, problem: str | None) -> ToolCall:
-    arguments, why = parse_arguments(call.raw)
-    problem = call.problem or problem or why
-    return ToolCall(id=call.id, name=call.name, raw_arguments=call.raw,
-                    arguments=None if problem else arguments, index=index,
-                    choice=cand.index, problem=problem)
-
-
-# --- rewriting --------------------------------------------------------------------------
-
-
-def rewrite(chunks: Sequence[Chunk], decided: Sequence[tuple[ToolCall, Decision]],
-            text_seen: dict[int, bool]) -> list[str]:
-    """The chunks' texts with each denied call's part replaced by a text part.
-
-    `decided` follows the calls in order. Allowed parts keep their bytes. A thought
-    signature on a denied part moves to the next allowed call of its candidate that
-    has none (Gemini 3 rejects a turn whose first call lacks one), else it stays on
-    the replacement text. `text_seen` (candidate -> has visible text) is updated.
-    """
-    verdicts = iter(decided)
-    plan: dict[tuple[int, int], tuple[ToolCall, Decision]] = {}
-    carry: dict[int, tuple[int, int, str]] = {}   # candidate -> (chunk, part start, signature)
-    moved: dict[tuple[int, int], str] = {}        # allowed part -> signature it receives
-    dropped: set[tuple[int, int]] = set()         # denied parts whose signature moved
-    for n, chunk in enumerate(chunks):
-        for cand in chunk.candidates:
-            for part in cand.parts:
-                if part.call is None:
-                    continue
-                call, decision = next(verdicts)
-                plan[(n, part.start)] = (call, decision)
-                if not decision.allowed:
-                    if part.signature is not None and cand.index not in carry:
-                        carry[cand.index] = (n, part.start, part.signature)
-                elif cand.index in carry and part.signature is None:
-                    src_n, src_start, sig = carry.pop(cand.index)
-                    moved[(n, part.start)] = sig
-                    dropped.add((src_n, src_start))
-    if next(verdicts, None) is not None:
-        raise ValueError("more decisions than calls")
-    out: list[str] = []
-    for n, chunk in enumerate(chunks):
-        edits: list[tuple[int, int, str]] = []
-        for cand in chunk.candidates:
-            for part in cand.parts:
-                if part.call is None:
-                    if part.text:
-                        text_seen[cand.index] = True
-                    continue
-                call, decision = plan[(n, part.start)]
-                if decision.allowed:
-                    if (n, part.start) in moved:
-                        sig = moved[(n, part.start)]
-                        edits.append((part.start + 1, part.start + 1, f'"thoughtSignature": {sig}, '))
-                    continue
-                words = ("\n\n" if text_seen.get(cand.index) else "") + denial_text(call, decision)
-                text_seen[cand.index] = True
-                replacement = f'{{"text": {json.dumps(words, ensure_ascii=False)}'
-                if part.signature is not None and (n, part.start) not in dropped:
-                    replacement += f', "thoughtSignature": {part.signature}'
-                edits.append((part.start, part.end, replacement + "}"))
-        out.append(_splice(chunk.text, edits))
-    return out
-
-
-def _splice(text: str, edits: list[tuple[int, int, str]]) -> str:
-    if not edits:
-        return text
-    pieces, last = [], 0
-    for start, end, replacement in sorted(edits):
-        pieces += [text[last:start], replacement]
-        last = end
-    pieces.append(text[last:])
-    return "".join(pieces)
