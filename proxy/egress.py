@@ -23,7 +23,7 @@ from .governor import Governor
 from .model import Action, Decision, Effect, Exchange, HttpRequest, RuleTrace, ToolCall
 from .policy.apis_config import Apis, ToolApi
 from .policy.cloud import CloudCatalog, CloudOperation, Refused, Unclassified
-from .policy.openapi_check import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
+from .policy.openapi_judge import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
 
 if TYPE_CHECKING:
     from .opa.client import OpaClient

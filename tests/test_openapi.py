@@ -13,15 +13,8 @@ from proxy import config as config_mod
 from proxy.errors import ConfigError
 from proxy.model import Action, Effect, HttpRequest, ToolCall
 from proxy.policy.openapi import compile_spec
-from proxy.policy.openapi_check import (
-    INVALID_ARGUMENTS,
-    INVALID_REQUEST,
-    METHOD_OVERRIDE,
-    UNKNOWN_OPERATION,
-    arguments_trace,
-    check_arguments,
-    judge,
-)
+from proxy.policy.openapi_arguments import INVALID_ARGUMENTS, arguments_trace, check_arguments
+from proxy.policy.openapi_judge import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
 from proxy.policy.openapi_model import Spec
 from proxy.policy.source import load_yaml
 

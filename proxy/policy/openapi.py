@@ -16,7 +16,7 @@ here, not on the first request. Every error names the spec file, the line and
 the JSON pointer of the offending node.
 
 The caller parses the file (YAML or JSON) and hands over the data: no I/O here.
-Validation of requests and of tool-call arguments lives in openapi_check.py.
+Requests are judged in openapi_judge.py, tool-call arguments in openapi_arguments.py.
 """
 
 from __future__ import annotations

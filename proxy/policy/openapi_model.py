@@ -1,7 +1,8 @@
 """What a compiled OpenAPI spec is: operations, their parameters, bodies and schemas.
 
-Built by openapi.py (the compiler) at load; read by openapi_check.py (requests and
-tool-call arguments) and by the egress routes. Plain frozen data, no I/O.
+Built by openapi.py (the compiler) at load; read by openapi_judge.py (requests),
+openapi_arguments.py (tool-call arguments) and the egress routes. Plain frozen data,
+no I/O.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..model import Effect
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-type Json = Any  # spec data inside this module and openapi_check.py only
+type Json = Any  # spec data inside this module and the openapi_* checkers only
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, Tethe
 from ..governor import Governor
 from ..model import Action, Decision, Exchange, OnDeny, RuleTrace, ToolCall
 from ..opa.client import OpaClient
-from ..policy.openapi_check import arguments_trace
+from ..policy.openapi_arguments import arguments_trace
 from ..providers import sse
 from ..providers.base import (
     ParsedRequest,

@@ -43,7 +43,7 @@ from ..policy.mcp import (
     parse_body,
     render,
 )
-from ..policy.openapi_check import arguments_trace
+from ..policy.openapi_arguments import arguments_trace
 from .apis import ApiRoutes, deciding_rule
 from .errors import status_and_code
 from .llm import Context
