@@ -16,6 +16,7 @@ from openai import AsyncOpenAI
 from proxy import config as config_mod
 from proxy.server.app import Tether, bound_port, build, start
 from tests.fakes import Call, FakeOpenAI, Reply
+from tests.fakes.oidc import FakeIssuer
 from tests.redis_server import RedisServer, free_port
 
 # CI runs the property tests on a fixed sequence of examples, so a submission's
@@ -196,3 +197,13 @@ def fake_upstream() -> Iterator[tuple[FakeOpenAI, int]]:
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
     loop.close()
+
+
+@pytest.fixture
+async def oidc() -> AsyncIterator[FakeIssuer]:
+    """A fake OIDC issuer on loopback (discovery and JWKS) with one RSA key, `rsa-1`."""
+    issuer = FakeIssuer()
+    issuer.add_key("rsa-1")
+    await issuer.serve()
+    yield issuer
+    await issuer.close()

@@ -30,15 +30,6 @@ REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
            "tools": [{"type": "function", "function": {"name": "delete_volume"}}]}
 
 
-@pytest.fixture
-async def oidc() -> AsyncIterator[FakeIssuer]:
-    issuer = FakeIssuer()
-    issuer.add_key("rsa-1")
-    await issuer.serve()
-    yield issuer
-    await issuer.close()
-
-
 async def tether(make_stack: MakeStack, extra: str) -> Stack:
     stack = await make_stack(policy=POLICY, extra=extra)
     stack.fake.script = lambda body: Reply(calls=(DELETE,))

@@ -49,13 +49,10 @@ DELETE = '{"volume_id": "vol-1", "tags": {"env": "dev"}}'
 
 
 @pytest.fixture
-async def oidc() -> AsyncIterator[FakeIssuer]:
-    issuer = FakeIssuer()
-    issuer.add_key("rsa-1")
-    issuer.add_key("ec-1", kind="EC")
-    await issuer.serve()
-    yield issuer
-    await issuer.close()
+async def oidc(oidc: FakeIssuer) -> FakeIssuer:
+    """conftest's issuer with an EC key beside its RSA one."""
+    oidc.add_key("ec-1", kind="EC")
+    return oidc
 
 
 def auth(issuer: FakeIssuer, mode: str = "required", more: str = "") -> str:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from yarl import URL
 
 from proxy.demo.fake_mcp import FakeMcp
@@ -37,15 +36,6 @@ rules:
 """
 CONFIG = (f"apis:\n  jira: {{url: https://jira.invalid, spec: {SPECS / 'jira.yaml'}}}\n"
           "mcp:\n  tools: {url: http://mcp.invalid/mcp}\n")
-
-
-@pytest.fixture
-async def oidc() -> AsyncIterator[FakeIssuer]:
-    issuer = FakeIssuer()
-    issuer.add_key("rsa-1")
-    await issuer.serve()
-    yield issuer
-    await issuer.close()
 
 
 async def routes(make_stack: MakeStack, oidc: FakeIssuer, mode: str = "required"

@@ -117,15 +117,6 @@ class Fa:
 StartFa = Callable[..., Awaitable[Fa]]
 
 
-@pytest.fixture
-async def oidc() -> AsyncIterator[FakeIssuer]:
-    issuer = FakeIssuer()
-    issuer.add_key("rsa-1")
-    await issuer.serve()
-    yield issuer
-    await issuer.close()
-
-
 def auth(issuer: FakeIssuer, mode: str, claims: str = "[sub]") -> str:
     return (f"auth:\n  mode: {mode}\n  jwt:\n    issuer: {issuer.issuer}\n"
             f"    audiences: [tether]\n    claims: {claims}\n")
