@@ -45,9 +45,11 @@ COPY --chmod=0755 deploy/transparent/tether-redirect /usr/local/bin/tether-redir
 
 WORKDIR /app
 USER 10001:10001
-# Writable at run time, nothing else: the forward proxy's CA (forward.ca_dir), the audit
-# log (audit.path) and /tmp.
-VOLUME ["/var/lib/tether/ca", "/var/lib/tether/audit", "/tmp"]
+# Writable at run time, nothing else: tether's state directory, holding the forward proxy's
+# CA (forward.ca_dir) and the audit log (audit.path), and /tmp. One volume for the state, not
+# one per subdirectory: an engine mounts an image's VOLUMEs over whatever the user mounted at
+# their parent, so a nested one would hide the CA a pod's init container put there.
+VOLUME ["/var/lib/tether", "/tmp"]
 # proxy, forward proxy (HTTP_PROXY), admin (/metrics /healthz /readyz), transparent listener
 EXPOSE 8080 8081 9090 15001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

@@ -1,4 +1,4 @@
-# tether: make setup | run | demo | test | lint | bench | k8s-validate
+# tether: make setup | run | demo | test | lint | bench | k8s-validate | image | image-test
 SHELL := /bin/bash
 VENV  ?= .venv
 BIN   := $(VENV)/bin
@@ -16,7 +16,7 @@ PYTHON312 ?= $(shell \
 	  done; \
 	fi)
 
-.PHONY: setup system-deps run demo test lint bench clean k8s-validate k8s-rules hadolint
+.PHONY: setup system-deps run demo test lint bench clean k8s-validate k8s-rules hadolint image image-test
 
 $(STAMP): pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then \
@@ -80,6 +80,19 @@ k8s-validate: $(STAMP)
 # the container config includes; tests/test_k8s.py fails when it drifts. This refreshes it.
 k8s-rules:
 	cp rules/janitor.yaml deploy/k8s/base/config/janitor.yaml
+
+# The container image, built with buildah from the Dockerfile (no Docker engine needed); the
+# base is PYTHON_IMAGE, else the Dockerfile's default from a registry, else Debian trixie made
+# with mmdebstrap (see deploy/image/build.sh). IMAGE is the tag the manifests name.
+IMAGE ?= tether:0.1.0
+image:
+	deploy/image/build.sh $(IMAGE)
+
+# Runs the image as the sidecar manifest does (uid 10001, its volumes, its args) and checks
+# it from outside: probes, metrics, governed calls, the CA init container, SIGTERM; then
+# renders and validates the overlays. Needs `make image` first (tests/test_image.py).
+image-test: $(STAMP)
+	TETHER_IMAGE=$(IMAGE) $(BIN)/pytest -q -m image tests/test_image.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -17,7 +17,8 @@ from proxy import config as config_mod
 from proxy.server.app import Tether, bound_port, build, start
 from tests.fakes import Call, FakeOpenAI, Reply
 from tests.fakes.oidc import FakeIssuer
-from tests.redis_server import RedisServer, free_port
+from tests.fakes.threaded import ThreadedServer
+from tests.redis_server import RedisServer
 
 # CI runs the property tests on a fixed sequence of examples, so a submission's
 # verdict does not depend on luck; local runs keep exploring new examples.
@@ -171,32 +172,11 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def fake_upstream() -> Iterator[tuple[FakeOpenAI, int]]:
     """The fake OpenAI in a thread of its own, so a sync SDK client can call a subprocess."""
-    import asyncio
-    import threading
-
     fake = FakeOpenAI(script=lambda body: Reply(calls=(
         Call("get_weather", '{"city": "Oslo"}'),
         Call("delete_volume", '{"volume_id": "v", "tags": {"env": "production"}}'))))
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runner = web.AppRunner(fake.app(), access_log=None)
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    ready.wait(10)
-    yield fake, port
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with ThreadedServer(fake.app()) as port:
+        yield fake, port
 
 
 @pytest.fixture

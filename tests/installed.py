@@ -1,0 +1,126 @@
+"""What a user of an installed tether (the wheel in a fresh venv, the container image) sees,
+checked from outside: the tests of what ships (test_wheel.py, test_image.py) share these.
+
+The tether under test is another process started from the install; the fake OpenAI runs in
+a thread of this one (tests/fakes/threaded.py) and answers every chat completion with two
+calls, one the janitor policy allows and one it denies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+from openai.types.chat import ChatCompletionFunctionToolParam
+
+from tests.fakes import Call, FakeOpenAI, Reply
+
+TOOLS: list[ChatCompletionFunctionToolParam] = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+    for n in ("get_weather", "delete_volume")]
+SERIES = ("tether_requests_total", "tether_tool_decisions_total")
+TIMEOUT = 30.0
+
+
+def janitor_upstream() -> FakeOpenAI:
+    """Every answer: an allowed read and the production delete rules/janitor.yaml denies."""
+    return FakeOpenAI(script=lambda body: Reply(calls=(
+        Call("get_weather", '{"city": "Oslo"}'),
+        Call("delete_volume", '{"volume_id": "vol-0a1", "tags": {"env": "production"}}'))))
+
+
+@dataclass(frozen=True)
+class Ports:
+    proxy: int
+    admin: int
+    forward: int | None
+
+
+BANNER = re.compile(r"proxy on http://[^:]+:(\d+) .*admin on http://[^:]+:(\d+)"
+                    r"(?:.*HTTP_PROXY on http://[^:]+:(\d+))?")
+
+
+def read_banner(proc: subprocess.Popen[str], deadline: float = TIMEOUT) -> Ports:
+    """The ports `tether serve` printed on its first line (it prints nothing before)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = BANNER.search(line)
+    if not match:
+        proc.kill()
+        _, err = proc.communicate(timeout=deadline)
+        raise AssertionError(f"tether serve did not start: {line!r} {err}")
+    forward = match.group(3)
+    return Ports(int(match.group(1)), int(match.group(2)), int(forward) if forward else None)
+
+
+def wait_ready(admin_url: str, deadline: float = TIMEOUT) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with urllib.request.urlopen(f"{admin_url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"{admin_url}/readyz did not answer 200 within {deadline} s")
+        time.sleep(0.2)
+
+
+def check_admin(admin_url: str) -> None:
+    """Health checks answer 200 and /metrics carries tether's own series (after a request:
+    labelled series appear with their first sample)."""
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(f"{admin_url}{path}", timeout=5) as r:
+            assert r.status == 200, path
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    for series in SERIES:
+        assert f"\n{series}{{" in metrics, f"{series} missing from /metrics"
+
+
+def _check_answer(response: openai.types.chat.ChatCompletion) -> None:
+    message = response.choices[0].message
+    kept = [c.function.name for c in message.tool_calls or [] if c.type == "function"]
+    assert kept == ["get_weather"], kept
+    assert "no-prod-deletes" in (message.content or ""), message.content
+
+
+def check_governed(base_url: str) -> None:
+    """Through the base URL, as an SDK pointed at tether: the read is kept, the delete is
+    replaced by text naming the rule."""
+    with openai.OpenAI(base_url=base_url, api_key="sk-agent", max_retries=0,
+                       timeout=TIMEOUT) as client:
+        _check_answer(client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "clean up"}], tools=TOOLS))
+
+
+def check_forwarded(forward_url: str, ca_file: Path) -> None:
+    """Through HTTPS_PROXY to api.openai.com, trusting the CA tether wrote: governed the same."""
+    trust = ssl.create_default_context(cafile=str(ca_file))
+    http = openai.DefaultHttpxClient(proxy=forward_url, verify=trust, trust_env=False)
+    with openai.OpenAI(base_url="https://api.openai.com/v1", api_key="sk-agent",
+                       max_retries=0, timeout=TIMEOUT, http_client=http) as client:
+        _check_answer(client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "clean up"}], tools=TOOLS))
+
+
+def check_upstream_saw(fake: FakeOpenAI, count: int, key: str | None) -> None:
+    """The fake got `count` requests; with `key`, each carried tether's key, not the agent's."""
+    assert len(fake.requests) == count, len(fake.requests)
+    if key is not None:
+        assert all(h.get("Authorization") == f"Bearer {key}" for h in fake.headers), \
+            [h.get("Authorization") for h in fake.headers]
+
+
+def audit_actions(path: Path) -> list[str]:
+    return [json.loads(line)["action"] for line in path.read_text().splitlines()
+            if json.loads(line).get("kind") == "decision"]
