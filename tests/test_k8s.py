@@ -509,9 +509,12 @@ def test_transparent_mode_redirects_before_the_agent_starts() -> None:
     assert redirect["command"] == ["tether-redirect"]
     assert redirect["image"] == tether["image"]
     env = {e["name"]: e["value"] for e in redirect["env"]}
+    admin_port = next(p["containerPort"] for p in tether["ports"] if p["name"] == "admin")
     assert env == {"TETHER_UID": str(tether["securityContext"]["runAsUser"]),
                    "TETHER_TRANSPARENT_PORT": str(parse_args(tether).transparent_port),
-                   "TETHER_REDIRECT_PORTS": "80 443"}
+                   "TETHER_REDIRECT_PORTS": "80 443",
+                   "TETHER_ADMIN_PORT": str(admin_port),    # the agent is kept off it
+                   "TETHER_ALLOW_EGRESS": ""}               # nothing but DNS leaves unseen
     assert "COPY --chmod=0755 deploy/transparent/tether-redirect /usr/local/bin/tether-redirect" \
         in (ROOT / "Dockerfile").read_text()
     script = ROOT / "deploy" / "transparent" / "tether-redirect"

@@ -152,8 +152,73 @@ def test_the_redirect_script_installs_once_and_removes_everything() -> None:
     ({"TETHER_REDIRECT_PORTS": "80 https"}, "'https' is not a port"),
     ({"TETHER_EXCLUDE_CIDRS": "10.0.0.0/8;rm"}, "is not an address or CIDR"),
     ({"TETHER_OTHER_TCP": "maybe"}, "TETHER_OTHER_TCP must be reject or allow"),
+    ({"TETHER_ADMIN_PORT": "admin"}, "TETHER_ADMIN_PORT is not a port"),
+    ({"TETHER_DNS": "10.0.0.10 $(id)"}, "TETHER_DNS: '$(id)' is not an address"),
+    ({"TETHER_ALLOW_EGRESS": "sctp/9"}, "the protocol must be tcp, udp or icmp"),
+    ({"TETHER_ALLOW_EGRESS": "udp/"}, "a port must follow the /"),
+    ({"TETHER_ALLOW_EGRESS": "udp/9:1"}, "'9:1' is not a port or P:LAST"),
+    ({"TETHER_ALLOW_EGRESS": "icmp/8"}, "icmp has no ports"),
+    ({"TETHER_ALLOW_EGRESS": "udp/53@10.0.0.0/8;x"}, "is not an address or CIDR"),
 ])
 def test_the_redirect_script_refuses_bad_settings(env: dict[str, str], message: str) -> None:
     done = subprocess.run(["sh", str(REDIRECT), "--dry-run"], capture_output=True, text=True,
                           env={"PATH": os.environ["PATH"], **env})
     assert done.returncode == 1 and message in done.stderr
+
+
+def _dry_run(**env: str) -> list[str]:
+    """The commands the script would run, for both families (so both tools must exist)."""
+    if shutil.which("iptables") is None or shutil.which("ip6tables") is None:
+        pytest.skip("needs iptables and ip6tables (the dry run names the families it finds)")
+    done = subprocess.run(["sh", str(REDIRECT), "--dry-run"], capture_output=True, text=True,
+                          check=True, env={"PATH": os.environ["PATH"], **env})
+    return done.stdout.splitlines()
+
+
+def test_the_filter_refuses_all_but_dns_and_what_is_allowed_in_this_order() -> None:
+    """Order is the policy: tether's uid first, then the admin port before loopback, the
+    openings, and a REJECT of everything (any protocol) last, in both families."""
+    for tool in ("iptables", "ip6tables"):
+        rules = [r.split(" -A TETHER_FILTER ", 1)[1] for r in _dry_run(TETHER_DNS="10.0.0.10 fd00::a")
+                 if r.startswith(f"{tool} -t filter -A TETHER_FILTER ")]
+        loopback = "-d 127.0.0.0/8 -j RETURN" if tool == "iptables" else "-d ::1/128 -j RETURN"
+        dns = "10.0.0.10" if tool == "iptables" else "fd00::a"
+        assert rules[:4] == [
+            "-m owner --uid-owner 10001 -j RETURN",
+            "-p tcp -m addrtype --dst-type LOCAL --dport 9090 -j REJECT --reject-with tcp-reset",
+            loopback,
+            "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN"]
+        assert rules[4:7] == [f"-d {dns} -p udp --dport 53 -j RETURN",
+                              f"-d {dns} -p tcp --dport 53 -j RETURN",
+                              "-p udp --dport 443 -m conntrack --ctstate NEW -j REJECT"]
+        assert rules[-2:] == ["-p tcp -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset",
+                              "-j REJECT"]
+        assert (tool == "ip6tables") == any("neighbour-solicitation" in r for r in rules)
+
+
+@pytest.mark.parametrize(("allow", "v4", "v6"), [
+    ("udp/123", ["-p udp --dport 123 -j RETURN"], ["-p udp --dport 123 -j RETURN"]),
+    ("udp/123@10.0.0.5", ["-d 10.0.0.5 -p udp --dport 123 -j RETURN"], []),
+    ("tcp/5432@fd00::/8", [], ["-d fd00::/8 -p tcp --dport 5432 -j RETURN"]),
+    ("udp/60000:61000", ["-p udp --dport 60000:61000 -j RETURN"],
+     ["-p udp --dport 60000:61000 -j RETURN"]),
+    ("icmp", ["-p icmp -j RETURN"], ["-p ipv6-icmp -j RETURN"]),
+    ("udp", ["-p udp -j RETURN"], ["-p udp -j RETURN"]),
+])
+def test_allow_egress_entries_become_rules(allow: str, v4: list[str], v6: list[str]) -> None:
+    lines = _dry_run(TETHER_ALLOW_EGRESS=allow, TETHER_DNS="")
+    for tool, want in (("iptables", v4), ("ip6tables", v6)):
+        rules = [r.split(" -A TETHER_FILTER ", 1)[1] for r in lines
+                 if r.startswith(f"{tool} -t filter -A TETHER_FILTER ")]
+        opened = [r for r in rules if r.endswith("-j RETURN") and "--uid-owner" not in r
+                  and not r.startswith(("-d 127.", "-d ::1", "-m conntrack")) and "icmpv6-type" not in r]
+        assert opened == want, tool
+
+
+def test_the_admin_port_and_dns_settings() -> None:
+    assert not [r for r in _dry_run(TETHER_ADMIN_PORT="") if "addrtype" in r]
+    assert [r for r in _dry_run(TETHER_ADMIN_PORT="19090") if "--dport 19090 -j REJECT" in r]
+    assert not [r for r in _dry_run(TETHER_DNS="") if "--dport 53" in r]
+    any_dns = [r for r in _dry_run(TETHER_DNS="any") if "--dport 53" in r]
+    assert "iptables -t filter -A TETHER_FILTER -p udp --dport 53 -j RETURN" in any_dns
+    assert "iptables -t nat -A TETHER_OUTPUT -p tcp --dport 53 -j RETURN" in any_dns  # not redirected

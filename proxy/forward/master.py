@@ -30,7 +30,7 @@ with warnings.catch_warnings():
     from mitmproxy.master import Master
 
 from ..auth.authenticator import Authenticator
-from ..egress import Egress, api_for_host
+from ..egress import Egress
 from ..governor import Governor
 from ..telemetry import Metrics
 from .addon import ForwardAddon
@@ -100,7 +100,7 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     server = proxyserver.Proxyserver()  # type: ignore[no-untyped-call]
     egress = egress or Egress()
     targets = Targets(settings, (*own_ports, reverse[1]),
-                      named=lambda host: api_for_host(egress.apis, host) is not None)
+                      named=lambda host: any(a.names(host) for a in egress.apis.apis.values()))
     addon = ForwardAddon(governor, metrics, targets, reverse, egress, resolver, auth)
     master.addons.add(core.Core(), server, next_layer.NextLayer(), tlsconfig.TlsConfig(),
                       block.Block(), disable_h2c.DisableH2C(), addon)  # type: ignore[no-untyped-call]

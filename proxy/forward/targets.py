@@ -76,7 +76,8 @@ class Targets:
 
     def __init__(self, settings: ForwardSettings, own_ports: Iterable[int],
                  named: Callable[[str], bool] | None = None) -> None:
-        """`named`: hosts an `apis:` entry names, which may resolve to private addresses."""
+        """`named`: hosts an `apis:` entry names exactly (never by a glob), which may
+        resolve to private addresses without `forward.allow_private`."""
         self.settings = settings
         self.own_ports = frozenset(own_ports)
         self.named = named

@@ -53,6 +53,13 @@ class ToolApi:
         name = host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.hosts)
 
+    def names(self, host: str) -> bool:
+        """Whether `hosts` names `host` exactly, not by a glob. Only such a host may lead
+        to a private address without `forward.allow_private`: the operator wrote that
+        name, while the names a glob covers resolve where someone else decides."""
+        name = host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+        return any("*" not in pattern and pattern == name for pattern in self.hosts)
+
     @property
     def provider(self) -> str:
         """The provider name in audit records and metrics."""

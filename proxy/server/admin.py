@@ -1,10 +1,19 @@
 """The admin port: health, metrics, and the state people act on.
 
-Never served on the proxy port, so an agent cannot reach it. Everything but
-`/metrics`, the health checks and the static approvals page (`/ui/`) needs
-`Authorization: Bearer <token>`, the token read from the environment variable the config names
-(`admin.token_env`, default TETHER_ADMIN_TOKEN). With no token configured those
-routes answer 503: fail closed rather than open.
+A separate port from the proxy's, so nothing an agent sends through the proxy is
+served here. That is not isolation: a sidecar's agent shares the pod's loopback
+and can connect to this port (the transparent redirect can refuse it that,
+`TETHER_ADMIN_PORT` of deploy/transparent/tether-redirect). What guards the port
+is the token: `Authorization: Bearer <token>`, read from the environment variable
+the config names (`admin.token_env`, default TETHER_ADMIN_TOKEN), on every route
+but these, which answer anyone:
+  GET/HEAD /healthz, /readyz, /metrics   what probes and Prometheus read (they send no token)
+  GET/HEAD /ui, /ui/                     the approvals page: a fixed file holding no data; a
+                                         browser cannot send a bearer header when it navigates
+  POST /slack/interactions               Slack signs each request instead (interactions.py
+                                         checks the signature before anything else); only
+                                         when `slack:` is configured
+With no token configured the other routes answer 503: fail closed rather than open.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ from ..errors import StoreUnavailable
 from ..sessions.guard import SessionGuard
 from ..telemetry import Metrics
 
-# The approvals page is static (it holds no data); it calls the API with the token.
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", *UI_PATHS}
+# GET or HEAD only. The approvals page is static (it holds no data); it calls the API
+# with the token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *UI_PATHS})
+OPEN_METHODS = frozenset({"GET", "HEAD"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -34,18 +45,20 @@ def _problem(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
-def token_middleware(token_env: str) -> Middleware:
+def token_middleware(token_env: str, *, slack: bool) -> Middleware:
+    """`slack`: whether POST /slack/interactions is served (and checks Slack's signature)."""
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if request.path in OPEN_PATHS and request.method in OPEN_METHODS:
             return await handler(request)
-        if request.path == INTERACTIONS_PATH and request.method == "POST":
+        if slack and request.path == INTERACTIONS_PATH and request.method == "POST":
             return await handler(request)  # Slack cannot send our token; it signs instead
         token = os.environ.get(token_env, "")
         if not token:
             return _problem(503, f"the admin API is disabled: set {token_env}")
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # aiohttp keeps bytes that are not UTF-8 as lone surrogates: compared as the bytes sent.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {token}".encode("utf-8", "surrogateescape")):
             return _problem(401, "a valid admin bearer token is required")
         return await handler(request)
 
@@ -54,7 +67,8 @@ def token_middleware(token_env: str) -> Middleware:
 
 def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Holds,
                 ready: Callable[[], bool], slack: Handler | None = None) -> web.Application:
-    app = web.Application(middlewares=[token_middleware(config.admin_token_env)])
+    app = web.Application(middlewares=[token_middleware(config.admin_token_env,
+                                                        slack=slack is not None)])
     audit = guard.audit
     queue = holds.queue
 
