@@ -5,7 +5,6 @@ the config has one) and print; none of them opens a port."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from .providers.arguments import parse_arguments
 
 if TYPE_CHECKING:
     from .opa.offline import OfflineDecider
+    from .policy_tests import CaseFile
 
 
 def load_config(path: str) -> config_mod.Config:
@@ -76,54 +76,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    """Every file is checked before its cases run (policy_tests.py): a file that cannot
+    be read, or a case that is malformed, is an error (exit 1), never a pass."""
     from .opa.offline import OfflineDecider
-    from .policy.source import load_yaml
+    from .policy_tests import parse_case_file
 
     passed = failed = 0
     for path in args.files:
-        file = Path(path)
         try:
-            doc = load_yaml(file.read_text(encoding="utf-8"), str(file))
-            if not isinstance(doc, dict) or not isinstance(doc.get("config"), str):
-                raise ConfigError("a test file needs 'config: PATH' and 'cases: [...]'",
-                                  file=str(file))
-            cfg = load_config(str(file.parent / doc["config"]))
-            cases = doc.get("cases")
-            if not isinstance(cases, list):
-                raise ConfigError("'cases' must be a list", file=str(file))
-        except (ConfigError, OSError) as e:
+            case_file = parse_case_file(Path(path).read_text(encoding="utf-8"), path)
+            cfg = load_config(case_file.config)
+        except (ConfigError, OSError, UnicodeDecodeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         with OfflineDecider(cfg) as decider:
-            passed, failed = _run_cases(decider, file, cases, args.verbose, passed, failed)
+            passed, failed = _run_cases(decider, case_file, args.verbose, passed, failed)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
 
-def _run_cases(decider: OfflineDecider, file: Path, cases: list[object], verbose: bool,
+def _run_cases(decider: OfflineDecider, case_file: CaseFile, verbose: bool,
                passed: int, failed: int) -> tuple[int, int]:
-    for i, case in enumerate(cases):
-        name = case.get("name", f"case {i + 1}") if isinstance(case, dict) else f"case {i + 1}"
-        if not isinstance(case, dict) or "tool" not in case or "expect" not in case:
-            print(f"FAIL {file}: {name}: a case needs 'tool' and 'expect'")
-            failed += 1
-            continue
-        raw = case["args"] if isinstance(case.get("args"), str) else json.dumps(
-            case.get("args", {}))
-        call, exchange = _explain_call(decider.engine, str(case["tool"]), raw, case.get("agent"),
-                                       case.get("declared"))
+    for case in case_file.cases:
+        where = f"{case_file.file}:{case.line}: {case.name}"
+        call, exchange = _explain_call(decider.engine, case.tool, case.raw_args, case.agent,
+                                       case.declared)
         decision = decider.decide(call, exchange)
-        want_rules = set(case.get("rules", []))
-        ok = decision.action.value == case["expect"] and want_rules <= set(decision.rules)
-        if ok:
+        if decision.action is case.expect and case.rules <= set(decision.rules):
             passed += 1
             if verbose:
-                print(f"PASS {file}: {name}")
+                print(f"PASS {where}")
         else:
             failed += 1
-            print(f"FAIL {file}: {name}: got {decision.action.value} "
-                  f"(rules: {', '.join(decision.rules) or 'none'}), want {case['expect']}"
-                  + (f" (rules: {', '.join(sorted(want_rules))})" if want_rules else ""))
+            print(f"FAIL {where}: got {decision.action.value} "
+                  f"(rules: {', '.join(decision.rules) or 'none'}), want {case.expect.value}"
+                  + (f" (rules: {', '.join(sorted(case.rules))})" if case.rules else ""))
     return passed, failed
 
 

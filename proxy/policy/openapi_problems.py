@@ -10,13 +10,13 @@ make the audit record or the 403 arbitrarily long.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 
 from jsonschema.exceptions import ValidationError
 
 from ..model import Action, RuleTrace
 from .openapi_model import Body, Json, Schema
+from .openapi_patterns import matches_any
 
 MAX_PROBLEMS = 20
 
@@ -63,7 +63,7 @@ def _describe(e: ValidationError, base: str, noun: str) -> list[str]:
         schema: Json = e.schema if isinstance(e.schema, dict) else {}
         props = schema.get("properties") or {}
         patterns = list(schema.get("patternProperties") or {})
-        extra = [k for k in inst if k not in props and not any(re.search(p, k) for p in patterns)]
+        extra = [k for k in inst if k not in props and not matches_any(patterns, k)]
         return [f"unknown {noun} {_label(here, [k])!r}" for k in extra] or \
             [f"{noun} {where!r}: {_short(e.message)}"]
     if e.validator == "type":

@@ -16,8 +16,9 @@ match recorded (`Decision.shadow`, the audit's `shadow_rules`, a counter) but it
 never changes the decision. The key is shared with hold rules' `mode: wait |
 ticket` (the values do not overlap; a shadow hold never holds, so it needs no
 wait/ticket) and spelled like budgets' `mode: shadow`. String comparisons for `equals`, `in` and
-`not_in` use the same normal form as tool names; `matches` sees the raw text
-(write `(?i)` for case-insensitive patterns).
+`not_in` use the same normal form as tool names; `matches` sees the raw text: an RE2
+pattern (patterns.py) that searches it, where `^` and `$` are the start and end of the
+text (write `(?i)` for case-insensitive patterns).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..model import Action, Effect, OnDeny, RuleTrace, ToolCall
 from .names import normalize
+from .patterns import rule_pattern
 from .source import YMap
 
 RULE_KEYS = {"id", "description", "match", "action", "message", "on_deny", "approvers", "timeout",
@@ -141,10 +143,10 @@ def _condition(path: str, op: str, operand: object, where: Callable[[str], Confi
         if not isinstance(operand, str):
             raise where("matches needs a regular expression string")
         try:
-            rx = re.compile(operand)
-        except re.error as e:
-            raise where(f"bad regular expression {operand!r}: {e}") from e
-        test = lambda vs: any(isinstance(v, str) and rx.search(v) is not None for v in vs)  # noqa: E731
+            rx = rule_pattern(operand)
+        except ConfigError as e:
+            raise where(f"bad regular expression {operand!r}: {e.message}") from None
+        test = lambda vs: any(isinstance(v, str) and rx.search(v) for v in vs)  # noqa: E731
     elif op == "exists":
         if not isinstance(operand, bool):
             raise where("exists needs true or false")
