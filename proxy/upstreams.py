@@ -9,6 +9,7 @@ its repr, or an error message.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,8 +28,21 @@ DEFAULT_UPSTREAMS = {
 }
 KNOWN_UPSTREAMS = {*DEFAULT_UPSTREAMS, "azure"}
 KEYS = {"url", "api_key_env", "api_key_file", "agent_credentials", "region", "ca_file",
-        "aws_credentials_file", "aws_profile"}
+        "aws_credentials_file", "aws_profile", "batches"}
 AGENT_CREDENTIALS = ("strip", "pass")
+
+
+class BatchMode(enum.Enum):
+    """How a provider's batch API is met (`upstreams.NAME.batches`; docs/hardening.md).
+    A batch runs at the provider and its output file is not read, so neither mode lets
+    a batch that declares tools through."""
+
+    REFUSE = "refuse"              # every batch endpoint and batch input upload: 501
+    REFUSE_TOOLS = "refuse_tools"  # a batch, or its input upload, declaring tools: 501
+
+
+# The providers whose batch APIs tether reads; Gemini's and Bedrock's are always refused.
+BATCH_UPSTREAMS = ("openai", "azure", "anthropic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +58,7 @@ class Upstream:
     pass_agent_credentials: bool = False
     aws_credentials_file: str | None = None  # bedrock: botocore's shared-credentials format
     aws_profile: str | None = None
+    batches: BatchMode = BatchMode.REFUSE_TOOLS
 
     @property
     def has_key_source(self) -> bool:
@@ -93,7 +108,22 @@ def _parse_one(name: str, spec: YMap, base: Path) -> Upstream:
                   "upstream) or pass", spec, "agent_credentials", where)
     return Upstream(name, url, key_env, region, _path(spec, "ca_file", name, base, "a PEM file"),
                     api_key_file=key_file, pass_agent_credentials=mode == "pass",
-                    aws_credentials_file=aws_file, aws_profile=profile)
+                    aws_credentials_file=aws_file, aws_profile=profile,
+                    batches=_batches(name, spec, where))
+
+
+def _batches(name: str, spec: YMap, where: str) -> BatchMode:
+    value = spec.get("batches")
+    if value is None:
+        return BatchMode.REFUSE_TOOLS
+    if name not in BATCH_UPSTREAMS:
+        raise err(f"batches applies to {', '.join(BATCH_UPSTREAMS)}; the batch APIs of other "
+                  "providers are always refused", spec, "batches", where)
+    modes = {m.value: m for m in BatchMode}
+    if not isinstance(value, str) or value not in modes:
+        raise err("must be refuse_tools (the default: a batch that declares tools is refused) "
+                  "or refuse (every batch is refused)", spec, "batches", where)
+    return modes[value]
 
 
 def parse_upstreams(doc: YMap, env: Mapping[str, str], base: Path) -> dict[str, Upstream]:

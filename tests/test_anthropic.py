@@ -92,8 +92,11 @@ def error_of(run: Run) -> dict[str, Any]:
     ("POST", "v1/messages/count_tokens", RouteKind.PASS, 0),
     ("GET", "v1/models", RouteKind.PASS, 0),
     ("GET", "v1/models/claude-fake", RouteKind.PASS, 0),
-    ("POST", "v1/messages/batches", RouteKind.REFUSE, 501),
-    ("GET", "v1/messages/batches/msgbatch_1/results", RouteKind.REFUSE, 501),
+    # Batches are judged by `upstreams.anthropic.batches` (tests/test_batches.py).
+    ("POST", "v1/messages/batches", RouteKind.BATCH, 0),
+    ("GET", "v1/messages/batches/msgbatch_1/results", RouteKind.BATCH, 0),
+    ("POST", "v1/messages/batches/", RouteKind.REFUSE, 404),
+    ("POST", "v1/Messages/Batches", RouteKind.REFUSE, 404),
     ("POST", "v1/messages/", RouteKind.REFUSE, 404),
     ("POST", "v1/Messages", RouteKind.REFUSE, 404),
     ("POST", "v2/messages", RouteKind.REFUSE, 404),

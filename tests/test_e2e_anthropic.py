@@ -245,13 +245,14 @@ async def test_count_tokens_and_models_pass_through(env: Env) -> None:
     assert env.stack.decisions() == []
 
 
-async def test_batches_are_refused_not_passed(env: Env) -> None:
+async def test_batches_that_declare_tools_are_refused_not_passed(env: Env) -> None:
+    # More in tests/test_batches.py: tool-less batches pass, `batches: refuse` refuses all.
     with pytest.raises(anthropic.APIStatusError) as info:
         await env.client.messages.batches.create(requests=[{
             "custom_id": "a", "params": {"model": MODEL, "max_tokens": 10,
-                                         "messages": MESSAGES}}])
+                                         "messages": MESSAGES, "tools": TOOLS}}])
     assert info.value.status_code == 501 and info.value.type == "api_error"
-    assert "batch" in (info.value.api_message or "")
+    assert "declare tools" in (info.value.api_message or "")
     assert env.fake.requests == []
 
 
@@ -340,8 +341,10 @@ async def test_body_over_the_limit_is_413(make_stack: MakeStack) -> None:
     ("/anthropic/v2/messages", 404),
     ("/anthropic/messages", 404),
     ("/anthropic/v1/beta/messages", 404),
-    ("/anthropic/v1/messages/batches", 501),
-    ("/anthropic/v1/messages/batches/msgbatch_1/results", 501),
+    ("/anthropic/v1/messages/batches", 400),  # a batch body without 'requests'
+    ("/anthropic/v1/messages/batches/", 404),
+    ("/anthropic/v1/Messages/Batches", 404),
+    ("/anthropic/v1/messages/batches/msgbatch_1/results", 404),  # results are GET
     ("/anthropic/v1/mess%61ges", 400),
     ("/anthropic/v1/messages%2f", 400),
     ("/anthropic/v1/models/../messages", 400),

@@ -1,8 +1,9 @@
 """Anthropic behind `/anthropic/`: the Messages API's routes, requests, responses, errors.
 
     POST v1/messages             governed: every `tool_use` block is decided
-    v1/messages/batches...       refused (501): batch results carry tool calls that
-                                 tether cannot hold back and decide yet
+    v1/messages/batches...       BATCH routes (`batch_routes`): judged by
+                                 `upstreams.anthropic.batches`, since batch results
+                                 carry tool calls that tether cannot hold back
     v1/messages/count_tokens,
     v1/models ...                passed through unchanged
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
 from ..strict_json import strict_pairs
+from ..surrogates import json_text
 from . import tool_scope
 from .anthropic_stream import (
     CUT_REASONS,
@@ -47,12 +49,12 @@ from .base import (
     denial_summary,
     denial_text,
 )
+from .batch_routes import anthropic_batches
+from .held import DEFAULT_MAX_ARGUMENTS
 
 type JSONObject = dict[str, object]
 
 MESSAGES_PATH = "v1/messages"
-# Segments of endpoints that carry tool calls tether does not read yet.
-NOT_YET_GOVERNED = {"batches"}
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def _fingerprint(system: object, messages: object) -> str | None:
                       if isinstance(m, dict) and m.get("role") == "user"), None)
     if system is None and first is None:
         return None
-    return json.dumps([system, first], sort_keys=True, ensure_ascii=False)
+    return json_text([system, first], sort_keys=True)
 
 
 # --- whole responses --------------------------------------------------------------------
@@ -134,11 +136,11 @@ def _dumps(value: object) -> str:
     """JSON text of a tool's input, duplicate keys included."""
     if isinstance(value, dict):
         items = value.pairs if isinstance(value, _Pairs) else list(value.items())
-        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_dumps(v)}"
+        return "{" + ", ".join(f"{json_text(k)}: {_dumps(v)}"
                                for k, v in items) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(_dumps(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
+    return json_text(value)
 
 
 def _duplicates(value: object) -> bool:
@@ -208,7 +210,7 @@ def render_response(response: MessagesResponse, decisions: Sequence[Decision]) -
             content[call.index] = {"type": "text", "text": denial_text(call, decision)}
     if not kept and obj.get("stop_reason") == "tool_use":
         obj["stop_reason"] = "end_turn"
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return json_text(obj).encode("utf-8")
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -238,8 +240,8 @@ class AnthropicMessages:
         assert isinstance(parsed, MessagesResponse)
         return render_response(parsed, decisions)
 
-    def stream(self, route: Route) -> MessagesStream:
-        return MessagesStream()
+    def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> MessagesStream:
+        return MessagesStream(max_arguments=max_arguments)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply:
@@ -255,11 +257,9 @@ class AnthropicProvider:
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
         segments = [s for s in path.lower().split("/") if s]
-        if NOT_YET_GOVERNED.intersection(segments):
-            return Route(RouteKind.REFUSE, status=501, message=(
-                f"/{self.name}/{path}: message batch results carry tool calls that this "
-                "version of tether cannot govern yet, so batches are refused rather than "
-                "passed through"))
+        batch = anthropic_batches(self.name, method, path)
+        if batch is not None:
+            return batch
         if segments[-1:] == ["messages"]:
             if method != "POST" or path != MESSAGES_PATH:
                 return Route(RouteKind.REFUSE, status=404, message=(

@@ -5,7 +5,8 @@
     openai/responses?api-version=...  and  openai/v1/responses        (Responses API)
 
 The deployment names the model when the body does not. Keys go in `api-key`.
-Errors have OpenAI's shape, which Azure shares.
+Errors have OpenAI's shape, which Azure shares. Batches (`openai/batches`,
+`openai/v1/batches`) and their input uploads are BATCH routes, as on OpenAI.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import ErrorReply, Route, RouteKind
+from .batch_routes import openai_batches
 from .openai import NOT_YET_GOVERNED
 from .openai_chat import CHAT, error_reply
 from .openai_responses import RESPONSES
@@ -27,6 +29,9 @@ class AzureProvider:
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
         segments = [s for s in path.split("/") if s]
         lower = [s.lower() for s in segments]
+        batch = openai_batches(self.name, method, path, ("openai/v1", "openai"))
+        if batch is not None:
+            return batch
         if lower[-1:] == ["responses"]:
             if method == "POST" and path == "/".join(segments) and segments in RESPONSES_PATHS:
                 return Route(RouteKind.GOVERNED, RESPONSES, upstream_path=path)

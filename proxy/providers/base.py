@@ -83,7 +83,10 @@ class WireFormat(Protocol):
 
     def render_response(self, parsed: ParsedResponse, decisions: Sequence[Decision]) -> bytes: ...
 
-    def stream(self, route: Route) -> StreamFilter: ...
+    def stream(self, route: Route, *, max_arguments: int = ...) -> StreamFilter:
+        """`max_arguments`: the argument bytes the filter holds back at most, past which
+        it cuts the stream (limits.max_arguments_bytes; providers/held.py)."""
+        ...
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply: ...
@@ -116,6 +119,16 @@ class RouteKind(enum.Enum):
     GOVERNED = "governed"  # tool calls are read and decided
     PASS = "pass"          # forwarded unchanged (models list, embeddings ...)
     REFUSE = "refuse"      # answered with an error, nothing forwarded
+    BATCH = "batch"        # a batch API step: judged by `upstreams.NAME.batches`, then passed
+
+
+class BatchStep(enum.Enum):
+    """Which step of a provider's batch API a BATCH route is."""
+
+    UPLOAD = "upload"                      # a file upload that may be a batch's input
+    CREATE_FROM_FILE = "create_from_file"  # a batch naming an uploaded input file
+    CREATE_INLINE = "create_inline"        # a batch carrying its requests in the body
+    MANAGE = "manage"                      # list, retrieve, cancel, delete, results
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +141,8 @@ class Route:
     status: int = 404            # for REFUSE
     message: str = ""            # for REFUSE
     params: Mapping[str, str] = field(default_factory=dict)
+    batch: BatchStep | None = None  # for BATCH
+    files_path: str = ""         # for CREATE_FROM_FILE: where the input file is read
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,10 +22,11 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from ..surrogates import json_text
 from . import tool_scope
 from .arguments import parse_arguments
 from .base import (
@@ -38,6 +39,7 @@ from .base import (
     denial_summary,
     denial_text,
 )
+from .held import DEFAULT_MAX_ARGUMENTS
 
 if TYPE_CHECKING:
     from .bedrock_stream import ConverseStream
@@ -213,7 +215,7 @@ def parse_response(body: bytes) -> ConverseResponse:
             if has_duplicate(use["input"]):
                 problem = problem or "tool-call arguments hold a duplicate key"
             try:
-                raw = json.dumps(use["input"], ensure_ascii=False)
+                raw = json_text(use["input"])
             except (ValueError, RecursionError):
                 raw, problem = "", problem or "tool-call arguments cannot be read"
         calls.append(tool_call(id=str(use["toolUseId"]), name=str(use["name"]), raw=raw,
@@ -235,7 +237,7 @@ def render_response(response: ConverseResponse, decisions: Sequence[Decision]) -
     left = any(isinstance(b, dict) and "toolUse" in b for b in content)
     if not left and obj.get("stopReason") == TOOL_USE:
         obj["stopReason"] = END_TURN
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return json_text(obj).encode("utf-8")
 
 
 def denied_error(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> ErrorReply:
@@ -261,10 +263,10 @@ class BedrockConverse:
         assert isinstance(parsed, ConverseResponse)
         return render_response(parsed, decisions)
 
-    def stream(self, route: Route) -> ConverseStream:
+    def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> ConverseStream:
         from .bedrock_stream import ConverseStream  # it builds on this module's helpers
 
-        return ConverseStream()
+        return ConverseStream(max_arguments=max_arguments)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply:
@@ -289,7 +291,8 @@ class BedrockProvider:
                              message="the model id in the path is not valid UTF-8")
             return Route(RouteKind.GOVERNED, CONVERSE, upstream_path=path, model=model,
                          stream=OPERATIONS[segments[2]])
-        if any(s.lower() in OPERATIONS for s in segments):
+        # Judged decoded too: `model/ID%2Fconverse` is a near-miss, not another operation.
+        if any(s.lower() in OPERATIONS for s in unquote(path).split("/")):
             return Route(RouteKind.REFUSE, status=404, message=(
                 f"{method} /{self.name}/{path}: the governed endpoints are POST "
                 f"/{self.name}/model/MODEL_ID/converse and .../converse-stream"))

@@ -3,7 +3,8 @@
 A path is governed by what it ends in, not by its exact spelling, so an
 upstream configured with a path of its own (`http://vllm:8000/v1`) cannot open
 a second, ungoverned door to the same endpoint: one spelling is governed, the
-near-misses are refused, everything else passes.
+near-misses are refused, everything else passes. Batches and their input
+uploads are BATCH routes (`batch_routes`), judged by `upstreams.openai.batches`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import ErrorReply, Route, RouteKind
+from .batch_routes import openai_batches
 from .openai_chat import CHAT, error_reply
 from .openai_responses import RESPONSES
 
@@ -29,6 +31,9 @@ class OpenAIProvider:
 
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
         segments = [s for s in path.lower().split("/") if s]
+        batch = openai_batches(self.name, method, path, ("v1",))
+        if batch is not None:
+            return batch
         if segments[-1:] == ["responses"]:
             if method != "POST" or path != RESPONSES_PATH:
                 return Route(RouteKind.REFUSE, status=404, message=(

@@ -1,17 +1,17 @@
 """The reverse route for tool APIs: `/apis/{name}/PATH` goes to the API's URL + PATH.
 
 For agents that can set a base URL. A request is judged whole before a byte
-goes upstream: the path must be canonical (ambiguous encodings are refused,
-400); it is judged as the method it asks to be (override headers and
-`_method`); it must be an operation of the API's OpenAPI spec (an allow-list:
-anything else is denied) whose parameters and body fit the spec; then the
-rules decide, matching `api: jira.createIssue` or `effect: write`. A hold waits
-on the same approvals as the LLM side (approve over the admin API, the CLI,
-Slack or the page). An allowed request is forwarded unchanged but for
-credentials (tether's own, from `api_key_env`, as `Authorization: Bearer`) and
-its response streamed back; redirects are returned, not followed. Budgets do
-not apply: tool APIs cost no tokens. Everything is audited under provider
-`api:<name>`.
+goes upstream: the path must be canonical (`proxy.paths`: ambiguous encodings,
+control, invisible and whitespace characters are refused, 400); it is judged
+as the method it asks to be (override headers and `_method`); it must be an
+operation of the API's OpenAPI spec (an allow-list: anything else is denied)
+whose parameters and body fit the spec; then the rules decide, matching
+`api: jira.createIssue` or `effect: write`. A hold waits on the same approvals
+as the LLM side (approve over the admin API, the CLI, Slack or the page). An
+allowed request is forwarded unchanged but for credentials (tether's own, from
+`api_key_env`, as `Authorization: Bearer`) and its response streamed back;
+redirects are returned, not followed. Budgets do not apply: tool APIs cost no
+tokens. Everything is audited under provider `api:<name>`.
 
 Refusals and denials are JSON: `{"error": {"message", "rule", "rules", "code"}}`.
 """
@@ -31,10 +31,11 @@ from ..egress import AMBIGUOUS, Verdict, Who, judge_api
 from ..egress import deciding_rule as deciding_rule  # re-exported: the MCP route uses it
 from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, Unauthorized
 from ..model import HttpRequest
+from ..paths import canonical_path
 from ..policy.apis_config import ToolApi
 from .errors import status_and_code
 from .llm import Context
-from .upstream import canonical_tail, forward_headers, read_body, relay
+from .upstream import forward_headers, read_body, relay
 
 log = logging.getLogger("tether.apis")
 
@@ -68,7 +69,7 @@ class ApiRoutes:
                 raise AmbiguousRequest("the request path is ambiguous (the API name is "
                                        "percent-encoded); it was not forwarded")
             try:
-                path = "/" + canonical_tail(raw_path[len(prefix):])
+                path = "/" + canonical_path(raw_path[len(prefix):]).raw
             except BadRequest as e:
                 raise AmbiguousRequest(e.message) from e
             body = await read_body(request, self.ctx.config.max_body_bytes)

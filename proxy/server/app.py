@@ -6,7 +6,7 @@ They never share routes: the admin port holds what an agent must not reach.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,29 +20,25 @@ from ..approvals.slack.notifier import SlackNotifier
 from ..audit import AuditLog
 from ..auth.jwks_fetch import make_authenticator
 from ..config import Config
-from ..errors import RouteNotFound
 from ..governor import Governor
 from ..opa.client import OpaClient
 from ..policy.engine import PolicyEngine
-from ..providers import PROVIDERS
-from ..providers.base import Provider
 from ..sessions.guard import SessionGuard
 from ..sessions.redis_store import RedisStore
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
 from .admin import build_admin
-from .apis import ApiRoutes
 from .errors import error_middleware
-from .llm import Context, LLMRoutes
-from .mcp import McpRoutes
+from .llm import Context
+from .routes import CONTEXT, add_routes
 from .traced import client_trace_config, server_middleware
+
+__all__ = ["CONTEXT", "Tether", "bound_port", "build", "start"]
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("tether.server")
-
-CONTEXT = web.AppKey("context", Context)
 
 
 @dataclass(slots=True)
@@ -71,26 +67,6 @@ def make_store(url: str) -> Store:
     if url == "memory":
         return MemoryStore()
     return RedisStore(url)
-
-
-async def _not_found(request: web.Request) -> web.StreamResponse:
-    known = ", ".join(f"/{p.name}/" for p in PROVIDERS)
-    raise RouteNotFound(f"no route for {request.path}; known prefixes: {known}")
-
-
-async def _apis(request: web.Request) -> web.StreamResponse:
-    return await ApiRoutes(request.app[CONTEXT]).handle(request)
-
-
-async def _mcp(request: web.Request) -> web.StreamResponse:
-    return await McpRoutes(request.app[CONTEXT]).handle(request)
-
-
-def _handler(provider: Provider) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await LLMRoutes(request.app[CONTEXT]).handle(request, provider)
-
-    return handle
 
 
 def build(config: Config, tracer_provider: TracerProvider | None = None) -> Tether:
@@ -134,12 +110,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
 
     proxy.cleanup_ctx.append(client_ctx)
 
-    for provider in PROVIDERS:
-        proxy.router.add_route("*", f"/{provider.name}/{{tail:.*}}", _handler(provider))
-    proxy.router.add_route("*", "/apis/{name}/{tail:.*}", _apis)
-    proxy.router.add_route("*", "/mcp/{name}", _mcp)
-    proxy.router.add_route("*", "/mcp/{name}/{tail:.*}", _mcp)
-    proxy.router.add_route("*", "/{tail:.*}", _not_found)
+    add_routes(proxy)
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
                         slack=slack.interactions.handle if slack is not None else None)

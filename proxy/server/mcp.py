@@ -33,6 +33,7 @@ from ..auth.authenticator import Identity
 from ..config import Upstream
 from ..errors import BadRequest, RequestError, TetherError
 from ..model import Action, Decision, Exchange, RuleTrace, ToolCall
+from ..paths import canonical_path
 from ..policy.mcp import (
     INVALID_REQUEST,
     McpServer,
@@ -47,7 +48,7 @@ from ..policy.openapi_arguments import arguments_trace
 from .apis import ApiRoutes, deciding_rule
 from .errors import status_and_code
 from .llm import Context
-from .upstream import canonical_tail, forward_headers, read_body, relay
+from .upstream import forward_headers, read_body, relay
 
 log = logging.getLogger("tether.mcp")
 
@@ -81,7 +82,7 @@ class McpRoutes:
                     ("", "/"):
                 raise BadRequest("the request path is ambiguous (the server name is "
                                  "percent-encoded); it was not forwarded")
-            tail = canonical_tail(raw_path[len(prefix) + 1:])
+            tail = canonical_path(raw_path[len(prefix) + 1:]).raw
             if request.method not in METHODS:
                 return self._refuse(provider, 405, INVALID_REQUEST, "method_not_allowed",
                                     f"{request.method} is not part of MCP's Streamable HTTP "

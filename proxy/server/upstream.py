@@ -150,6 +150,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer whole, or its first `limit` bytes. One `read(n)` returns only what has
+    arrived so far, which for a large answer is a piece of it."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
 async def relay(client: aiohttp.ClientSession, request: web.Request, url: URL | str,
                 body: bytes, headers: CIMultiDict[str], *, what: str,
                 allow_redirects: bool = True, ssl: ssl_.SSLContext | bool = True,
