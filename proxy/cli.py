@@ -1,4 +1,4 @@
-"""tether's command line: serve | demo | check | test | explain | replay | audit verify."""
+"""tether's command line: serve | demo | check | test | explain | replay | audit verify|calls."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .cli_offline import (
     load_config,
 )
 from .errors import ConfigError
+from .surrogates import scrub
 
 log = logging.getLogger("tether")
 
@@ -129,8 +130,9 @@ def _show(a: dict[str, object]) -> str:
     args = args if len(args) <= 80 else args[:77] + "..."
     rules = ", ".join(str(r) for r in a.get("rules", []) or [])  # type: ignore[attr-defined]
     who = f" by {a['decided_by']}" if a.get("decided_by") else ""
-    return (f"{a['id']}  {a['state']}{who}  {a['tool']}({args})  agent={a.get('agent')} "
-            f"session={a.get('session')} rules={rules}")
+    # Agent text read back from JSON may hold lone surrogates; print() could not write them.
+    return scrub(f"{a['id']}  {a['state']}{who}  {a['tool']}({args})  agent={a.get('agent')} "
+                 f"session={a.get('session')} rules={rules}")
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
@@ -175,6 +177,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit.chain import verify_targets
 
+    if args.action == "calls":
+        return _audit_calls(args)
     try:
         problems = verify_targets(args.files, from_genesis=not args.partial)
     except ValueError as e:
@@ -185,6 +189,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not problems:
         print(f"ok: {' '.join(args.files)}: the chain is intact")
     return 1 if problems else 0
+
+
+def _audit_calls(args: argparse.Namespace) -> int:
+    from .audit.calls import AuditReadError, files_of, join, read, render_json, render_text
+
+    try:
+        lines = join(read(files_of(args.files)))
+    except (AuditReadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    text = render_json(lines) if args.json else render_text(lines)
+    if text:
+        print(text)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -240,12 +258,15 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--token-env", default="TETHER_ADMIN_TOKEN")
     a.set_defaults(func=cmd_approvals)
 
-    au = sub.add_parser("audit", help="check the audit log's hash chain")
-    au.add_argument("action", choices=["verify"])
+    au = sub.add_parser("audit", help="check the audit log's hash chain (verify), or list "
+                                      "every tool call and how it ended (calls)")
+    au.add_argument("action", choices=["verify", "calls"])
     au.add_argument("files", nargs="+", help="files oldest first, or one base path / directory "
                                              "(its rotated files are ordered .N ... .1, base)")
     au.add_argument("--partial", action="store_true",
                     help="the oldest file may start mid-chain (older files removed on purpose)")
+    au.add_argument("--json", action="store_true",
+                    help="calls: one JSON object per call and line, every value in full")
     au.set_defaults(func=cmd_audit)
 
     ot = sub.add_parser("opa-test", help="run OPA test_* rules in .rego directories (no OPA binary)")

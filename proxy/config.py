@@ -31,18 +31,20 @@ from .policy.mcp import McpServers, parse_mcp
 from .policy.names import normalize
 from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
+from .providers.held import DEFAULT_MAX_ARGUMENTS
 from .sessions.budgets import Budgets, parse_budgets
+from .telemetry_settings import TelemetrySettings, parse_telemetry
 from .upstreams import Upstream as Upstream
 from .upstreams import parse_upstreams
 
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward", "mcp", "cloud", "auth", "opa",
+    "forward", "mcp", "cloud", "auth", "opa", "telemetry",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
-NOT_YET = {"telemetry"}
+NOT_YET: set[str] = set()
 INCLUDE_KEYS = {"rules", "tools", "agents"}
 # Keys that say how this process runs, not what it decides: left out of the policy
 # revision, so replicas that differ only in ports, audit path or store still agree on it
@@ -61,6 +63,8 @@ class Config:
     admin_port: int = 9090
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_response_bytes: int = 64 * 1024 * 1024
+    # One tool call's arguments; in a stream, what is held back for the client at once.
+    max_arguments_bytes: int = DEFAULT_MAX_ARGUMENTS
     upstream_timeout_s: float = 600.0
     audit_path: str | None = "audit.jsonl"
     audit: AuditSettings = field(default_factory=AuditSettings)
@@ -79,6 +83,7 @@ class Config:
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
     opa: OpaSettings | None = None         # None: no OPA is asked
     auth: AuthSettings = field(default_factory=AuthSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -256,7 +261,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     server = as_map(doc.get("server"), doc, "server")
     check_keys(server, {"host", "port", "admin_port"}, "server")
     limits = as_map(doc.get("limits"), doc, "limits")
-    check_keys(limits, {"max_body_bytes", "max_response_bytes", "upstream_timeout"}, "limits")
+    check_keys(limits, {"max_body_bytes", "max_response_bytes", "max_arguments_bytes",
+                        "upstream_timeout"}, "limits")
     audit = as_map(doc.get("audit"), doc, "audit")
     check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact"}, "audit")
     admin = as_map(doc.get("admin"), doc, "admin")
@@ -328,6 +334,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         admin_port=port(server.get("admin_port", 9090), server, "admin_port"),
         max_body_bytes=positive_int(limits, "max_body_bytes", DEFAULT_MAX_BODY),
         max_response_bytes=positive_int(limits, "max_response_bytes", 64 * 1024 * 1024),
+        max_arguments_bytes=positive_int(limits, "max_arguments_bytes", DEFAULT_MAX_ARGUMENTS),
         upstream_timeout_s=float(timeout),
         audit_path=audit_path,
         audit=audit_settings,
@@ -346,6 +353,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         cloud=parse_cloud(doc.get("cloud"), doc),
         lookups=parse_lookups(doc.get("cloud")),
         opa=opa,
+        telemetry=parse_telemetry(doc.get("telemetry"), doc),
         source=str(file),
         warnings=tuple(warnings),
     )

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .approvals.holds import Holds, KeepAlive
+from .approvals.holds import TETHER, Holds, KeepAlive
+from .audit import AuditWriteError
+from .audit.outcomes import Outcome, hold_record
 from .forward.lookup_settings import LookupSettings
 from .governor import Governor
 from .model import Action, Decision, Effect, Exchange, HttpRequest, RuleTrace, ToolCall
@@ -168,9 +170,14 @@ async def _decide(governor: Governor, holds: Holds | None, call: ToolCall, provi
                                effect=effect)
     if decision.action is Action.HOLD:
         if holds is None:
-            decision = Decision(Action.DENY, decision.rules, "held, but no approvals are "
-                                "available on this front end", effect=decision.effect,
-                                trace=decision.trace)
+            held, why = decision, "held, but no approvals are available on this front end"
+            decision = Decision(Action.DENY, held.rules, why, effect=held.effect,
+                                trace=held.trace, decision_id=held.decision_id)
+            try:
+                governor.audit.write(hold_record(call, exchange, held, decision, Outcome.DENIED,
+                                                 by=TETHER, reason=why))
+            except AuditWriteError:
+                log.exception("audit write failed for the end of a hold")
         else:
             try:
                 [decision] = await holds.resolve([call], [decision], exchange, alive)

@@ -3,8 +3,9 @@
 `Governor.decide` is synchronous (the mitmproxy stream hook is) and never
 raises: a failure while deciding becomes a deny (or an allow under
 `on_error: allow`, counted apart), and a decision that cannot be audited is
-a deny too. A `hold` is returned as it is: the front end asks a human
-(approvals/holds.py) and records the outcome.
+a deny too. An allow or deny is recorded with its `outcome`; a `hold` is
+returned as it is: the front end asks a human (approvals/holds.py), which
+records how it ended under the same `decision_id` (audit/outcomes.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from opentelemetry.trace import Tracer, get_current_span
 
 from . import tracing
 from .audit import AuditLog, AuditWriteError
+from .audit.outcomes import immediate
 from .model import Action, Decision, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import PolicyEngine, merge
 from .policy.names import normalize
@@ -52,9 +55,10 @@ class Governor:
         OpenAPI checks). `api`, `effect`: the operation a call is (`jira.createIssue`)."""
         if self.tracer is None:
             return self._decide(call, exchange, request_id, extra, api, effect)
-        with self.tracer.start_as_current_span(tracing.DECIDE_SPAN) as span:
+        name = tracing.decide_span_name(call.name, exchange.declared_tools)
+        with self.tracer.start_as_current_span(name) as span:
             decision = self._decide(call, exchange, request_id, extra, api, effect)
-            span.set_attributes(tracing.decision_attributes(exchange, call.name, call.id, decision,
+            span.set_attributes(tracing.decision_attributes(call.name, call.id, decision,
                                                             self.engine.revision))
             return decision
 
@@ -70,9 +74,11 @@ class Governor:
             decision = self._on_error(f"internal error while deciding: {type(e).__name__}")
         elapsed = time.perf_counter() - started
         span = get_current_span().get_span_context()
+        decision = replace(decision, decision_id=uuid.uuid4().hex)
+        outcome = immediate(decision.action)
         record: dict[str, object] = {
             "kind": "decision",
-            "decision_id": uuid.uuid4().hex,
+            "decision_id": decision.decision_id,
             "trace_id": format(span.trace_id, "032x") if span.is_valid else None,
             "request_id": request_id,
             "session": exchange.session,
@@ -87,6 +93,7 @@ class Governor:
             "arguments": call.arguments if call.arguments is not None else call.raw_arguments,
             "action": decision.action.value,
             "policy_action": policy_action.value if policy_action else None,
+            **({"outcome": outcome.value} if outcome else {}),
             "rules": list(decision.rules),
             "shadow_rules": list(decision.shadow),
             "message": decision.message,
@@ -99,7 +106,8 @@ class Governor:
         except AuditWriteError:
             log.exception("audit write failed; denying")
             self.metrics.fail_closed.labels("audit").inc()
-            decision = Decision(Action.DENY, (AUDIT_ERROR,), "the audit log cannot be written")
+            decision = Decision(Action.DENY, (AUDIT_ERROR,), "the audit log cannot be written",
+                                decision_id=decision.decision_id)
         self.metrics.decision_seconds.observe(elapsed)
         tool = self.metrics.labels.tool(normalize(call.name))
         for rule in decision.rules or ("none",):

@@ -45,7 +45,9 @@ class ToolCall:
 
     `raw_arguments` is the argument text exactly as the model produced it;
     `arguments` is its parsed form, or None when it did not parse, in which case
-    `problem` says why. A call with a `problem` is always denied.
+    `problem` says why. A call with a `problem` is always denied. `too_large`: its
+    arguments were over `limits.max_arguments_bytes` and were dropped unread, so
+    `raw_arguments` is empty (providers/held.py).
     """
 
     id: str
@@ -55,6 +57,7 @@ class ToolCall:
     index: int = 0
     choice: int = 0
     problem: str | None = None
+    too_large: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,9 @@ class Decision:
     ticket: bool = False                 # hold: answer at once, allow the approved re-issue
     approvers: tuple[str, ...] = ()      # hold: who may approve (empty: any approver)
     shadow: tuple[str, ...] = ()         # shadow rules that matched: what they would have done
+    # The audit record's id (set by the governor once recorded); a hold's later outcome
+    # record carries it too, so the two join.
+    decision_id: str = field(default="", compare=False)
 
     @property
     def allowed(self) -> bool:

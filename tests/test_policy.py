@@ -246,10 +246,20 @@ def test_included_rule_errors_name_the_included_file(tmp_path: Path) -> None:
         config_mod.load(tmp_path / "main.yaml", env={})
 
 
-def test_not_yet_enforced_keys_warn(tmp_path: Path) -> None:
+def test_telemetry_section_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("telemetry: {legacy_gen_ai_system: true}\n")
+    cfg = config_mod.load(tmp_path / "c.yaml", env={})
+    assert cfg.telemetry.legacy_gen_ai_system and not cfg.warnings
     (tmp_path / "c.yaml").write_text("telemetry: {}\n")
     cfg = config_mod.load(tmp_path / "c.yaml", env={})
-    assert any("telemetry: not enforced" in w for w in cfg.warnings)
+    assert not cfg.telemetry.legacy_gen_ai_system and not cfg.warnings
+    (tmp_path / "c.yaml").write_text("server: {}\ntelemetry:\n  legacy_gen_ai_system: yes!\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: telemetry\.legacy_gen_ai_system: must be "
+                                          r"true or false"):
+        config_mod.load(tmp_path / "c.yaml", env={})
+    (tmp_path / "c.yaml").write_text("telemetry:\n  exporter: otlp\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: telemetry\.exporter: unknown key"):
+        config_mod.load(tmp_path / "c.yaml", env={})
 
 
 def test_upstream_override_from_environment(tmp_path: Path) -> None:

@@ -8,10 +8,14 @@ once approved, the same call (same tool, arguments, session and policy
 revision) is allowed when the model issues it again, once, within the
 validity window.
 
-Every step is audited (`kind: approval`) with who decided and why. When the
-approval store (Redis) cannot be reached, a hold is a deny that says so,
-counted (`tether_approvals_decided_total{outcome="unavailable"}`) and audited
-(`event: store_unavailable`): nothing held runs without a recorded approval.
+Every step of an approval is audited (`kind: approval`) with who decided and
+why, and every held call ends with one `kind: hold` record under its decision's
+id: approved, denied (by a person or by tether), expired or abandoned
+(audit/outcomes.py). A held call is released only once that record is written.
+When the approval store (Redis) cannot be reached, a hold is a deny that says
+so, counted (`tether_approvals_decided_total{outcome="unavailable"}`) and
+audited (`event: store_unavailable`): nothing held runs without a recorded
+approval.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 from ..audit import AuditLog, AuditWriteError
+from ..audit.outcomes import Outcome, hold_record
 from ..errors import StoreUnavailable
+from ..governor import AUDIT_ERROR
 from ..model import Action, Decision, Exchange, ToolCall
 from ..telemetry import Metrics
 from .queue import Approval, Approvals, Mode, State, TooManyPending, binding_of
@@ -33,6 +40,7 @@ log = logging.getLogger("tether.approvals")
 KeepAlive = Callable[[str], Awaitable[None]]
 LIMIT_RULE = "tether:approval-limit"
 STORE_RULE = "tether:approval-store"
+TETHER = "tether"   # `by` of what tether ended itself
 
 
 def _human(seconds: float) -> str:
@@ -51,6 +59,7 @@ class Holds:
         self.audit = audit
         self.metrics = metrics
         self.revision = revision
+        self._abandoned: set[str] = set()  # approvals this process ended as it stopped
         queue.on_created(self._created)
         queue.on_decided(self._decided)
 
@@ -60,7 +69,8 @@ class Holds:
         approved by a click that arrives after a restart."""
         try:
             for approval in await self.queue.orphans():
-                await self.queue.decide(approval.id, approve=False, by="tether",
+                self._abandoned.add(approval.id)
+                await self.queue.decide(approval.id, approve=False, by=TETHER,
                                         reason="tether stopped before anyone decided")
         except StoreUnavailable as e:
             log.error("approvals: could not end pending approvals at shutdown: %s", e.message)
@@ -86,9 +96,10 @@ class Holds:
 
     async def resolve(self, calls: Sequence[ToolCall], decisions: Sequence[Decision],
                       exchange: Exchange, keepalive: KeepAlive | None = None) -> list[Decision]:
-        """The decisions with every hold replaced by allow or deny."""
+        """The decisions with every hold replaced by allow or deny, each ending recorded."""
         out = list(decisions)
-        waiting: list[tuple[int, Approval, Decision]] = []
+        waiting: list[tuple[int, Approval]] = []
+        started = time.monotonic()
         for i, (call, decision) in enumerate(zip(calls, decisions, strict=True)):
             if decision.action is not Action.HOLD:
                 continue
@@ -98,18 +109,50 @@ class Holds:
                     continue
                 approval = await self._open(call, decision, exchange, Mode.WAIT)
             except TooManyPending as e:
-                out[i] = self._limited(decision, e)
+                out[i] = self._limited(call, decision, exchange, e)
                 continue
             except StoreUnavailable as e:
                 out[i] = self._unavailable(call, decision, exchange, e)
                 continue
-            waiting.append((i, approval, decision))
-        if waiting:
-            finals = await self._wait([a for _, a, _ in waiting], keepalive)
-            for (i, approval, decision), final in zip(waiting, finals, strict=True):
-                out[i] = (self._outcome(decision, final) if isinstance(final, Approval) else
-                          self._unavailable(calls[i], decision, exchange, final, approval.id))
+            waiting.append((i, approval))
+        if not waiting:
+            return out
+        try:
+            finals = await self._wait([a for _, a in waiting], keepalive)
+        except BaseException as e:
+            why = f"the agent's request ended while it waited ({type(e).__name__})"
+            for i, approval in waiting:
+                gone = Decision(Action.DENY, decisions[i].rules, why, decisions[i].on_deny,
+                                decisions[i].effect)
+                self._end(calls[i], exchange, decisions[i], gone, Outcome.ABANDONED, by=TETHER,
+                          reason=why, approval=approval, waited_s=time.monotonic() - started)
+            raise
+        waited = time.monotonic() - started
+        for (i, approval), final in zip(waiting, finals, strict=True):
+            out[i] = (self._outcome(calls[i], decisions[i], exchange, final, waited)
+                      if isinstance(final, Approval) else
+                      self._unavailable(calls[i], decisions[i], exchange, final, approval))
         return out
+
+    def _end(self, call: ToolCall, exchange: Exchange, held: Decision, final: Decision,
+             outcome: Outcome, *, by: str | None, reason: str | None,
+             approval: Approval | None = None, waited_s: float | None = None) -> Decision:
+        """Record how a hold ended; a release that cannot be recorded is a deny."""
+        final = replace(final, decision_id=held.decision_id)
+        mode = Mode.TICKET if held.ticket else Mode.WAIT
+        try:
+            self.audit.write(hold_record(
+                call, exchange, held, final, outcome, by=by, reason=reason,
+                approval_id=approval.id if approval else None, mode=mode.value,
+                waited_s=waited_s))
+        except AuditWriteError:
+            log.exception("audit write failed for the end of a hold")
+            self.metrics.fail_closed.labels("audit").inc()
+            if final.allowed:
+                return Decision(Action.DENY, final.rules + (AUDIT_ERROR,),
+                                "approved, but the audit log cannot be written", final.on_deny,
+                                final.effect, decision_id=held.decision_id)
+        return final
 
     async def _open(self, call: ToolCall, decision: Decision, exchange: Exchange, mode: Mode
                     ) -> Approval:
@@ -118,44 +161,55 @@ class Holds:
             revision=self.revision, approvers=decision.approvers,
             timeout_s=decision.timeout_s or self.settings.timeout_s)
 
-    def _limited(self, decision: Decision, e: TooManyPending) -> Decision:
+    def _limited(self, call: ToolCall, decision: Decision, exchange: Exchange,
+                 e: TooManyPending) -> Decision:
         self.metrics.approvals_decided.labels("limited").inc()
-        return Decision(Action.DENY, decision.rules + (LIMIT_RULE,),
-                        f"{decision.message}; approval required, but {e}".lstrip("; "),
-                        decision.on_deny, decision.effect)
+        final = Decision(Action.DENY, decision.rules + (LIMIT_RULE,),
+                         f"{decision.message}; approval required, but {e}".lstrip("; "),
+                         decision.on_deny, decision.effect)
+        return self._end(call, exchange, decision, final, Outcome.DENIED, by=TETHER,
+                         reason=str(e))
 
     def _unavailable(self, call: ToolCall, decision: Decision, exchange: Exchange,
-                     e: StoreUnavailable, approval_id: str | None = None) -> Decision:
+                     e: StoreUnavailable, approval: Approval | None = None) -> Decision:
         """Fail closed: without the store, no approval can be recorded or read."""
         log.error("approvals: %s is denied: %s", call.name, e.message)
         self.metrics.approvals_decided.labels("unavailable").inc()
         try:
             self.audit.write({"kind": "approval", "event": "store_unavailable",
-                              "id": approval_id, "tool": call.name, "session": exchange.session,
-                              "agent": exchange.agent, "provider": exchange.provider,
-                              "rules": list(decision.rules), "error": e.message})
+                              "id": approval.id if approval else None, "tool": call.name,
+                              "session": exchange.session, "agent": exchange.agent,
+                              "provider": exchange.provider, "rules": list(decision.rules),
+                              "error": e.message})
         except AuditWriteError:
             log.exception("audit write failed for an approval")
-        return Decision(Action.DENY, decision.rules + (STORE_RULE,),
-                        f"{decision.message}; approval required, but {e.message}, so it is "
-                        f"denied".lstrip("; "), decision.on_deny, decision.effect)
+        final = Decision(Action.DENY, decision.rules + (STORE_RULE,),
+                         f"{decision.message}; approval required, but {e.message}, so it is "
+                         f"denied".lstrip("; "), decision.on_deny, decision.effect)
+        return self._end(call, exchange, decision, final, Outcome.DENIED, by=TETHER,
+                         reason=e.message, approval=approval)
 
     async def _ticket(self, call: ToolCall, decision: Decision, exchange: Exchange) -> Decision:
         binding = binding_of(call, exchange, self.revision)
         used = await self.queue.redeem(binding)
         if used is not None:
             self._record("used", used)
-            return Decision(Action.ALLOW, decision.rules,
-                            f"approved by {used.decided_by} (approval {used.id})",
-                            decision.on_deny, decision.effect)
+            allowed = Decision(Action.ALLOW, decision.rules,
+                               f"approved by {used.decided_by} (approval {used.id})",
+                               decision.on_deny, decision.effect)
+            return self._end(call, exchange, decision, allowed, Outcome.APPROVED,
+                             by=used.decided_by, reason=used.reason, approval=used)
         approval = (await self.queue.waiting_for(binding)
                     or await self._open(call, decision, exchange, Mode.TICKET))
         validity = _human(self.settings.ticket_validity_s)
         why = f"{decision.message}; " if decision.message else ""
-        return Decision(Action.DENY, decision.rules,
-                        f"{why}it awaits human approval {approval.id}. Once it is approved, "
-                        f"issue exactly the same call again (within {validity})",
-                        decision.on_deny, decision.effect)
+        answered = Decision(Action.DENY, decision.rules,
+                            f"{why}it awaits human approval {approval.id}. Once it is approved, "
+                            f"issue exactly the same call again (within {validity})",
+                            decision.on_deny, decision.effect)
+        return self._end(call, exchange, decision, answered, Outcome.DENIED, by=TETHER,
+                         reason=f"a ticket: it awaits approval {approval.id}; the same call "
+                                "issued again once approved is allowed", approval=approval)
 
     async def _wait(self, approvals: list[Approval], keepalive: KeepAlive | None
                     ) -> list[Approval | StoreUnavailable]:
@@ -175,7 +229,7 @@ class Holds:
                 task.cancel()
             try:
                 for a in approvals:
-                    await self.queue.decide(a.id, approve=False, by="tether",
+                    await self.queue.decide(a.id, approve=False, by=TETHER,
                                             reason="the agent's request ended while it waited")
             except StoreUnavailable as e:
                 log.error("approvals: could not end %s: %s", names, e.message)
@@ -191,17 +245,26 @@ class Holds:
                 finals.append(task.result())
         return finals
 
-    def _outcome(self, decision: Decision, final: Approval) -> Decision:
+    def _outcome(self, call: ToolCall, decision: Decision, exchange: Exchange,
+                 final: Approval, waited_s: float) -> Decision:
+        def end(verdict: Decision, outcome: Outcome) -> Decision:
+            return self._end(call, exchange, decision, verdict, outcome, by=final.decided_by,
+                             reason=final.reason, approval=final, waited_s=waited_s)
+
         if final.state is State.APPROVED:
-            return Decision(Action.ALLOW, decision.rules,
-                            f"approved by {final.decided_by} (approval {final.id})",
-                            decision.on_deny, decision.effect)
-        if final.state is State.DENIED:
-            reason = f": {final.reason}" if final.reason else ""
-            message = f"denied by {final.decided_by} (approval {final.id}){reason}"
-        else:
+            return end(Decision(Action.ALLOW, decision.rules,
+                                f"approved by {final.decided_by} (approval {final.id})",
+                                decision.on_deny, decision.effect), Outcome.APPROVED)
+        outcome = Outcome.DENIED
+        if final.state is State.EXPIRED:
+            outcome = Outcome.EXPIRED
             message = (f"no one approved it within "
                        f"{_human(final.expires - final.created)} (approval {final.id})")
+        else:
+            if final.id in self._abandoned:
+                outcome = Outcome.ABANDONED
+            reason = f": {final.reason}" if final.reason else ""
+            message = f"denied by {final.decided_by} (approval {final.id}){reason}"
         why = f"{decision.message}; " if decision.message else "approval required; "
-        return Decision(Action.DENY, decision.rules, why + message, decision.on_deny,
-                        decision.effect)
+        return end(Decision(Action.DENY, decision.rules, why + message, decision.on_deny,
+                            decision.effect), outcome)

@@ -1,7 +1,10 @@
 """The audit log: one canonical JSON object per line, hash-chained, appended.
 
 Record kinds (field `kind`, schema version `v`):
-  decision   one tool call and its verdict
+  decision   one tool call, the policy's verdict (`action`) and, unless it was
+             held, its `outcome`
+  hold       how a held call ended, under its decision's `decision_id`
+             (outcomes.py; v3)
   request    a request refused before or instead of any decision (bad input,
              upstream failure), with the status the agent got
   approval, budget   see approvals/holds.py and sessions/guard.py
@@ -31,7 +34,7 @@ from .chain import GENESIS_HASH, canonical, digest, rotated_name
 from .redact import redact
 from .settings import AuditSettings, Fsync
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: decision `outcome`, `hold` records
 log = logging.getLogger("tether.audit")
 
 
