@@ -65,3 +65,24 @@ def test_partial_line_at_end_is_an_error() -> None:
 def test_overlong_line_is_an_error() -> None:
     with pytest.raises(ProtocolError, match="longer"):
         SSEDecoder(max_line=16).feed(b"data: " + b"x" * 32)
+
+
+def test_a_long_line_in_small_reads_is_scanned_once() -> None:
+    """A megabyte line sent 64 bytes at a time: each read is scanned for a line end once
+    (rescanning the whole buffer per read was quadratic), and the event is whole."""
+    line = b"data: " + b"x" * 1_000_000
+    decoder = SSEDecoder()
+    events = [e for i in range(0, len(line), 64) for e in decoder.feed(line[i:i + 64])]
+    assert events == []
+    [event] = decoder.feed(b"\n\n")
+    assert len(event.data) == 1_000_000
+    cr_only = b"data: x\r" * 100_000 + b"\r"  # CR line ends and no LF anywhere
+    [event] = SSEDecoder().feed(cr_only)
+    assert event.data == "\n".join(["x"] * 100_000)
+
+
+def test_an_event_of_many_lines_is_bounded_like_one_line() -> None:
+    decoder = SSEDecoder(max_line=1000)
+    with pytest.raises(ProtocolError, match="event longer than 1000 bytes"):
+        for _ in range(200):
+            decoder.feed(b"data: 0123456789\n")

@@ -6,24 +6,33 @@ log, Slack messages, the approvals page, spans. Two rules:
 * by key: an object key whose words (split on `_`, `-`, `.`, spaces and
   camelCase, in the policy's normal form) spell a secret's name - password,
   token, api key, authorization, cookie... - has its value replaced whole,
-  whatever its type. Word matching, not substring: `max_tokens` stays.
+  whatever its type. Word matching, not substring: `max_tokens` stays (a key
+  over 256 characters, which names nothing, is read by substring: more is masked).
 * by value: strings that look like credentials wherever they are - bearer
   tokens, OpenAI `sk-` keys, Slack `xox?-` tokens, and AWS secret access keys
   (40 base64 characters next to an AKIA/ASIA key id, or under a key named like
-  a secret or key) - have the matching text replaced, the rest kept.
+  a secret or key) - have the matching text replaced, the rest kept; so has
+  the value of a `key=value` or `"key": value` pair in free text whose key is one.
 
 Plus configured paths (`db.dsn`, `headers.*`), relative to the value given.
 The result lists the paths that were masked, never what was there.
+
+Every pass costs time linear in the text, whatever it holds (a megabyte of hex, a
+base64 file, prompt-injected text): each token pattern begins with a literal, so the
+engine jumps to its candidates instead of trying every offset, and `key=value` pairs
+are found from their separators, so a long run of key characters is read once, not
+once per offset (which made the earlier single pattern quadratic: 8 KB of hex took
+seconds). bench/redaction.py measures it.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..policy.names import normalize
+from ..policy.names import CACHED_LENGTH, normalize
 
 MASK = "[REDACTED]"
 
@@ -35,17 +44,24 @@ SECRET_NAMES = frozenset({
 _LONGEST = 3  # words per name at most ("api_key" is 2, "aws session token" spans 2)
 
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-_TOKENS = re.compile(
-    r"(?i:\bbearer\s+)\S+"
-    r"|\bsk-[A-Za-z0-9_-]{20,}"
-    r"|\bxox[baprs]-[A-Za-z0-9-]{10,}"
-)
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+_NOT_WORD = re.compile(r"[^A-Za-z0-9]+")  # what _WORD never takes
+# The word boundary before a token is a lookbehind *after* its literal start, so the
+# search skips to the literal (`(?<!\w......)`: the character before `bearer`).
+_BEARER = re.compile(r"(?i:bearer)(?<!\w......)\s+\S+")
+_SK = re.compile(r"sk-(?<!\wsk-)[A-Za-z0-9_-]{20,}")
+_XOX = re.compile(r"xox(?<!\wxox)[baprs]-[A-Za-z0-9-]{10,}")
+_AWS_KEY_ID = re.compile(r"A(?:KIA|SIA)(?<!\wA...)[A-Z0-9]{16}\b")
+# Tried only at the start of a run (the lookbehind fails at once inside one): linear.
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])")
 _HEX = re.compile(r"[0-9a-fA-F]{40}")
 # `password=x`, `"token": "x"` inside free text (raw arguments that are not valid JSON).
-_PAIR = re.compile(r"""(["']?)([A-Za-z][A-Za-z0-9_.-]*)\1(\s*[:=]\s*)"""
-                   r"""("(?:[^"\\]|\\.)*"?|'[^']*'?|[^\s,;&}]+)""")
+# Matched only where a secret key starts (see _secret_pairs), never searched for.
+_PAIR = re.compile(r"""(?P<quote>["']?)(?P<key>[0-9_.-]*[A-Za-z][A-Za-z0-9_.-]*)(?P=quote)"""
+                   r"""(?P<sep>\s*[:=]\s*)(?P<value>"[^"\\]*(?:\\.[^"\\]*)*"?|'[^']*'?|[^\s,;&}]+)""")
+# A separator right after a key character, a quote or a blank: only those can end a key.
+_SEPARATOR = re.compile(r"""[:=](?<=[A-Za-z0-9_.\-"'\s][:=])""")
+# Read backwards from a separator, on the reversed text: blanks, a closing quote, the key.
+_KEY_BEFORE = re.compile(r"\s*(?P<quote>[\"']?)(?P<key>[A-Za-z0-9_.-]*)")
 
 Path = tuple[str, ...]
 
@@ -55,9 +71,21 @@ def key_words(key: str) -> list[str]:
     return [w.casefold() for w in _WORD.findall(key)]
 
 
-@functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
-    """Cached: every audit record walks the same few dozen keys."""
+    """Cached for keys up to CACHED_LENGTH: every audit record walks the same few dozen
+    keys, and a cache of arbitrary keys would hold whatever an agent sent. A longer key
+    (a base64 run before its `=` padding) is tested by substring: a name anywhere in its
+    letters and digits counts, which masks at least what its words would."""
+    if len(key) <= CACHED_LENGTH:
+        return _secret_key(key)
+    return _spells_any(SECRET_NAMES, key) or (
+        not key.isascii() and normalize(key).replace("_", "").replace("-", "") in SECRET_NAMES)
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_key(key: str) -> bool:
+    if key.isascii() and not _spells_any(SECRET_NAMES, key):
+        return False  # the words of an ASCII key, joined, hold every name they spell
     words = key_words(key)
     if normalize(key).replace("_", "").replace("-", "") in SECRET_NAMES:
         return True
@@ -68,19 +96,92 @@ def is_secret_key(key: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=4096)
+def _spells_any(names: Iterable[str], key: str) -> bool:
+    """Whether a name is in the key's ASCII letters and digits run together, that is in
+    its words joined: a few passes in C, where splitting words is a Python step each."""
+    joined = _NOT_WORD.sub("", key).lower()
+    return any(name in joined for name in names)
+
+
 def _names_a_key(key: str) -> bool:
     """A key under which a bare 40-character string is taken for an AWS secret."""
+    if len(key) > CACHED_LENGTH:
+        return _spells_any(("secret", "key"), key)
+    return _names_a_key_cached(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_a_key_cached(key: str) -> bool:
     return bool({"secret", "key"} & set(key_words(key)))
+
+
+def _secret_pairs(text: str) -> Iterator[re.Match[str]]:
+    """The `key=value` / `key: value` pairs whose key names a secret, left to right.
+
+    Found from the separators: the key before each is read backwards once (its whole run
+    of key characters, the only place a pair can start), and only a secret one is matched
+    forward for its value. A pair is every match searching _PAIR would find with a secret
+    key, and more: a separator inside another key's value is read too (`url:
+    https://x?token=...`), so values inside values are masked."""
+    if ":" not in text and "=" not in text:
+        return
+    rev = text[::-1]
+    n = len(text)
+    done = 0  # the end of the last secret value
+    for sep in _SEPARATOR.finditer(text):
+        at = sep.start()
+        if at < done:
+            continue  # inside a secret value, which is masked whole
+        back = _KEY_BEFORE.match(rev, n - at)
+        assert back is not None  # every part of it may be empty
+        if not is_secret_key(back["key"][::-1]):
+            continue
+        start = at - (back.end() - back.start())
+        if back["quote"]:  # a quoted key needs the same quote before it
+            start -= 1
+            if start < 0 or text[start] != back["quote"]:
+                continue
+        m = _PAIR.match(text, start) if start >= done else None
+        if m is not None:
+            yield m
+            done = m.end()
+
+
+def _mask_pairs(text: str) -> str:
+    out: list[str] = []
+    done = 0
+    for m in _secret_pairs(text):
+        out += (text[done:m.start("value")], MASK)
+        done = m.end()
+    if not out:
+        return text
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _may_hold(text: str) -> bool:
+    """Whether any pass but the AWS secret one could match: a few substring searches in
+    C, cheaper than the passes for the many short strings of a JSON document."""
+    return ("=" in text or ":" in text or "sk-" in text or "xox" in text or "KIA" in text
+            or "SIA" in text or "bearer" in text.lower())
+
+
+def _mask_bearer(text: str) -> str:
+    # ASCII text (the usual case) is lowered in one pass to see whether there is any.
+    if text.isascii() and "bearer" not in text.lower():
+        return text
+    return _BEARER.sub("Bearer " + MASK, text)
 
 
 def mask_text(text: str, *, aws_context: bool = False) -> str:
     """Mask credential-looking substrings. `aws_context`: an AWS key id or a key
     named like a secret is next to this string, so a bare 40-char token is one."""
-    out = _PAIR.sub(lambda m: m.group(0) if not is_secret_key(m.group(2)) else
-                    f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{MASK}", text)
-    out = _TOKENS.sub(lambda m: "Bearer " + MASK if m.group(0)[:6].lower() == "bearer" else MASK,
-                      out)
+    if not _may_hold(text) and not (aws_context and len(text) >= 40):
+        return text
+    out = _mask_bearer(text)
+    out = _SK.sub(MASK, out)
+    out = _XOX.sub(MASK, out)
+    out = _mask_pairs(out)
     if aws_context or _AWS_KEY_ID.search(out):
         # Commit hashes are 40 hex characters; a base64 secret is practically never pure hex.
         out = _AWS_SECRET.sub(lambda m: m.group(0) if _HEX.fullmatch(m.group(0)) else MASK, out)
@@ -105,27 +206,43 @@ def _path_hit(path: Path, patterns: Sequence[Path]) -> bool:
 
 def redact(value: object, paths: Sequence[Path] = (), *, prefix: Path = ()) -> Redacted:
     """A copy of a JSON-like value with secrets masked. `paths` (see parse_paths) are
-    relative to `value`; `prefix` is prepended to the reported paths only."""
-    masked: list[str] = []
+    relative to `value`; `prefix` is prepended to the reported paths only.
 
-    def walk(node: object, path: Path, key: str | None, aws_context: bool) -> object:
-        if path and (_path_hit(path, paths) or (key is not None and is_secret_key(key))):
+    The walk keeps its own stack: arguments nested as deep as a JSON parser allows
+    (about a thousand levels) would overflow Python's, two layers after they parsed."""
+    masked: list[str] = []
+    root: list[object] = [None]
+    # (node, its path, its key if in an object, next to an AWS key id, where it goes)
+    todo: list[tuple[object, Path, str | None, bool, dict[object, object] | list[object],
+                     object]] = [(value, (), None, False, root, 0)]
+    while todo:
+        node, path, key, aws_context, into, slot = todo.pop()
+        if path and ((paths and _path_hit(path, paths))
+                     or (key is not None and is_secret_key(key))):
             masked.append(".".join(prefix + path))
-            return MASK
-        if isinstance(node, dict):
+            node = MASK
+        elif isinstance(node, dict):
             near_key_id = any(isinstance(v, str) and _AWS_KEY_ID.search(v) for v in node.values())
-            return {k: walk(v, (*path, str(k)), str(k), near_key_id or _names_a_key(str(k)))
-                    for k, v in node.items()}
-        if isinstance(node, list | tuple):
-            return [walk(v, (*path, str(i)), None, aws_context) for i, v in enumerate(node)]
-        if isinstance(node, str):
+            copy: dict[object, object] = dict.fromkeys(node)  # the order is the original's
+            todo += [(v, (*path, str(k)), str(k), near_key_id or _names_a_key(str(k)), copy, k)
+                     for k, v in reversed(node.items())]  # popped in document order
+            node = copy
+        elif isinstance(node, list | tuple):
+            items: list[object] = [None] * len(node)
+            todo += [(v, (*path, str(i)), None, aws_context, items, i)
+                     for i, v in reversed(list(enumerate(node)))]
+            node = items
+        elif isinstance(node, str):
             text = mask_text(node, aws_context=aws_context)
             if text != node:
                 masked.append(".".join(prefix + path) or "$")
-            return text
-        return node
-
-    return Redacted(walk(value, (), None, False), tuple(masked))
+            node = text
+        if isinstance(into, list):
+            assert isinstance(slot, int)
+            into[slot] = node
+        else:
+            into[slot] = node
+    return Redacted(root[0], tuple(masked))
 
 
 def redact_arguments(arguments: object, paths: Sequence[Path] = ()) -> object:

@@ -27,6 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .fake_anthropic_batches import FakeMessageBatches
+from .fake_flood import Flood, serve_messages
 from .fake_openai import Call, RawReply, Reply, Turn
 
 type Body = dict[str, Any]
@@ -68,7 +70,7 @@ class Message:
         return "tool_use" if any(isinstance(b, Call) for b in self.blocks) else "end_turn"
 
 
-type AnthropicTurn = Turn | Message
+type AnthropicTurn = Turn | Message | Flood
 type Script = Callable[[Body], AnthropicTurn]
 
 _ids = itertools.count(1)
@@ -187,6 +189,7 @@ class FakeAnthropic:
     turns: deque[AnthropicTurn] = field(default_factory=deque)
     requests: list[Body] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    batches: FakeMessageBatches = field(default_factory=FakeMessageBatches)
 
     def push(self, *turns: AnthropicTurn) -> None:
         self.turns.extend(turns)
@@ -196,6 +199,7 @@ class FakeAnthropic:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
+        self.batches.add_routes(app)
         return app
 
     def _next(self, body: Body) -> AnthropicTurn:
@@ -228,6 +232,8 @@ class FakeAnthropic:
         if isinstance(turn, tuple):
             raise TypeError("the Messages API answers with one message, not several choices")
         model = str(body.get("model") or "claude-fake")
+        if isinstance(turn, Flood):
+            return await serve_messages(request, turn, model)
         if not body.get("stream"):
             return web.Response(body=message(turn, model), content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})

@@ -23,6 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
+from .fake_flood import Flood, serve_chat
+from .fake_openai_batches import FakeBatchApi
+
 type Body = dict[str, Any]
 
 
@@ -157,11 +160,12 @@ class FakeOpenAI:
     fragment: int = 3
     delay_s: float = 0.0
     first_delay_s: float = 0.0
-    turns: deque[Turn] = field(default_factory=deque)
+    turns: deque[Turn | Flood] = field(default_factory=deque)
     requests: list[Body] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    batch_api: FakeBatchApi = field(default_factory=FakeBatchApi)  # files and batches
 
-    def push(self, *turns: Turn) -> None:
+    def push(self, *turns: Turn | Flood) -> None:
         self.turns.extend(turns)
 
     def app(self) -> web.Application:
@@ -174,6 +178,7 @@ class FakeOpenAI:
         # The Responses API, and Azure's spellings of it (fake_responses serves them).
         for path in ("/v1/responses", "/openai/v1/responses", "/openai/responses"):
             app.router.add_post(path, self._responses)
+        self.batch_api.add_routes(app)
         return app
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
@@ -187,7 +192,7 @@ class FakeOpenAI:
                                      status=404)
         return await self._chat(request)
 
-    def _next(self, body: Body) -> Turn:
+    def _next(self, body: Body) -> Turn | Flood:
         if self.turns:
             return self.turns.popleft()
         if self.script is not None:
@@ -209,6 +214,8 @@ class FakeOpenAI:
         if isinstance(turn, RawReply):
             return await self._raw(request, turn)
         model = str(body.get("model") or request.match_info.get("deployment", "gpt-fake"))
+        if isinstance(turn, Flood):
+            return await serve_chat(request, turn, model)
         if not body.get("stream"):
             return web.json_response(completion(turn, model))
         options = body.get("stream_options") or {}

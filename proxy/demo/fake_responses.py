@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .fake_flood import Flood, serve_responses
 from .fake_openai import Body, Call, RawReply, Reply
 
 if TYPE_CHECKING:
@@ -202,6 +203,8 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     if isinstance(turn, RawReply):
         return await fake._raw(request, turn)
     model = str(body.get("model") or "gpt-fake")
+    if isinstance(turn, Flood):
+        return await serve_responses(request, turn, model)
     if not body.get("stream"):
         return web.json_response(response(turn, model, request=body))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})

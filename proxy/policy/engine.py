@@ -4,7 +4,10 @@ The law, as IAM's explicit deny: every matching rule counts and the strictest
 action wins (deny over hold over allow), so the order of rules never opens a
 hole. Built-in checks run as if they were rules with reserved ids:
 
-  tether:malformed-call    the call's arguments did not parse, or it was cut off
+  tether:malformed-call    the call's arguments did not parse, or it was cut off, or its
+                           name or arguments hold a lone UTF-16 surrogate (not text)
+  tether:arguments-too-large  the call's arguments were over limits.max_arguments_bytes
+                           (they are dropped unread, and the call is judged by name)
   tether:undeclared-tool   the request did not declare a tool of that exact name
   tether:agent-scope       the agent has a tool scope and the tool is outside it
 
@@ -19,12 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..model import Action, Decision, Effect, Exchange, OnDeny, RuleTrace, ToolCall
+from ..surrogates import holds
 from .names import normalize
 from .rules import Rule, Subject
 
 READ_PREFIXES = ("get_", "list_", "describe_")
 
 MALFORMED = "tether:malformed-call"
+TOO_LARGE = "tether:arguments-too-large"
 UNDECLARED = "tether:undeclared-tool"
 SCOPE = "tether:agent-scope"
 DEFAULT = "tether:default"
@@ -109,8 +114,16 @@ class PolicyEngine:
         effect = effect or effect_of(name, self.policy.effects)
         traces: list[RuleTrace] = []
 
-        if call.problem:
+        if call.too_large:
+            traces.append(RuleTrace(TOO_LARGE, True, call.problem or "its arguments are over "
+                                    "limits.max_arguments_bytes", Action.DENY))
+        elif call.problem:
             traces.append(RuleTrace(MALFORMED, True, call.problem, Action.DENY))
+        elif holds(call.name) or holds(call.raw_arguments):
+            # Parsers that refuse these (strict_json) never let one this far; this is
+            # the same refusal for every other way a call is built.
+            traces.append(RuleTrace(MALFORMED, True, "the call's name or arguments hold an "
+                                    "unpaired UTF-16 surrogate, which is not text", Action.DENY))
         if self.policy.undeclared_tools is Action.DENY and call.name not in exchange.declared_tools:
             declared = ", ".join(repr(t) for t in exchange.declared_tools) or "none"
             traces.append(

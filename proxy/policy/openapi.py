@@ -10,9 +10,10 @@ their parameter names are an error.
 
 Schemas are checked against their JSON Schema meta-schema at load and compiled
 into validators (draft 4 with OpenAPI 3.0's `nullable` for 3.0 specs, 2020-12
-for 3.1). `$ref`s must point inside the same document (an external ref is an
-error: bundle the spec); they are resolved at load, so a dangling one fails
-here, not on the first request. Every error names the spec file, the line and
+for 3.1) whose patterns are ECMA-262, run on RE2 (openapi_patterns.py).
+`$ref`s must point inside the same document (an external ref is an error:
+bundle the spec); they are resolved at load, so a dangling one fails here,
+not on the first request. Every error names the spec file, the line and
 the JSON pointer of the offending node.
 
 The caller parses the file (YAML or JSON) and hands over the data: no I/O here.
@@ -26,7 +27,6 @@ import re
 from collections.abc import Mapping
 from urllib.parse import quote, unquote
 
-from jsonschema import Draft4Validator, Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 from referencing import Registry
@@ -46,6 +46,13 @@ from .openapi_model import (
     effect_of_method,
     is_json,
     pointer,
+)
+from .openapi_patterns import (
+    VALIDATOR_30,
+    VALIDATOR_31,
+    check_schema,
+    pattern_problems,
+    unevaluated_with_patterns,
 )
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -78,7 +85,7 @@ class _Compiler:
         self.v30 = version.startswith("3.0.")
         self.doc: Json = _nullable_to_types(copy.deepcopy(doc)) if self.v30 else doc
         spec = DRAFT4 if self.v30 else DRAFT202012
-        self.validator_class: type[Validator] = Draft4Validator if self.v30 else Draft202012Validator
+        self.validator_class: type[Validator] = VALIDATOR_30 if self.v30 else VALIDATOR_31
         self.registry: Registry[Json] = Registry().with_resource(SPEC_URI,
                                                                  spec.create_resource(self.doc))
 
@@ -154,8 +161,10 @@ class _Compiler:
         return Schema(ptr, validator, self.shape(node, ptr))
 
     def check_schema(self, node: Json, ptr: str) -> None:
+        for where, problem in pattern_problems(node, ptr):
+            raise self.fail(where, problem)
         try:
-            self.validator_class.check_schema(node)
+            check_schema(self.validator_class, node)
         except SchemaError as e:
             raise self.fail(pointer(ptr, *e.path), f"invalid schema: {e.message}") from None
 
@@ -208,6 +217,10 @@ class _Compiler:
         paths = self.doc.get("paths")
         if not isinstance(paths, dict) or not paths:
             raise self.fail("/paths", "the spec defines no paths (nothing would be allowed)")
+        unevaluated = unevaluated_with_patterns(self.doc)
+        if unevaluated is not None:
+            raise self.fail(unevaluated, "unevaluatedProperties is not supported in a spec that "
+                                         "has patternProperties: use additionalProperties")
         components = self.doc.get("components") or {}
         for name in (components.get("schemas") or {}):
             self.check_schema(components["schemas"][name], pointer("/components/schemas", name))
@@ -255,14 +268,25 @@ class _Compiler:
             literal = _TEMPLATE_PARAM.sub("", segment)
             if "{" in literal or "}" in literal or "}{" in segment:
                 raise self.fail(ptr, f"malformed path template segment {segment!r}")
+            params = list(_TEMPLATE_PARAM.finditer(segment))
             pieces, last = [], 0
-            for m in _TEMPLATE_PARAM.finditer(segment):
+            for i, m in enumerate(params):
                 pieces.append(re.escape(quote(segment[last:m.start()], safe=_PCHAR_SAFE)))
                 if m.group(1) in names:
                     raise self.fail(ptr, f"path parameter {{{m.group(1)}}} appears twice")
                 names.append(m.group(1))
-                pieces.append("([^/]+?)")
-                last = m.end()
+                if i + 1 < len(params):
+                    # Not the segment's last parameter: it ends at the first occurrence of
+                    # the text after it, atomically. A later occurrence only leaves the rest
+                    # less room, so what matches and what is captured are unchanged, but the
+                    # engine cannot retry every split: with two or three parameters in one
+                    # segment that was quadratic or cubic in the path (4 KB took a minute).
+                    after = segment[m.end():params[i + 1].start()]
+                    pieces.append(f"(?>([^/]+?){re.escape(quote(after, safe=_PCHAR_SAFE))})")
+                    last = params[i + 1].start()
+                else:
+                    pieces.append("([^/]+?)")
+                    last = m.end()
             pieces.append(re.escape(quote(segment[last:], safe=_PCHAR_SAFE)))
             parts.append("".join(pieces))
             rank.append(0 if last == 0 else 2 if not literal else 1)

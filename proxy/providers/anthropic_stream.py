@@ -19,7 +19,8 @@ stop, which tells whether the answer ended right there with stop_reason
 as its original start event, one `input_json_delta` carrying every fragment's
 text concatenated (so the SDK's accumulated `input` is what the upstream sent),
 and its original stop event. Pings pass at once, even while a block is held:
-they carry nothing and keep the client's connection alive.
+they carry nothing and keep the client's connection alive. Past `max_arguments`
+bytes of input held, the stream is cut (providers/held.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from dataclasses import dataclass, field
 
 from ..errors import ProtocolError
 from ..model import Decision, OnDeny, ToolCall, Usage
+from ..surrogates import json_text
 from .arguments import parse_arguments
 from .base import Step, denial_text
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
 from .sse import SSEDecoder, SSEEvent, encode
 
 type JSONObject = dict[str, object]
@@ -52,8 +55,7 @@ def error_type(status: int) -> str:
 
 
 def error_body(message: str, kind: str) -> bytes:
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}},
-                      ensure_ascii=False).encode()
+    return json_text({"type": "error", "error": {"type": kind, "message": message}}).encode()
 
 
 def error_event(message: str, kind: str) -> bytes:
@@ -100,7 +102,7 @@ def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
 
 
 def _event(kind: str, body: JSONObject) -> bytes:
-    return encode(SSEEvent(json.dumps(body, ensure_ascii=False), event=kind))
+    return encode(SSEEvent(json_text(body), event=kind))
 
 
 @dataclass(slots=True)
@@ -111,7 +113,7 @@ class _Tool:
     id: str
     name: str
     start: SSEEvent
-    fragments: list[str] = field(default_factory=list)
+    fragments: HeldText = field(default_factory=HeldText)
     stop: SSEEvent | None = None
     problem: str | None = None
 
@@ -119,7 +121,9 @@ class _Tool:
 class MessagesStream:
     """Filters one Messages SSE stream; see `providers.base` for the protocol."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`max_arguments`: the input bytes held back at most (limits.max_arguments_bytes)."""
+        self._max_arguments = max_arguments
         self._decoder = SSEDecoder()
         self._queue: deque[SSEEvent] = deque()
         self._started = False
@@ -198,8 +202,20 @@ class MessagesStream:
         final, self._final = self._final, b""
         return Step(final)
 
+    def _cut(self, held: _Tool) -> tuple[ToolCall, ...]:
+        """Too much input held: end the stream with the denial, buffer nothing more, and
+        hand out the call, input dropped, to be judged and audited."""
+        self._pending = cut(tool_call(id=held.id, name=held.name, raw="", index=held.index),
+                            self._max_arguments)
+        held.fragments.clear()
+        self._ended = True
+        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
+        self._queue.clear()
+        self._final = error_event(cut_denial((self._pending,)), "permission_error")
+        return (self._pending,)
+
     def _complete(self, held: _Tool, problem: str | None = None) -> ToolCall:
-        return tool_call(id=held.id, name=held.name, raw="".join(held.fragments),
+        return tool_call(id=held.id, name=held.name, raw=held.fragments.text(),
                          index=held.index, problem=problem or held.problem)
 
     def _run(self) -> Step:
@@ -221,6 +237,8 @@ class MessagesStream:
                     if self._hold(self._held, kind, obj, event):
                         self._pending = self._complete(self._held)
                         return Step(bytes(out), (self._pending,))
+                    if self._held.fragments.size > self._max_arguments:
+                        return Step(bytes(out), self._cut(self._held))
                     continue
                 self._queue.popleft()
                 out += self._pass(kind, obj, event)
@@ -316,7 +334,7 @@ class MessagesStream:
                 delta = obj["delta"]
                 assert isinstance(delta, dict)
                 body = {**obj, "delta": {**delta, "stop_reason": "end_turn"}}
-                return encode(SSEEvent(json.dumps(body, ensure_ascii=False), event.event,
+                return encode(SSEEvent(json_text(body), event.event,
                                        event.id, event.retry))
             return encode(event)
         if kind == "message_stop":
@@ -353,7 +371,7 @@ class MessagesStream:
         if decision.allowed:
             self._kept += 1
             out = encode(held.start)
-            if held.fragments:
+            if held.fragments.pieces:
                 out += _event("content_block_delta", {
                     "type": "content_block_delta", "index": index,
                     "delta": {"type": "input_json_delta", "partial_json": call.raw_arguments}})

@@ -19,7 +19,8 @@ Fail closed: a frame that fails its checksums or lengths, a stream cut short,
 an event this version does not know, or an exception frame from upstream ends
 the stream with an exception frame (the upstream's own, passed on, or
 `modelStreamErrorException`), and the tool calls still open are handed out as
-`pending` with a `problem`, so they are denied and audited, never released.
+`pending` with a `problem`, so they are denied and audited, never released. Past
+`max_arguments` bytes of input held, the stream is cut (providers/held.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ProtocolError
 from ..model import Decision, OnDeny, ToolCall, Usage
+from ..surrogates import json_text
 from .base import Step, denial_text
 from .bedrock import (
     CUT_REASONS,
@@ -44,6 +46,7 @@ from .bedrock import (
     usage_of,
 )
 from .eventstream import BadFrame, EventStreamDecoder, Header, Message, encode, event
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
 
 PASS_STARTS = frozenset({"toolResult", "image"})
 PASS_DELTAS = frozenset({"text", "reasoningContent", "citation", "toolResult", "image"})
@@ -68,7 +71,7 @@ def error_frame(message: str, code: str) -> bytes:
 
 
 def _event(event_type: str, payload: JSONObject) -> bytes:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = json_text(payload, separators=(",", ":")).encode("utf-8")
     return encode(event(event_type, body))
 
 
@@ -95,13 +98,15 @@ class _Block:
     name: str = ""
     start: Message | None = None
     stop: Message | None = None
-    fragments: list[str] = field(default_factory=list)
+    fragments: HeldText = field(default_factory=HeldText)
 
 
 class ConverseStream:
     """Filters one ConverseStream response; see `providers.base` for the protocol."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`max_arguments`: the input bytes held back at most (limits.max_arguments_bytes)."""
+        self._max_arguments = max_arguments
         self._decoder = EventStreamDecoder()
         self._queue: deque[Message] = deque()
         self._open: dict[int, _Block] = {}
@@ -177,7 +182,7 @@ class ConverseStream:
         return Step(bytes(out) + step.data, step.pending)
 
     def _call(self, block: _Block, problem: str | None = None) -> ToolCall:
-        return tool_call(id=block.id, name=block.name, raw="".join(block.fragments),
+        return tool_call(id=block.id, name=block.name, raw=block.fragments.text(),
                          index=block.index, problem=problem)
 
     def _request(self, blocks: list[_Block], problem: str | None) -> tuple[ToolCall, ...]:
@@ -200,6 +205,26 @@ class ConverseStream:
                 blocks, f"{message}; the tool call was not released"))
         final, self._final = self._final, b""
         return Step(bytes(out) + final)
+
+    def _held(self) -> list[_Block]:
+        held = [b for b in self._open.values() if b.tool]
+        return held + [self._stopped] if self._stopped is not None else held
+
+    def _cut(self) -> tuple[ToolCall, ...]:
+        """Too much input held: end the stream with the denial, buffer nothing more, and
+        hand out the open calls, input dropped, to be judged and audited."""
+        blocks = self._held()
+        self._stopped = None
+        self._waiting = [(b, cut(tool_call(id=b.id, name=b.name, raw="", index=b.index),
+                                 self._max_arguments)) for b in blocks]
+        for b in blocks:
+            b.fragments.clear()
+        calls = tuple(c for _, c in self._waiting)
+        self._ended = True
+        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
+        self._queue.clear()
+        self._final = error_frame(cut_denial(calls), "AccessDeniedException")
+        return calls
 
     def _run(self) -> Step:
         out = bytearray()
@@ -232,6 +257,8 @@ class ConverseStream:
                 out += self._apply(event_type, message, payload)
             except ProtocolError as e:
                 return self._fail(out, e.message)
+            if sum(b.fragments.size for b in self._held()) > self._max_arguments:
+                return Step(bytes(out), self._cut())
         if self._queue or self._waiting or self._ended:
             return Step(bytes(out))
         if self._broken is not None:

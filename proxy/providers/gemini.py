@@ -27,11 +27,13 @@ from urllib.parse import unquote
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
 from ..strict_json import strict_pairs
+from ..surrogates import json_text
 from . import tool_scope
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, RouteKind, denial_summary
 from .gemini_read import Chunk, field_of, read_chunk
 from .gemini_rewrite import error_body, finish_problem, rewrite, tool_call
 from .gemini_stream import GeminiStream
+from .held import DEFAULT_MAX_ARGUMENTS
 from .openai_chat import CHAT
 
 VERSIONS = frozenset({"v1beta", "v1", "v1alpha"})
@@ -209,7 +211,7 @@ def _fingerprint(obj: Mapping[str, object]) -> str | None:
                       and c.get("role", "user") == "user"), None)
     if system is None and first is None:
         return None
-    return json.dumps([system, first], sort_keys=True, ensure_ascii=False)
+    return json_text([system, first], sort_keys=True)
 
 
 def parse_request(body: bytes, route: Route) -> ParsedRequest:
@@ -277,8 +279,8 @@ class GeminiFormat:
         assert isinstance(parsed, GeminiResponse)
         return render_response(parsed, decisions)
 
-    def stream(self, route: Route) -> GeminiStream:
-        return GeminiStream(sse=route.params.get("alt") == "sse")
+    def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> GeminiStream:
+        return GeminiStream(sse=route.params.get("alt") == "sse", max_arguments=max_arguments)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply:

@@ -5,6 +5,8 @@ array sent element by element. Either way the filter holds a chunk carrying a
 call, and every chunk after it, until the candidate's `finishReason` arrives
 (it marks a call cut by MAX_TOKENS or MALFORMED_FUNCTION_CALL) or the array
 closes; then it hands the calls out to be decided. Chunks before pass at once.
+Past `max_arguments` bytes held (the chunk with the call and those behind it), the
+stream is cut (providers/held.py).
 Reading the chunks themselves is gemini_read.py; rewriting them, gemini_rewrite.py.
 """
 
@@ -19,6 +21,7 @@ from ..model import Decision, OnDeny, ToolCall, Usage
 from .base import Step, denial_text
 from .gemini_read import Candidate, Chunk, FunctionCall, read_chunk
 from .gemini_rewrite import error_body, finish_problem, rewrite, tool_call
+from .held import DEFAULT_MAX_ARGUMENTS, cut, cut_denial, text_size
 from .jsonarray import JSONArraySplitter
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
 
@@ -43,8 +46,11 @@ class _Held:
 class GeminiStream:
     """Filters one streamGenerateContent response; see `providers.base` for the protocol."""
 
-    def __init__(self, sse: bool) -> None:
+    def __init__(self, sse: bool, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`max_arguments`: the bytes held back at most (limits.max_arguments_bytes)."""
         self._sse = sse
+        self._max_arguments = max_arguments
+        self._held_size = 0  # text of the chunks in _held
         self._events = SSEDecoder()
         self._array = JSONArraySplitter()
         self._queue: deque[_Unit] = deque()
@@ -107,6 +113,7 @@ class GeminiStream:
         if len(decisions) != len(self._waiting):
             raise ValueError("one decision is needed for each pending call")
         calls, self._waiting = self._waiting, []
+        self._held_size = 0  # whatever happens below, what is held now goes
         if self._ended:  # the stream failed: these calls were denied for the record only
             self._held.clear()
             final, self._final = self._final, b""
@@ -170,6 +177,23 @@ class GeminiStream:
         final, self._final = self._final, b""
         return Step(final)
 
+    def _cut(self) -> tuple[ToolCall, ...]:
+        """Too much held: end the stream with the denial, buffer nothing more, and hand
+        out the held calls, arguments dropped, to be judged and audited."""
+        self._waiting = [
+            cut(ToolCall(id=call.id, name=call.name, raw_arguments="", arguments=None,
+                         index=index, choice=cand.index), self._max_arguments,
+                what="the call and the answer held behind it are")
+            for held in self._held for cand, call, index in held.calls
+        ]
+        self._held.clear()
+        self._held_size = 0
+        self._ended = True
+        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
+        self._queue.clear()
+        self._final = self._error(403, cut_denial(self._waiting), "tool_call_denied")
+        return tuple(self._waiting)
+
     def _request(self, problem: str | None) -> tuple[ToolCall, ...]:
         self._waiting = [
             tool_call(cand, call, index, problem or finish_problem(self._finish.get(cand.index)))
@@ -224,6 +248,9 @@ class GeminiStream:
                     self._ordinal[cand.index] = index + 1
                     held.calls.append((cand, call, index))
                 self._held.append(held)
+                self._held_size += text_size(unit.text)
+                if self._held_size > self._max_arguments:
+                    return Step(bytes(out), self._cut())
                 continue
             rewrite([chunk], [], self._text)
             out += self._emit(unit, unit.text)

@@ -3,7 +3,8 @@
 Tool calls arrive as `choices[i].delta.tool_calls` fragments keyed by `index`.
 A call is complete when a delta for another index, the choice's
 `finish_reason`, or `[DONE]` arrives; until then its fragments are held back
-while everything else passes. Requests, whole responses and error shapes are
+while everything else passes. Past `max_arguments` bytes held, the stream is cut
+(providers/held.py). Requests, whole responses and error shapes are
 openai_chat.py.
 """
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ProtocolError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
+from ..surrogates import json_text
 from .base import Step, denial_text
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
 from .openai_chat import CUT_REASONS, JSONObject, error_body, tool_call, usage_of
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
 
@@ -27,7 +30,7 @@ class _Open:
     index: int
     id: str = ""
     name: str = ""
-    fragments: list[str] = field(default_factory=list)
+    fragments: HeldText = field(default_factory=HeldText)
     legacy: bool = False
 
 
@@ -46,9 +49,12 @@ LEGACY = -1
 class ChatStream:
     """Filters one Chat Completions SSE stream; see `providers.base` for the protocol."""
 
-    def __init__(self, strip_usage: bool = False) -> None:
-        """`strip_usage`: tether asked for usage the client did not; drop the usage chunk."""
+    def __init__(self, strip_usage: bool = False, *,
+                 max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`strip_usage`: tether asked for usage the client did not; drop the usage chunk.
+        `max_arguments`: the argument bytes held back at most (limits.max_arguments_bytes)."""
         self._strip_usage = strip_usage
+        self._max_arguments = max_arguments
         self.output_units = 0  # content and argument deltas seen: ~ tokens, if usage never comes
         self._decoder = SSEDecoder()
         self._queue: deque[SSEEvent] = deque()
@@ -137,6 +143,26 @@ class ChatStream:
         final, self._final = self._final, b""
         return Step(final)
 
+    def _held(self) -> int:
+        return sum(o.fragments.size for s in self._choices.values() for o in s.open.values())
+
+    def _cut(self) -> tuple[ToolCall, ...]:
+        """Too much argument text held: end the stream with the denial, buffer nothing
+        more, and hand out every open call, arguments dropped, to be judged and audited."""
+        opens = [o for state in self._choices.values() for o in state.open.values()]
+        self._waiting = [(o, cut(tool_call(id=o.id, name=o.name, raw="", index=o.index,
+                                           choice=o.choice), self._max_arguments))
+                         for o in opens]
+        calls = tuple(c for _, c in self._waiting)
+        self._ended = True
+        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
+        self._queue.clear()
+        for o in opens:
+            o.fragments.clear()
+        self._final = self._error_event(cut_denial(calls),
+                                        "permission_error", "tool_call_denied")
+        return calls
+
     def _error_event(self, message: str, kind: str, code: str) -> bytes:
         return encode_data(error_body(message, kind=kind, code=code).decode())
 
@@ -144,7 +170,7 @@ class ChatStream:
         return tool_call(
             id=open_.id,
             name=open_.name,
-            raw="".join(open_.fragments),
+            raw=open_.fragments.text(),
             index=open_.index,
             choice=open_.choice,
             problem=problem,
@@ -195,6 +221,8 @@ class ChatStream:
             except ProtocolError as e:
                 step = self._fail(e.message, "bad_upstream_stream")
                 return Step(bytes(out) + step.data, step.pending)
+            if self._held() > self._max_arguments:
+                return Step(bytes(out), self._cut())
         if self._eof and not self._queue and not self._waiting and not self._ended:
             finished = bool(self._choices) and all(c.finished for c in self._choices.values())
             if any(c.open for c in self._choices.values()) or not (self._done_seen or finished):
@@ -283,7 +311,7 @@ class ChatStream:
             return encode(event)
         if not kept and obj.get("usage") is None:
             return b""
-        return encode(SSEEvent(json.dumps({**obj, "choices": kept}, ensure_ascii=False),
+        return encode(SSEEvent(json_text({**obj, "choices": kept}),
                                event.event, event.id, event.retry))
 
     def _buffer(self, state: _Choice, choice: int, delta: JSONObject) -> None:
@@ -347,4 +375,4 @@ class ChatStream:
                 {"index": open_.choice, "delta": delta, "logprobs": None, "finish_reason": None}
             ],
         }
-        return encode_data(json.dumps(chunk, ensure_ascii=False))
+        return encode_data(json_text(chunk))

@@ -7,8 +7,12 @@ The API sends one SSE message per event, `event: <type>` and `data: {"type": <ty
 Every event of an item the agent would run (a `function_call` ...) is held from
 its `response.output_item.added` to its `response.output_item.done`, which
 completes the call; then it is decided, and nothing after it is released until it
-is. An allowed call is replayed event for event, its argument text untouched; a
-denied call becomes the events of an assistant message at the same `output_index`.
+is. An allowed call is replayed event for event, its argument text untouched, except
+that past EVENTS_KEPT bytes of held events its further argument deltas are kept as
+text and replayed as one delta: what is held is then about the size of the arguments,
+not of the events around each few characters. Past `max_arguments` bytes of argument
+text the stream is cut (providers/held.py). A denied call becomes the events of an
+assistant message at the same `output_index`.
 Each `response.*` lifecycle event's `output` is rewritten to match what the client
 was sent (the SDK's stream helper builds its final response from it), and sequence
 numbers are renumbered so they stay strictly increasing. Everything else passes at
@@ -27,7 +31,9 @@ from ..errors import ProtocolError, UpstreamError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
 from ..policy.engine import MALFORMED
 from ..strict_json import strict_pairs
+from ..surrogates import json_text
 from .base import Step, denial_text
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
 from .openai_responses import (
     DELTA_EVENTS,
     DONE_EVENTS,
@@ -52,6 +58,7 @@ LIFECYCLE = frozenset(TERMINAL) | {"response.created", "response.queued", "respo
 # Events that only ever belong to a call item: outside a held item they are refused.
 CALL_EVENTS = ("response.function_call_arguments.", "response.custom_tool_call_input.",
                "response.shell_call_command.")
+EVENTS_KEPT = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -61,7 +68,10 @@ class _Held:
     index: int
     item: JSONObject
     events: list[tuple[SSEEvent, JSONObject]] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
+    pieces: HeldText = field(default_factory=HeldText)
+    kept: int = 0                # bytes of event data in `events`
+    tail_at: int | None = None   # where in `events` the delta standing for the rest is
+    tail_from: int = 0           # ... and where in the text the rest begins
     text_done: bool = False
     done: JSONObject | None = None
 
@@ -75,7 +85,7 @@ class _Held:
         if name is None:
             return None
         start = self.item.get(name)
-        return (start if isinstance(start, str) else "") + "".join(self.pieces)
+        return (start if isinstance(start, str) else "") + self.pieces.text()
 
     def call(self, problem: str | None = None) -> ToolCall:
         if self.done is None:
@@ -98,7 +108,9 @@ def _index(obj: JSONObject) -> int | None:
 class ResponsesStream:
     """Filters one Responses SSE stream; see `providers.base` for the protocol."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`max_arguments`: the argument bytes held back at most (limits.max_arguments_bytes)."""
+        self._max_arguments = max_arguments
         self.output_units = 0  # text and argument deltas seen: ~ tokens, if usage never comes
         self._decoder = SSEDecoder()
         self._queue: deque[SSEEvent] = deque()
@@ -186,22 +198,24 @@ class ResponsesStream:
         seq = self._sequence(obj)
         if not changed and obj.get("sequence_number") == seq:
             return encode(event)
-        return encode(SSEEvent(json.dumps({**obj, "sequence_number": seq}, ensure_ascii=False),
+        return encode(SSEEvent(json_text({**obj, "sequence_number": seq}),
                                event.event, event.id, event.retry))
 
     def _new(self, obj: JSONObject) -> bytes:
         data = {**obj, "sequence_number": self._sequence(obj)}
-        return encode(SSEEvent(json.dumps(data, ensure_ascii=False), str(obj["type"])))
+        return encode(SSEEvent(json_text(data), str(obj["type"])))
 
     def _error(self, message: str, kind: str, code: str) -> bytes:
         data = error_event(message, kind=kind, code=code, sequence=self._sequence({}))
-        return encode(SSEEvent(json.dumps(data, ensure_ascii=False), "error"))
+        return encode(SSEEvent(json_text(data), "error"))
 
     def _release(self, held: _Held, call: ToolCall, decision: Decision) -> bytes:
         """An allowed, complete call is replayed as it came; anything else is replaced."""
         if decision.allowed and held.done is not None and call.problem is None:
             self._released[held.index] = held.done
-            return b"".join(self._emit(e, o) for e, o in held.events)
+            return b"".join(
+                self._emit(e, {**o, "delta": held.pieces.text()[held.tail_from:]}, changed=True)
+                if i == held.tail_at else self._emit(e, o) for i, (e, o) in enumerate(held.events))
         if decision.allowed:  # only under `on_error: allow`; an unfinished call still never goes
             decision = Decision(Action.DENY, (MALFORMED,), call.problem or "the call is incomplete")
         text = denial_text(call, decision)
@@ -236,6 +250,23 @@ class ResponsesStream:
         final, self._final = self._final, b""
         return Step(final)
 
+    def _cut(self) -> tuple[ToolCall, ...]:
+        """Too much argument text held: end the stream with the denial, buffer nothing
+        more, and hand out the open calls, arguments dropped, to be judged and audited."""
+        helds = list(self._open.values())
+        self._waiting = [(h, cut(item_call(h.item, h.index, text=""), self._max_arguments))
+                         for h in helds]
+        for h in helds:
+            h.pieces.clear()
+            h.events.clear()
+        calls = tuple(c for _, c in self._waiting)
+        self._ended = True
+        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
+        self._queue.clear()
+        self._final = self._error(cut_denial(calls), "permission_error",
+                                  "tool_call_denied")
+        return calls
+
     def _request(self, helds: list[_Held], problem: str | None = None) -> tuple[ToolCall, ...]:
         self._waiting = [(h, h.call(problem)) for h in helds]
         return tuple(c for _, c in self._waiting)
@@ -265,6 +296,8 @@ class ResponsesStream:
             out += data
             if completed is not None:
                 return Step(bytes(out), self._request([completed]))
+            if sum(h.pieces.size for h in self._open.values()) > self._max_arguments:
+                return Step(bytes(out), self._cut())
         if self._eof and not self._queue and not self._waiting and not self._ended:
             step = self._fail("the upstream stream ended before the response was complete",
                               "upstream_truncated")
@@ -321,6 +354,13 @@ class ResponsesStream:
         if oi is not None and oi in self._open:
             held = self._open[oi]
             self._hold(held, obj, kind)
+            if kind in DELTA_EVENTS:
+                if held.tail_at is not None:
+                    return b"", None  # its text is in held.pieces, replayed with the tail
+                if held.kept > EVENTS_KEPT:
+                    held.tail_at = len(held.events)
+                    held.tail_from = held.pieces.length - len(str(obj["delta"]))
+            held.kept += len(event.data)
             held.events.append((event, obj))
             return b"", held if held.done is not None else None
         if oi is not None and oi in self._closed:
@@ -359,7 +399,7 @@ class ResponsesStream:
                     raise ProtocolError(f"tool call item {held.index} changed its {key}")
             check_call_item(done, f"upstream stream item {held.index}")
             name = TEXT_FIELD.get(held.kind)
-            if name and (held.pieces or held.text_done) and done.get(name) != held.text():
+            if name and (held.pieces.pieces or held.text_done) and done.get(name) != held.text():
                 raise ProtocolError(f"tool call item {held.index} does not match its deltas")
             held.done = done
 

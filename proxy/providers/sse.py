@@ -4,7 +4,9 @@
 the chunking: a line may be split anywhere, a CR LF pair may straddle two
 reads, and UTF-8 is decoded only on whole lines, so a multi-byte character
 split across reads is never broken. Malformed input (invalid UTF-8, a line
-over the limit) raises `ProtocolError`; nothing is dropped silently.
+or an event over the limit) raises `ProtocolError`; nothing is dropped silently.
+Each byte is scanned for a line end once, however the lines are chunked (a
+16 MB line sent a byte at a time is not rescanned per byte).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ class SSEEvent:
 
 class SSEDecoder:
     def __init__(self, max_line: int = MAX_LINE) -> None:
+        """`max_line` bounds a line and an event's data, which is held until it ends."""
         self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to hold no line end
         self._max_line = max_line
+        self._size = 0     # data held for the current event
         self._pending_cr = False
         self._data: list[str] = []
         self._event: str | None = None
@@ -48,9 +53,12 @@ class SSEDecoder:
         start = 0
         buf = self._buf
         n = len(buf)
+        scan = self._scanned
+        nl = buf.find(b"\n", scan)  # searched again only once passed: CR-only lines
         while start < n:
-            nl = buf.find(b"\n", start)
-            cr = buf.find(b"\r", start, nl if nl >= 0 else n)
+            if 0 <= nl < scan:
+                nl = buf.find(b"\n", scan)
+            cr = buf.find(b"\r", scan, nl if nl >= 0 else n)
             if cr >= 0:
                 end, nxt = cr, cr + 1
                 if nxt < n and buf[nxt] == 0x0A:
@@ -62,8 +70,9 @@ class SSEDecoder:
             else:
                 break
             self._line(bytes(buf[start:end]), events)
-            start = nxt
+            start = scan = nxt
         del buf[:start]
+        self._scanned = len(buf)
         if len(buf) > self._max_line:
             raise ProtocolError(f"server-sent event line longer than {self._max_line} bytes")
         return events
@@ -89,6 +98,7 @@ class SSEDecoder:
             if self._has_fields and self._data:
                 events.append(SSEEvent("\n".join(self._data), self._event, self._id, self._retry))
             self._data, self._event, self._retry, self._has_fields = [], None, None, False
+            self._size = 0
             return
         if line[0] == ":":
             return
@@ -97,6 +107,9 @@ class SSEDecoder:
             value = value[1:]
         self._has_fields = True
         if name == "data":
+            self._size += len(value) + 1
+            if self._size > self._max_line:
+                raise ProtocolError(f"server-sent event longer than {self._max_line} bytes")
             self._data.append(value)
         elif name == "event":
             self._event = value
