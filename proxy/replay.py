@@ -29,6 +29,7 @@ from .errors import TetherError
 from .model import Action, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import DEFAULT, MALFORMED, SCOPE, UNDECLARED, PolicyEngine, merge
 from .providers.arguments import parse_arguments
+from .surrogates import scrub
 
 ENGINE_IDS = frozenset({MALFORMED, UNDECLARED, SCOPE, DEFAULT})
 
@@ -169,7 +170,7 @@ def render_text(outcomes: list[Outcome], config: str, revision: str) -> str:
     flagged = sum(1 for o in outcomes if o.masked)
     if flagged:
         lines.append(f"flagged: {flagged} re-decided on redacted arguments")
-    return "\n".join(lines)
+    return scrub("\n".join(lines))  # a recorded name may hold a lone surrogate: printable
 
 
 def render_json(outcomes: list[Outcome], config: str, revision: str) -> str:

@@ -3,15 +3,30 @@
 Duplicate keys are refused because parsers disagree on which one wins (Python keeps
 the last, others the first), so tether could judge one value while the upstream or
 the tool acts on the other. NaN and Infinity are refused because they are not JSON.
+A lone UTF-16 surrogate (`"\\ud800"`, or its three UTF-8 bytes) is refused because it
+is not text: readers replace it, drop it or fail on it, each their own way, so what
+tether judged would not be what the tool reads.
 """
 
 from __future__ import annotations
 
 import json
 
+from . import surrogates
+
 
 class DuplicateKey(ValueError):
     """A JSON object names a key twice."""
+
+
+class NotText(ValueError):
+    """A JSON string holds a lone UTF-16 surrogate. The message names where, never
+    the string (it cannot be written as UTF-8)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"an unpaired UTF-16 surrogate (\\ud800-\\udfff) at {where}, "
+                         "which is not text")
+        self.where = where
 
 
 def strict_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -29,6 +44,18 @@ def no_constants(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def refuse_surrogates(data: str | bytes, value: object) -> None:
+    """Raise NotText when `value`, parsed from `data`, holds a lone surrogate. Only
+    text that could make one (an escape of one, or one already there) is walked."""
+    if surrogates.may_hold(data):
+        where = surrogates.find(value)
+        if where is not None:
+            raise NotText(where)
+
+
 def loads(text: str | bytes) -> object:
-    """`json.loads` with both: raises DuplicateKey, ValueError or RecursionError."""
-    return json.loads(text, object_pairs_hook=strict_pairs, parse_constant=no_constants)
+    """`json.loads` with all three: raises DuplicateKey, NotText, ValueError or
+    RecursionError."""
+    value = json.loads(text, object_pairs_hook=strict_pairs, parse_constant=no_constants)
+    refuse_surrogates(text, value)
+    return value

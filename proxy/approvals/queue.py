@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
-import json
 import secrets
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from typing import Protocol
 
 from ..model import Exchange, ToolCall
 from ..policy.names import normalize
+from ..surrogates import json_text, utf8
 
 
 class State(enum.StrEnum):
@@ -86,13 +86,13 @@ class Approval:
 def canonical_arguments(call: ToolCall) -> str:
     if call.arguments is None:
         return call.raw_arguments
-    return json.dumps(call.arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json_text(call.arguments, sort_keys=True, separators=(",", ":"))
 
 
 def binding_of(call: ToolCall, exchange: Exchange, revision: str) -> str:
     text = "\0".join([normalize(call.name), canonical_arguments(call),
                       exchange.agent or "", exchange.session or "", revision])
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(utf8(text)).hexdigest()
 
 
 class TooManyPending(Exception):

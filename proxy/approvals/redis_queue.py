@@ -78,12 +78,15 @@ class RedisApprovals:
         self.keep_decided_for_s = keep_decided_for_s
         self.ticket_validity_s = ticket_validity_s
         self.poll_s = poll_s
+        # `surrogatepass`: a tool name or arguments holding a lone surrogate (agent text)
+        # is stored and read back as the same str (proxy/surrogates.py).
         self._redis: Any = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            decode_responses=True, health_check_interval=5)
+            decode_responses=True, encoding_errors="surrogatepass", health_check_interval=5)
         # The subscription blocks on reads; it gets a connection without a read timeout.
         self._sub: Any = aioredis.from_url(url, socket_connect_timeout=timeout_s,
-                                           decode_responses=True)
+                                           decode_responses=True,
+                                           encoding_errors="surrogatepass")
         self._create = self._redis.register_script(CREATE)
         self._transition = self._redis.register_script(TRANSITION)
         self._redeem = self._redis.register_script(REDEEM)

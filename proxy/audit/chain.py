@@ -4,7 +4,9 @@ Every record carries `seq` (one more than the record before, across rotated
 files) and `prev`, the SHA-256 (hex) of the previous record's exact line bytes
 without the newline; the first record of a log carries the hash of GENESIS.
 Lines are canonical JSON (sorted top-level keys, no spaces, UTF-8), so anyone can
-recompute a hash from the file alone.
+recompute a hash from the file alone. A string that is not text (a lone UTF-16
+surrogate, which an agent can send as `"\\ud800"`) keeps its `\\uXXXX` escape in the
+line (proxy/surrogates.py); everything else is written as itself.
 
 What the chain shows: an edited record (the next record's `prev` no longer
 matches it), a deleted one (a `seq` gap), an inserted or reordered one (`seq`
@@ -22,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..surrogates import joined, json_bytes
+
 GENESIS = b"tether audit log v1"
 
 
@@ -35,9 +39,11 @@ GENESIS_HASH = digest(GENESIS)
 def canonical(record: dict[str, object]) -> bytes:
     """Top-level fields sorted, no spaces, UTF-8. Nested values (tool arguments) keep
     the key order they came with, as the model wrote them; `json.loads` keeps that
-    order too, so a line re-serialises to the same bytes."""
-    return json.dumps(dict(sorted(record.items())), separators=(",", ":"), ensure_ascii=False,
-                      default=str).encode("utf-8")
+    order too, so a line re-serialises to the same bytes, lone surrogates included.
+    Total: any str a parser produced can be written. Keys sort as they read back
+    (`joined`), which for text is plain code point order."""
+    return json_bytes(dict(sorted(record.items(), key=lambda kv: joined(kv[0]))),
+                      separators=(",", ":"), default=str)
 
 
 def rotated_name(base: Path, n: int) -> Path:

@@ -5,15 +5,20 @@ services from `<ErrorResponse><Error>`, JSON-protocol services from `__type` and
 `message`, REST-XML (S3) from `<Error>`; Azure's SDKs read `{"error": {"code",
 "message"}}` and Google's `{"error": {"code", "message", "status"}}`. The code
 is tether's, CamelCased (`TetherRequestDenied`), so it never collides with one
-the cloud uses and no SDK retries it; the message names the rule.
+the cloud uses and no SDK retries it; the message names the rule. A message can
+quote the request (its path, as mitmproxy decoded it with `surrogateescape`), so
+characters XML 1.0 cannot hold, lone surrogates among them, are shown as U+FFFD.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from xml.sax.saxutils import escape
 
 from ..model import HttpRequest
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def aws_code(code: str) -> str:
@@ -30,7 +35,7 @@ def cloud_error(cloud: str, service: str | None, request: HttpRequest, status: i
     if cloud == "gcp":
         body = {"error": {"code": status, "message": message, "status": "PERMISSION_DENIED"}}
         return json.dumps(body).encode(), {"content-type": "application/json"}
-    name, text, req_id = aws_code(code), escape(message), escape(rid)
+    name, text, req_id = aws_code(code), escape(_NOT_XML.sub("\ufffd", message)), escape(rid)
     if request.header("x-amz-target") is not None:
         body = {"__type": name, "message": message}
         return json.dumps(body).encode(), {"content-type": "application/x-amz-json-1.1",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_plus
 
 from ..model import Effect, HttpRequest
-from ..strict_json import DuplicateKey, loads
+from ..strict_json import DuplicateKey, NotText, loads
 
 FORM = "application/x-www-form-urlencoded"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -243,12 +243,15 @@ def decoded_body(request: HttpRequest) -> bytes:
 
 
 def strict_json(body: bytes, what: str) -> object:
-    """Strict JSON: UTF-8, no duplicate keys (parsers disagree on which wins), no NaN."""
+    """Strict JSON: UTF-8, no duplicate keys (parsers disagree on which wins), no NaN, no
+    lone surrogate (not text: readers disagree on it too)."""
     try:
         text = body.decode("utf-8")
         return loads(text)
     except DuplicateKey as e:
         raise Refuse(f"the {what} holds a {e}") from e
+    except NotText as e:
+        raise Refuse(f"the {what} holds {e}") from e
     except RecursionError as e:
         raise Refuse(f"the {what} is nested too deeply") from e
     except ValueError as e:  # includes UnicodeDecodeError

@@ -3,8 +3,9 @@
 Sans-IO. An agent POSTs JSON-RPC to an MCP server (Streamable HTTP); tether
 must know, before a byte goes upstream, which messages are `tools/call` and
 what they call, and must refuse what it cannot read unambiguously (a parse
-error, a duplicate key, a batch where the protocol version has none) rather
-than let the server read it another way.
+error, a duplicate key, a batch where the protocol version has none, a lone
+UTF-16 surrogate in a `tools/call`'s params) rather than let the server read it
+another way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 from ..errors import ConfigError
 from ..model import Decision, ToolCall
 from ..providers.arguments import parse_arguments
+from ..surrogates import find, json_bytes, may_hold
 from .source import YMap
 
 MCP_KEYS = {"url", "api_key_env", "description"}
@@ -148,11 +150,14 @@ def parse_body(body: bytes, version: str | None) -> Envelope:
                              f"JSON-RPC batches are not part of MCP protocol version {version}")
         if not doc:
             raise RpcRefused(INVALID_REQUEST, "an empty batch")
-        return Envelope(tuple(_message(item, i) for i, item in enumerate(doc)), batch=True)
-    return Envelope((_message(doc, 0),), batch=False)
+        suspect = may_hold(body)
+        return Envelope(tuple(_message(item, i, suspect) for i, item in enumerate(doc)),
+                        batch=True)
+    return Envelope((_message(doc, 0, may_hold(body)),), batch=False)
 
 
-def _message(doc: object, index: int) -> Message:
+def _message(doc: object, index: int, suspect: bool = False) -> Message:
+    """`suspect`: the body could hold a lone surrogate (surrogates.may_hold)."""
     if not isinstance(doc, dict):
         raise RpcRefused(INVALID_REQUEST, "a JSON-RPC message is an object")
     if doc.get("jsonrpc") != "2.0":
@@ -179,6 +184,10 @@ def _message(doc: object, index: int) -> Message:
     if not isinstance(params, dict) or not isinstance(params.get("name"), str) \
             or not params["name"]:
         raise RpcRefused(INVALID_PARAMS, "tools/call names its tool in params.name")
+    where = find(params) if suspect else None
+    if where is not None:
+        raise RpcRefused(INVALID_PARAMS, f"tools/call params hold an unpaired UTF-16 surrogate "
+                                         f"(\\ud800-\\udfff) at {where}, which is not text")
     return Message(method, rpc_id, _tool_call(params, rpc_id, index))
 
 
@@ -215,4 +224,4 @@ def denied_object(message: Message, decision: Decision, rule: str | None) -> dic
 
 
 def render(objects: list[dict[str, object]], batch: bool) -> bytes:
-    return json.dumps(objects if batch else objects[0], ensure_ascii=False).encode()
+    return json_bytes(objects if batch else objects[0])

@@ -3,8 +3,9 @@
 What tether judges must be what the upstream acts on. So the query and a form
 body are decoded strictly (a `;` separator, a bad escape, non-UTF-8 text or a
 NUL is refused rather than guessed at), a JSON body is parsed strictly
-(duplicate keys and NaN refused), and the method is the one the request asks
-to be: `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, or a
+(duplicate keys and NaN refused; a lone UTF-16 surrogate, which upstreams read
+each their own way, makes the request ambiguous), and the method is the one the
+request asks to be: `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, or a
 `_method` query, form or JSON field, since many frameworks honour those.
 Overrides that disagree, an override on anything but POST, and a `_method`
 inside a multipart body (not parsed here) cannot be judged. Sans-IO: bytes and
@@ -77,6 +78,8 @@ def read_payload(request: HttpRequest) -> Payload:
     if media is not None and is_json(media):
         try:
             return Payload(media, strict_json.loads(request.body.decode("utf-8")), empty=False)
+        except strict_json.NotText as e:
+            raise Ambiguous(f"the JSON body holds {e}") from None
         except (ValueError, RecursionError) as e:
             why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
             return Payload(media, problem=f"the body is not valid JSON ({why})", empty=False)

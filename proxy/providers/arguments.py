@@ -3,7 +3,8 @@
 A model's argument text is untrusted. Duplicate keys are refused because
 parsers disagree on which one wins (Python keeps the last, others the first),
 so a rule could check one value while the tool runs with the other. NaN and
-Infinity are refused because they are not JSON.
+Infinity are refused because they are not JSON. A lone UTF-16 surrogate is refused
+because it is not text (the call is denied as `tether:malformed-call`, and audited).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def parse_arguments(raw: str) -> tuple[Mapping[str, object] | None, str | None]:
         value = strict_json.loads(raw)
     except strict_json.DuplicateKey as e:
         return None, f"tool-call arguments hold a {e}"
+    except strict_json.NotText as e:
+        return None, f"tool-call arguments hold {e}"
     except RecursionError:
         return None, "tool-call arguments are nested too deeply"
     except ValueError as e:

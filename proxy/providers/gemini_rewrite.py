@@ -11,10 +11,10 @@ reads the same either way.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from ..model import Decision, ToolCall
+from ..surrogates import json_text
 from .arguments import parse_arguments
 from .base import denial_text
 from .gemini_read import Candidate, Chunk, FunctionCall
@@ -30,13 +30,13 @@ STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENI
 
 def error_body(status: int, message: str, code: str) -> str:
     """An error in Google's shape; tether's own code is the ErrorInfo reason."""
-    return json.dumps({"error": {
+    return json_text({"error": {
         "code": status,
         "message": message,
         "status": STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT"),
         "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                      "reason": code.upper(), "domain": "tether"}],
-    }}, ensure_ascii=False)
+    }})
 
 
 def finish_problem(finish: str | None) -> str | None:
@@ -103,7 +103,7 @@ def rewrite(chunks: Sequence[Chunk], decided: Sequence[tuple[ToolCall, Decision]
                     continue
                 words = ("\n\n" if text_seen.get(cand.index) else "") + denial_text(call, decision)
                 text_seen[cand.index] = True
-                replacement = f'{{"text": {json.dumps(words, ensure_ascii=False)}'
+                replacement = f'{{"text": {json_text(words)}'
                 if part.signature is not None and (n, part.start) not in dropped:
                     replacement += f', "thoughtSignature": {part.signature}'
                 edits.append((part.start, part.end, replacement + "}"))

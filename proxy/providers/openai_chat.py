@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
 from ..strict_json import strict_pairs
+from ..surrogates import json_text
 from . import tool_scope
 from .arguments import parse_arguments
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_summary, denial_text
+from .held import DEFAULT_MAX_ARGUMENTS
 
 if TYPE_CHECKING:
     from .openai_chat_stream import ChatStream
@@ -100,7 +102,7 @@ def _fingerprint(messages: object) -> str | None:
             break
     if not parts:
         return None
-    return json.dumps(parts, sort_keys=True, ensure_ascii=False)
+    return json_text(parts, sort_keys=True)
 
 
 def with_usage(body: bytes) -> bytes:
@@ -109,7 +111,7 @@ def with_usage(body: bytes) -> bytes:
     options = obj.get("stream_options")
     obj["stream_options"] = {**(options if isinstance(options, dict) else {}),
                              "include_usage": True}
-    return json.dumps(obj, ensure_ascii=False).encode()
+    return json_text(obj).encode()
 
 
 def usage_of(obj: object) -> Usage | None:
@@ -243,7 +245,7 @@ def render_response(response: ChatResponse, decisions: Sequence[Decision]) -> by
             "function_call",
         ):
             choice["finish_reason"] = "stop"
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return json_text(obj).encode("utf-8")
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -286,19 +288,20 @@ class OpenAIChat:
         assert isinstance(parsed, ChatResponse)
         return render_response(parsed, decisions)
 
-    def stream(self, route: Route) -> ChatStream:
+    def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> ChatStream:
         from .openai_chat_stream import ChatStream  # the stream module builds on this one
 
-        return ChatStream()
+        return ChatStream(max_arguments=max_arguments)
 
-    def stream_with_usage(self, body: bytes, request: ParsedRequest) -> tuple[bytes, ChatStream]:
+    def stream_with_usage(self, body: bytes, request: ParsedRequest, *,
+                          max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> tuple[bytes, ChatStream]:
         """For budgets: a stream must report its usage. If the client did not ask for it,
         ask upstream anyway and hide the extra usage chunk from the client."""
         from .openai_chat_stream import ChatStream
 
         if request.include_usage:
-            return body, ChatStream()
-        return with_usage(body), ChatStream(strip_usage=True)
+            return body, ChatStream(max_arguments=max_arguments)
+        return with_usage(body), ChatStream(strip_usage=True, max_arguments=max_arguments)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply:

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import BadRequest, NotGoverned, UpstreamError
 from ..model import Decision, ToolCall, Usage
+from ..surrogates import json_text
 from . import tool_scope
 from .arguments import parse_arguments
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_text
+from .held import DEFAULT_MAX_ARGUMENTS
 from .openai_chat import _loads_object, denied_error
 
 if TYPE_CHECKING:
@@ -127,7 +129,7 @@ def _fingerprint(obj: JSONObject) -> str | None:
             elif item.get("role") == "user":
                 parts.append(item.get("content"))
                 break
-    return json.dumps(parts, sort_keys=True, ensure_ascii=False) if parts else None
+    return json_text(parts, sort_keys=True) if parts else None
 
 
 # --- items ------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def item_call(item: JSONObject, index: int, problem: str | None = None,
     call_id = item.get("call_id") if isinstance(item.get("call_id"), str) else item.get("id")
     cid = call_id if isinstance(call_id, str) else ""
     if kind not in TEXT_FIELD:
-        raw = json.dumps(item, ensure_ascii=False)
+        raw = json_text(item)
         return ToolCall(id=cid, name=str(kind), raw_arguments=raw, arguments=None, index=index,
                         problem=problem or f"tether cannot govern {kind!r} items yet, so the "
                                            "call was not released")
@@ -245,7 +247,7 @@ def render_response(response: ResponsesResponse, decisions: Sequence[Decision]) 
     for call, decision in zip(response.calls, decisions, strict=True):
         if not decision.allowed:
             output[call.index] = replacement(output[call.index], denial_text(call, decision))
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return json_text(obj).encode("utf-8")
 
 
 def error_event(message: str, *, kind: str, code: str, sequence: int) -> JSONObject:
@@ -276,10 +278,10 @@ class OpenAIResponses:
         assert isinstance(parsed, ResponsesResponse)
         return render_response(parsed, decisions)
 
-    def stream(self, route: Route) -> ResponsesStream:
+    def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> ResponsesStream:
         # Imported here: the stream module builds on this one.
         from .openai_responses_stream import ResponsesStream
-        return ResponsesStream()
+        return ResponsesStream(max_arguments=max_arguments)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]
                      ) -> ErrorReply:

@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable
 
 from ..errors import BadRequest
+from ..surrogates import json_text
 from .base import Restricted
 
 type Permits = Callable[[str], bool]
@@ -63,11 +64,8 @@ class _Cut:
     def result(self, obj: JSONObject) -> Restricted | None:
         if not self.removed:
             return None
-        try:
-            body = json.dumps(obj, ensure_ascii=False).encode()
-        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): escaped, as it was sent
-            body = json.dumps(obj).encode()
-        return Restricted(body, tuple(self.removed))
+        # A lone surrogate (JSON "\ud800") keeps its escape, as it was sent.
+        return Restricted(json_text(obj).encode(), tuple(self.removed))
 
 
 def _load(body: bytes) -> JSONObject:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import ssl
 import time
 import uuid
@@ -22,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from .. import tracing
+from .. import surrogates, tracing
 from ..approvals.holds import Holds, KeepAlive
 from ..audit.log import AuditWriteError
 from ..auth.authenticator import ANONYMOUS, Authenticator, Identity
@@ -31,6 +30,7 @@ from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, Tethe
 from ..governor import Governor
 from ..model import Action, Decision, Exchange, OnDeny, RuleTrace, ToolCall
 from ..opa.client import OpaClient
+from ..paths import canonical_path
 from ..policy.openapi_arguments import arguments_trace
 from ..providers import sse
 from ..providers.base import (
@@ -44,13 +44,15 @@ from ..providers.base import (
     WireFormat,
     exchange_for,
 )
+from ..providers.held import over_limit
 from ..sessions.guard import Admission, SessionGuard
 from ..sessions.identity import session_of
+from .batches import BatchGate
 from .errors import PROVIDER_KEY, reply, status_and_code
 from .upstream import (
-    canonical_tail,
     forward_headers,
     forward_query,
+    read_at_most,
     read_body,
     relay,
     return_headers,
@@ -61,42 +63,32 @@ log = logging.getLogger("tether.server")
 _CONTEXTS: dict[str, ssl.SSLContext] = {}
 
 STREAM_TYPES = {"text/event-stream", "application/vnd.amazon.eventstream"}
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The answer whole, or its first `limit` bytes. One `read(n)` returns only what has
-    arrived so far, which for a large answer is a piece of it."""
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) >= limit:
-            break
-    return bytes(body[:limit])
 
 
 def refuse_lone_surrogates(body: bytes) -> None:
-    """A JSON string may escape half of a UTF-16 pair (`"\\ud800"`); Python reads it
-    as a str that cannot be written as UTF-8 again, so a session fingerprint, a
-    filtered body or an audit record of it would fail half-way. Such a body is refused
-    400 up front. Only bodies that escape a surrogate at all pay for the second look."""
-    if not _SURROGATE_ESCAPE.search(body):
+    """A JSON string may escape half of a UTF-16 pair (`"\\ud800"`), or carry its three
+    UTF-8 bytes (ED A0 80, which json.loads reads with `surrogatepass`); either is a
+    str that is not text, which tether would judge one way and the upstream read
+    another. Such a body is refused 400 up front. Only bodies that could hold one pay
+    for the second look (proxy/surrogates.py)."""
+    if not surrogates.may_hold(body):
         return
     try:
-        json.dumps(json.loads(body), ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise BadRequest("the request body holds an unpaired UTF-16 surrogate (\\ud800-"
-                         "\\udfff), which is not text; it was not forwarded") from None
+        value = json.loads(body)
     except (ValueError, RecursionError):
         return  # not JSON: the format's own parser refuses it with its own message
+    where = surrogates.find(value)
+    if where is not None:
+        raise BadRequest(f"the request body holds an unpaired UTF-16 surrogate (\\ud800-"
+                         f"\\udfff) at {where}, which is not text; it was not forwarded")
 
 
 @runtime_checkable
 class ReportsUsage(Protocol):
     """A format that can make a stream report its usage when the client did not ask."""
 
-    def stream_with_usage(self, body: bytes, request: ParsedRequest
-                          ) -> tuple[bytes, StreamFilter]: ...
+    def stream_with_usage(self, body: bytes, request: ParsedRequest, *,
+                          max_arguments: int = ...) -> tuple[bytes, StreamFilter]: ...
 
 
 @dataclass(slots=True)
@@ -124,6 +116,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     waited: float = 0.0  # upstream and human time, which is not tether's overhead
     who: Identity = ANONYMOUS  # the verified identity; its consumed credential is not forwarded
+    inference: tracing.Span = tracing.NO_SPAN  # the call upstream, in the GenAI conventions
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -138,10 +131,14 @@ class LLMRoutes:
         upstream = self.ctx.config.upstreams.get(provider.name)
         if upstream is None:
             raise RouteNotFound(f"no {provider.name!r} upstream is configured")
-        raw = request.rel_url.raw_path.removeprefix(f"/{provider.name}/")
+        raw_path, prefix = request.rel_url.raw_path, f"/{provider.name}/"
+        raw = raw_path.removeprefix(prefix)
         try:
             # The raw path, not aiohttp's decoded one: `%2F` must be seen to be refused.
-            path = canonical_tail(raw, provider.path_escapes)
+            if not raw_path.startswith(prefix):
+                raise BadRequest("the request path is ambiguous: the route prefix is "
+                                 "percent-encoded; it was not forwarded")
+            path = canonical_path(raw, escapes=provider.path_escapes, ascii_only=True).raw
             route = provider.route(request.method, path, request.query)
             if route.kind is RouteKind.REFUSE:
                 refusal = {501: NotGoverned, 400: BadRequest}.get(route.status, RouteNotFound)
@@ -156,6 +153,10 @@ class LLMRoutes:
             raise
         if route.kind is RouteKind.PASS:
             return await self._pass_through(request, upstream, route, who)
+        if route.kind is RouteKind.BATCH:
+            return await BatchGate(self.ctx).handle(
+                request, provider, upstream, route, who, self._ssl(upstream),
+                lambda body: self._pass_through(request, upstream, route, who, body))
         trust = self.ctx.config.trust_identity_headers
         session = request.headers.get("x-tether-session") if trust else None
         call = Call(provider, route, upstream, uuid.uuid4().hex, session or None, who.agent,
@@ -199,41 +200,54 @@ class LLMRoutes:
         exchange = exchange_for(call.provider.name, parsed, session=call.session,
                                 agent=call.agent, endpoint=call.route.upstream_path,
                                 claims=call.who.claims)
-        tracing.note_request(exchange)
         stream: StreamFilter | None = None
         if parsed.stream and isinstance(fmt, ReportsUsage):
-            body, stream = fmt.stream_with_usage(body, parsed)
+            body, stream = fmt.stream_with_usage(
+                body, parsed, max_arguments=self.ctx.config.max_arguments_bytes)
         url = self._url(call.upstream, call.route, request, call.who)
+        call.inference = tracing.start_inference(
+            self.ctx.governor.tracer, exchange, fmt.name, server=(url.host, url.port),
+            max_tokens=parsed.max_output_tokens,
+            legacy=self.ctx.config.telemetry.legacy_gen_ai_system)
         try:
             headers = sign_request(call.upstream, "POST", str(url),
                                    forward_headers(request.headers, call.upstream,
                                                    drop=call.who.drop_headers), body)
             sent = time.perf_counter()
-            async with self.ctx.client.post(url, data=body, headers=headers,
-                                            ssl=self._ssl(call.upstream)) as resp:
+            with tracing.current(call.inference):  # the HTTP client span is its child
+                resp = await self.ctx.client.post(url, data=body, headers=headers,
+                                                  ssl=self._ssl(call.upstream))
+            async with resp:
                 call.waited += time.perf_counter() - sent
                 self.ctx.governor.metrics.upstream_seconds.labels(call.provider.name).observe(
                     call.waited)
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if resp.status != 200:
+                    tracing.failed(call.inference, str(resp.status))
                     await self.ctx.guard.release(call.admission)
                     return await self._upstream_error(resp, ctype, call, exchange)
                 if ctype in STREAM_TYPES or (call.route.stream and ctype == "application/json"):
                     return await self._stream(request, resp, call, exchange,
-                                              stream or fmt.stream(call.route))
+                                              stream or fmt.stream(
+                                                  call.route, max_arguments=(
+                                                      self.ctx.config.max_arguments_bytes)))
                 if ctype == "application/json":
                     return await self._whole(resp, call, exchange)
                 raise UpstreamError(f"the upstream answered 200 with {ctype or 'no content type'}"
                                     ", not JSON or an event stream")
         except TetherError as e:
+            tracing.failed(call.inference, type(e).__name__)
             await self.ctx.guard.release(call.admission)
             self._reject(call, e)
             raise
         except (aiohttp.ClientError, TimeoutError) as e:
+            tracing.failed(call.inference, type(e).__name__)
             await self.ctx.guard.release(call.admission)
             err = UpstreamError(f"the upstream could not be reached: {type(e).__name__}")
             self._reject(call, err)
             raise err from e
+        finally:
+            tracing.finish(call.inference)
 
     def _restrict(self, fmt: WireFormat, body: bytes, parsed: ParsedRequest,
                   call: Call) -> tuple[bytes, ParsedRequest]:
@@ -285,6 +299,10 @@ class LLMRoutes:
         decisions = []
         opa = self.ctx.opa
         budget = await opa.budget(self.ctx.guard, call.admission) if opa and calls else None
+        # A call whose arguments are over the limit is judged (and audited, held) without
+        # them: a stream filter already cut it; a whole answer's is cut here.
+        limit = self.ctx.config.max_arguments_bytes
+        calls = [over_limit(c, limit) or c for c in calls]
         for c in calls:
             trace = await self.ctx.guard.check_call(call.admission, c)
             # A tool linked to an OpenAPI operation: its arguments must fit the operation.
@@ -326,7 +344,8 @@ class LLMRoutes:
         if len(body) > limit:
             raise UpstreamError(f"the upstream response is over the {limit}-byte limit")
         parsed = fmt.parse_response(body)
-        tracing.note_usage(parsed.usage)
+        tracing.note_answer(call.inference, fmt.name, body, parsed.usage)
+        tracing.finish(call.inference)  # the answer is in: deciding (and holds) are not in it
         await self.ctx.guard.settle(call.admission, parsed.usage)
         decisions = await self._decide(parsed.calls, exchange, call)
         refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
@@ -351,6 +370,12 @@ class LLMRoutes:
             try:
                 async for chunk in resp.content.iter_any():
                     await self._drive(stream, stream.feed(chunk), out, exchange, call)
+                    if stream.failed is not None:
+                        # The filter ended the stream (a cut, a denial, a broken upstream):
+                        # nothing more goes to the client, so stop reading and close the
+                        # upstream, which stops its generation.
+                        resp.close()
+                        break
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     TimeoutError) as e:
                 log.warning("upstream stream broke: %s", type(e).__name__)
@@ -373,7 +398,10 @@ class LLMRoutes:
         return out
 
     async def _settle_stream(self, call: Call, stream: StreamFilter) -> None:
-        tracing.note_usage(stream.usage)
+        tracing.note_usage(call.inference, stream.usage)
+        if stream.failed:
+            tracing.failed(call.inference, "stream_error")
+        tracing.finish(call.inference)
         units = getattr(stream, "output_units", None)
         await self.ctx.guard.settle(call.admission, stream.usage,
                                     units if isinstance(units, int) else None)
@@ -387,9 +415,12 @@ class LLMRoutes:
                 return
             step = stream.decide(await self._decide(step.pending, exchange, call, out))
 
-    async def _pass_through(self, request: web.Request, upstream: Upstream,
-                            route: Route, who: Identity = ANONYMOUS) -> web.StreamResponse:
-        body = await read_body(request, self.ctx.config.max_body_bytes)
+    async def _pass_through(self, request: web.Request, upstream: Upstream, route: Route,
+                            who: Identity = ANONYMOUS, body: bytes | None = None
+                            ) -> web.StreamResponse:
+        """`body`: the request body when it was already read (and judged)."""
+        if body is None:
+            body = await read_body(request, self.ctx.config.max_body_bytes)
         return await relay(self.ctx.client, request, self._url(upstream, route, request, who),
                            body, forward_headers(request.headers, upstream,
                                                  drop=who.drop_headers),

@@ -25,17 +25,21 @@ from opentelemetry.propagate import extract
 from opentelemetry.sdk.trace import TracerProvider
 from yarl import URL
 
+from ..surrogates import scrub
+
 _URL_KEYS = ("http.target", "http.url", "url.full")
 
 
 def _request_attributes(request: web.Request) -> dict[str, object]:
+    """aiohttp decodes headers with `surrogateescape`, so a User-Agent that is not UTF-8
+    holds lone surrogates: scrubbed, or the exporter would drop the attribute."""
     attrs: dict[str, object] = dict(collect_request_attributes(request))
     attrs.pop("url.query", None)
     for key in _URL_KEYS:
         value = attrs.get(key)
         if isinstance(value, str):
             attrs[key] = value.split("?", 1)[0]
-    return attrs
+    return {k: scrub(v) if isinstance(v, str) else v for k, v in attrs.items()}
 
 
 def server_middleware(provider: TracerProvider) -> Middleware:

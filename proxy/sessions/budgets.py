@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..policy.names import normalize
 from ..policy.rules import parse_duration
 from ..policy.source import YMap, load_yaml
+from ..surrogates import utf8
 from .prices import Price, PriceTable
 
 DIMS = ("tokens", "input_tokens", "output_tokens", "cost_usd", "llm_calls")
@@ -95,7 +96,8 @@ class Counter(NamedTuple):
 
 
 def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    """Total: a session header aiohttp decoded with `surrogateescape` hashes too."""
+    return hashlib.sha256(utf8(text)).hexdigest()[:24]
 
 
 def session_bucket(agent: str | None, session: str) -> str:

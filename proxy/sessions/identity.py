@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Mapping
 
 from ..providers.base import ParsedRequest
+from ..surrogates import utf8
 
 KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
@@ -30,7 +31,7 @@ def agent_of(headers: Mapping[str, str], keys: Mapping[str, str], trust_headers:
              ) -> str | None:
     key = presented_key(headers)
     if key and keys:
-        name = keys.get(hashlib.sha256(key.encode()).hexdigest())
+        name = keys.get(hashlib.sha256(utf8(key)).hexdigest())
         if name:
             return name
     if trust_headers:
@@ -46,5 +47,5 @@ def session_of(headers: Mapping[str, str], request: ParsedRequest, agent: str | 
         return request.user
     if request.fingerprint:
         text = f"{agent or ''}\0{request.fingerprint}"
-        return "fp-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+        return "fp-" + hashlib.sha256(utf8(text)).hexdigest()[:24]
     return "default"

@@ -7,10 +7,10 @@ or spacing does not make a repeat look new.
 from __future__ import annotations
 
 import hashlib
-import json
 
 from ..model import ToolCall
 from ..policy.names import normalize
+from ..surrogates import json_text, utf8
 from .budgets import Loops
 
 REPEAT_RULE = "tether:loop-repeat"
@@ -19,12 +19,11 @@ PINGPONG_RULE = "tether:loop-pingpong"
 
 def signature(call: ToolCall) -> str:
     if call.arguments is not None:
-        canonical = json.dumps(call.arguments, sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False)
+        canonical = json_text(call.arguments, sort_keys=True, separators=(",", ":"))
     else:
         canonical = call.raw_arguments
     text = f"{normalize(call.name)}\0{canonical}"
-    return "c:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return "c:" + hashlib.sha256(utf8(text)).hexdigest()[:24]
 
 
 def history_needed(loops: Loops) -> int:

@@ -70,9 +70,11 @@ return redis.call('HGET', KEYS[1], 'first_seen')
 class RedisStore:
     def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
         self.url = url
+        # `surrogatepass`: a trip message naming a tool whose name holds a lone surrogate
+        # (model text) is stored and read back as it was, not an encoding error.
         self._redis: Any = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            decode_responses=True, health_check_interval=5)
+            decode_responses=True, encoding_errors="surrogatepass", health_check_interval=5)
         self._reserve = self._redis.register_script(RESERVE)
         self._observe = self._redis.register_script(OBSERVE)
         self._first_seen = self._redis.register_script(FIRST_SEEN)

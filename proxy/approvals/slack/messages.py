@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ...audit import redact
+from ...surrogates import json_text
 from ..queue import Approval, State
 
 type Json = dict[str, Any]
@@ -102,7 +103,7 @@ def shown_arguments(arguments: str) -> str:
         return arguments  # nothing secret: exactly the text the approval is bound to
     if isinstance(result.value, str):
         return result.value
-    return json.dumps(result.value, separators=(",", ":"), ensure_ascii=False)
+    return json_text(result.value, separators=(",", ":"))
 
 
 def _blocks(a: Approval, title: str) -> list[Json]:

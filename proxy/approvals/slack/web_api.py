@@ -11,13 +11,13 @@ once. This module is an edge (it speaks HTTP to Slack), hence the aiohttp import
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Callable, Mapping
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
+from ...surrogates import json_bytes
 from ..settings import SlackSettings
 from .messages import Json
 
@@ -62,7 +62,8 @@ class WebApi:
         token = self._env.get(self.settings.bot_token_env, "")
         if not token:
             raise SlackError(f"{self.settings.bot_token_env} is not set")
-        data = json.dumps(body, ensure_ascii=False).encode()
+        # Slack wants UTF-8 text: a lone surrogate in agent text is shown as U+FFFD.
+        data = json_bytes(body, replace=True)
         headers = {"Authorization": f"Bearer {token}",
                    "Content-Type": "application/json; charset=utf-8"}
         for attempt in range(1, attempts + 1):
