@@ -75,7 +75,9 @@ def read_records(files: Iterable[Path]) -> Iterator[tuple[str, Mapping[str, obje
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ReplayInputError(f"{file}: cannot read: {e}") from e
-        for n, line in enumerate(text.splitlines(), 1):
+        # Records end at "\n" only: str.splitlines would also cut at a raw U+2028 or
+        # U+0085 inside a JSON string, which the encoder leaves unescaped.
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -74,7 +74,7 @@ class Stack:
     def audit(self) -> list[dict[str, Any]]:
         if not self.audit_path.exists():
             return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+        return [json.loads(line) for line in self.audit_path.read_text().split("\n") if line]
 
     def decisions(self) -> list[dict[str, Any]]:
         return [r for r in self.audit() if r["kind"] == "decision"]

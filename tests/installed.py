@@ -122,5 +122,5 @@ def check_upstream_saw(fake: FakeOpenAI, count: int, key: str | None) -> None:
 
 
 def audit_actions(path: Path) -> list[str]:
-    return [json.loads(line)["action"] for line in path.read_text().splitlines()
-            if json.loads(line).get("kind") == "decision"]
+    records = [json.loads(line) for line in path.read_text().split("\n") if line]
+    return [r["action"] for r in records if r.get("kind") == "decision"]

@@ -174,6 +174,22 @@ def test_replay_prints_records_holding_lone_surrogates(tmp_path: Path) -> None:
         print(render_text(outcomes, "c.yaml", "rev").encode("utf-8").decode())
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x1c", "\x1d", "\x1e"])
+def test_replay_reads_records_holding_unicode_line_separators(tmp_path: Path,
+                                                             separator: str) -> None:
+    """The encoder leaves U+2028, U+2029 and NEL raw in a string (JSON needs no escape for
+    them); a record is one "\\n"-terminated line all the same, whatever str.splitlines says."""
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(str(path))
+    log.write({"kind": "decision", "tool": f"get{separator}x", "agent": "a",
+               "action": "allow", "rules": [], "arguments": {"v": f"1{separator}2"}})
+    log.write({"kind": "decision", "tool": "get_y", "agent": "a", "action": "allow",
+               "rules": [], "arguments": {}})
+    log.close()
+    records = list(read_records([path]))
+    assert [r["tool"] for _, r in records] == [f"get{separator}x", "get_y"]
+
+
 @pytest.mark.parametrize("json_lines", [False, True], ids=["table", "jsonl"])
 def test_tether_audit_prints_records_holding_lone_surrogates(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], json_lines: bool) -> None:
