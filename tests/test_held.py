@@ -20,7 +20,8 @@ from proxy.providers.eventstream import EventStreamDecoder
 from proxy.providers.gemini_stream import GeminiStream
 from proxy.providers.held import HeldText, cut_denial, over_limit, text_size
 from proxy.providers.openai_chat_stream import ChatStream
-from proxy.providers.openai_responses_stream import EVENTS_KEPT, ResponsesStream
+from proxy.providers.openai_responses_held import EVENTS_KEPT
+from proxy.providers.openai_responses_stream import ResponsesStream
 from tests.fakes import Call, Reply, stream_events
 from tests.streaming import run_stream
 

@@ -28,10 +28,10 @@ from ..model import Decision, ToolCall, Usage
 from ..strict_json import strict_pairs
 from ..surrogates import json_text
 from . import tool_scope
-from .anthropic_stream import (
+from .anthropic_stream import MessagesStream
+from .anthropic_wire import (
     CUT_REASONS,
     GOVERNED_BLOCK,
-    MessagesStream,
     cut_problem,
     error_body,
     error_type,

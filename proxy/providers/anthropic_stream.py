@@ -1,4 +1,5 @@
-"""Anthropic Messages streams (sans-IO), and the pieces whole responses share with them.
+"""Anthropic Messages streams (sans-IO); what whole responses share with them is in
+anthropic_wire.py.
 
 A stream is a series of named SSE events: `message_start`; per content block
 `content_block_start`, `content_block_delta`s and `content_block_stop`; then
@@ -25,7 +26,6 @@ bytes of input held, the stream is cut (providers/held.py).
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,72 +33,22 @@ from dataclasses import dataclass, field
 from ..errors import ProtocolError
 from ..model import Decision, OnDeny, ToolCall, Usage
 from ..surrogates import json_text
-from .arguments import parse_arguments
+from .anthropic_wire import (
+    CUT_REASONS,
+    GOVERNED_BLOCK,
+    JSONObject,
+    block_index,
+    cut_problem,
+    error_event,
+    read_event,
+    stop_reason,
+    tool_call,
+    usage_of,
+    usage_total,
+)
 from .base import Step, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
 from .sse import SSEDecoder, SSEEvent, encode
-
-type JSONObject = dict[str, object]
-
-# Stop reasons that end an answer wherever the model was, mid tool call included.
-CUT_REASONS = frozenset({"max_tokens", "model_context_window_exceeded", "refusal"})
-GOVERNED_BLOCK = "tool_use"
-# The error types Anthropic uses per HTTP status.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-               429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
-USAGE_INPUT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-
-
-def error_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
-def error_body(message: str, kind: str) -> bytes:
-    return json_text({"type": "error", "error": {"type": kind, "message": message}}).encode()
-
-
-def error_event(message: str, kind: str) -> bytes:
-    return encode(SSEEvent(error_body(message, kind).decode(), event="error"))
-
-
-def cut_problem(reason: str) -> str:
-    return f"the response was cut off (stop_reason {reason}) in the middle of a tool call"
-
-
-def tool_call(*, id: str, name: str, raw: str, index: int, problem: str | None = None
-              ) -> ToolCall:
-    arguments, why = parse_arguments(raw)
-    problem = problem or why
-    return ToolCall(id=id, name=name, raw_arguments=raw,
-                    arguments=None if problem else arguments, index=index, problem=problem)
-
-
-def usage_of(fields: dict[str, int], usage: object) -> None:
-    """Fold one usage object into `fields`. Counts are cumulative totals, so a later
-    value replaces an earlier one; a field left out keeps its earlier value."""
-    if isinstance(usage, dict):
-        for key in (*USAGE_INPUT, "output_tokens"):
-            value = usage.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                fields[key] = value
-
-
-def usage_total(fields: dict[str, int]) -> Usage | None:
-    """Cached input tokens count as input: a budget is about everything the model read."""
-    if not fields:
-        return None
-    return Usage(input_tokens=sum(fields.get(k, 0) for k in USAGE_INPUT),
-                 output_tokens=fields.get("output_tokens", 0))
-
-
-def _strict_pairs(pairs: list[tuple[str, object]]) -> JSONObject:
-    out: JSONObject = {}
-    for key, value in pairs:
-        if key in out:
-            raise ProtocolError(f"upstream stream event holds a duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _event(kind: str, body: JSONObject) -> bytes:
@@ -223,7 +173,7 @@ class MessagesStream:
         while self._queue and self._pending is None and not self._ended:
             event = self._queue[0]
             try:
-                kind, obj = self._read(event)
+                kind, obj = read_event(event)
                 if kind == "error":
                     self._queue.popleft()
                     out += encode(event)
@@ -252,28 +202,11 @@ class MessagesStream:
             self._ended = True
         return Step(bytes(out))
 
-    def _read(self, event: SSEEvent) -> tuple[str, JSONObject]:
-        """The event's type. The SDKs dispatch on the SSE event name and parse the data,
-        so the two must agree; an event without a name is refused, not guessed at. An
-        `error` event is passed on whatever its data: the SDKs raise on the name alone."""
-        if event.event == "error":
-            return "error", {}
-        try:
-            obj = json.loads(event.data, object_pairs_hook=_strict_pairs)
-        except (ValueError, RecursionError) as e:
-            raise ProtocolError("upstream stream event is not valid JSON") from e
-        if not isinstance(obj, dict):
-            raise ProtocolError("upstream stream event is not a JSON object")
-        kind = obj.get("type")
-        if not isinstance(kind, str) or event.event != kind:
-            raise ProtocolError(f"upstream stream event {event.event!r} carries data of type "
-                                f"{kind!r}")
-        return kind, obj
 
     def _hold(self, held: _Tool, kind: str, obj: JSONObject, event: SSEEvent) -> bool:
         """Take the next event while a tool_use block is held; True when it is complete."""
         if held.stop is None:
-            if kind == "content_block_delta" and _index(obj) == held.index:
+            if kind == "content_block_delta" and block_index(obj) == held.index:
                 delta = obj.get("delta")
                 if not isinstance(delta, dict) or delta.get("type") != "input_json_delta" \
                         or not isinstance(delta.get("partial_json"), str):
@@ -282,11 +215,11 @@ class MessagesStream:
                 held.fragments.append(str(delta["partial_json"]))
                 self._queue.popleft()
                 return False
-            if kind == "content_block_stop" and _index(obj) == held.index:
+            if kind == "content_block_stop" and block_index(obj) == held.index:
                 held.stop = event
                 self._queue.popleft()
                 return False
-            reason = _stop_reason(obj) if kind == "message_delta" else None
+            reason = stop_reason(obj) if kind == "message_delta" else None
             if reason not in CUT_REASONS:
                 raise ProtocolError(f"upstream sent {kind} while tool_use block {held.index} "
                                     "was still open")
@@ -295,7 +228,7 @@ class MessagesStream:
             # whether this call was cut off, never came.
             raise ProtocolError(f"upstream sent {kind} right after tool_use block {held.index}")
         elif kind == "message_delta":
-            reason = _stop_reason(obj)
+            reason = stop_reason(obj)
         else:
             return True
         if reason in CUT_REASONS:
@@ -317,9 +250,9 @@ class MessagesStream:
         if not self._started:
             raise ProtocolError(f"upstream sent {kind} before message_start")
         if kind == "content_block_start":
-            return self._start(_index(obj), obj, event)
+            return self._start(block_index(obj), obj, event)
         if kind in ("content_block_delta", "content_block_stop"):
-            index = _index(obj)
+            index = block_index(obj)
             if index not in self._open:
                 raise ProtocolError(f"upstream sent {kind} for content block {index}, which is "
                                     "not open")
@@ -327,7 +260,7 @@ class MessagesStream:
                 self._open.discard(index)
             return encode(event)
         if kind == "message_delta":
-            reason = _stop_reason(obj)
+            reason = stop_reason(obj)
             usage_of(self._usage, obj.get("usage"))
             self._finished = self._finished or reason is not None
             if reason == "tool_use" and self._denied and not self._kept:
@@ -384,19 +317,3 @@ class MessagesStream:
                     "delta": {"type": "text_delta", "text": denial_text(call, decision)}})
                 + stop)
 
-
-def _index(obj: JSONObject) -> int:
-    index = obj.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise ProtocolError(f"upstream {obj.get('type')} has no valid index")
-    return index
-
-
-def _stop_reason(obj: JSONObject) -> str | None:
-    delta = obj.get("delta")
-    if not isinstance(delta, dict):
-        raise ProtocolError("upstream message_delta has no delta object")
-    reason = delta.get("stop_reason")
-    if reason is not None and not isinstance(reason, str):
-        raise ProtocolError("upstream stop_reason is not a string")
-    return reason

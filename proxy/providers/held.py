@@ -6,7 +6,7 @@ stops buffering and cuts the stream at once; the calls it held are handed out as
 `too_large`, to be denied as `tether:arguments-too-large` and audited without their
 arguments, and the client gets the denial as the provider's mid-stream error. A whole
 (non-streamed) answer is read within `limits.max_response_bytes`; a call in it whose
-arguments are over the limit is denied the same way (server/llm.py).
+arguments are over the limit is denied the same way (server/llm_answers.py).
 
 `HeldText` keeps the fragments as they come (often a few characters each) without a
 Python object per fragment, so what a filter holds is about the bytes it counts.

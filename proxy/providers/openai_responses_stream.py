@@ -6,13 +6,12 @@ The API sends one SSE message per event, `event: <type>` and `data: {"type": <ty
 
 Every event of an item the agent would run (a `function_call` ...) is held from
 its `response.output_item.added` to its `response.output_item.done`, which
-completes the call; then it is decided, and nothing after it is released until it
-is. An allowed call is replayed event for event, its argument text untouched, except
-that past EVENTS_KEPT bytes of held events its further argument deltas are kept as
-text and replayed as one delta: what is held is then about the size of the arguments,
-not of the events around each few characters. Past `max_arguments` bytes of argument
-text the stream is cut (providers/held.py). A denied call becomes the events of an
-assistant message at the same `output_index`.
+completes the call (openai_responses_held.py); then it is decided, and nothing
+after it is released until it is. An allowed call is replayed event for event, its
+argument text untouched (past EVENTS_KEPT bytes of held events, its further deltas
+as one). Past `max_arguments` bytes of argument text the stream is cut
+(providers/held.py). A denied call becomes the events of an assistant message at
+the same `output_index`.
 Each `response.*` lifecycle event's `output` is rewritten to match what the client
 was sent (the SDK's stream helper builds its final response from it), and sequence
 numbers are renumbered so they stay strictly increasing. Everything else passes at
@@ -22,87 +21,33 @@ malformed, and a stream that breaks off ends with a Responses `error` event.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from ..errors import ProtocolError, UpstreamError
 from ..model import Action, Decision, OnDeny, ToolCall, Usage
 from ..policy.engine import MALFORMED
-from ..strict_json import strict_pairs
 from ..surrogates import json_text
 from .base import Step, denial_text
-from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
+from .held import DEFAULT_MAX_ARGUMENTS, cut, cut_denial
 from .openai_responses import (
-    DELTA_EVENTS,
-    DONE_EVENTS,
-    TEXT_FIELD,
     JSONObject,
     check_call_item,
     error_event,
     is_call,
     item_call,
-    output_text,
-    replacement,
     usage_of,
 )
+from .openai_responses_events import (
+    CALL_EVENTS,
+    LIFECYCLE,
+    TERMINAL,
+    output_index,
+    read_event,
+    upstream_error,
+)
+from .openai_responses_held import Held
 from .sse import SSEDecoder, SSEEvent, encode
-
-TERMINAL = {
-    "response.completed": "the response completed without finishing the tool call",
-    "response.incomplete": "the response ended incomplete in the middle of the tool call",
-    "response.failed": "the response failed in the middle of the tool call",
-}
-LIFECYCLE = frozenset(TERMINAL) | {"response.created", "response.queued", "response.in_progress"}
-# Events that only ever belong to a call item: outside a held item they are refused.
-CALL_EVENTS = ("response.function_call_arguments.", "response.custom_tool_call_input.",
-               "response.shell_call_command.")
-EVENTS_KEPT = 64 * 1024
-
-
-@dataclass(slots=True)
-class _Held:
-    """One call item, from `output_item.added` until it is decided."""
-
-    index: int
-    item: JSONObject
-    events: list[tuple[SSEEvent, JSONObject]] = field(default_factory=list)
-    pieces: HeldText = field(default_factory=HeldText)
-    kept: int = 0                # bytes of event data in `events`
-    tail_at: int | None = None   # where in `events` the delta standing for the rest is
-    tail_from: int = 0           # ... and where in the text the rest begins
-    text_done: bool = False
-    done: JSONObject | None = None
-
-    @property
-    def kind(self) -> str:
-        return str(self.item.get("type"))
-
-    def text(self) -> str | None:
-        """The argument text as a client accumulating the deltas would see it."""
-        name = TEXT_FIELD.get(self.kind)
-        if name is None:
-            return None
-        start = self.item.get(name)
-        return (start if isinstance(start, str) else "") + self.pieces.text()
-
-    def call(self, problem: str | None = None) -> ToolCall:
-        if self.done is None:
-            return item_call(self.item, self.index, problem, text=self.text())
-        status = self.done.get("status")
-        if problem is None and status not in (None, "completed"):
-            problem = f"the tool call item ended with status {status!r}"
-        return item_call(self.done, self.index, problem)
-
-
-def _index(obj: JSONObject) -> int | None:
-    value = obj.get("output_index")
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError("stream event has no valid output_index")
-    return value
 
 
 class ResponsesStream:
@@ -114,11 +59,11 @@ class ResponsesStream:
         self.output_units = 0  # text and argument deltas seen: ~ tokens, if usage never comes
         self._decoder = SSEDecoder()
         self._queue: deque[SSEEvent] = deque()
-        self._open: dict[int, _Held] = {}
+        self._open: dict[int, Held] = {}
         self._seen: set[int] = set()
         self._closed: set[int] = set()
         self._released: dict[int, JSONObject] = {}
-        self._waiting: list[tuple[_Held, ToolCall]] = []
+        self._waiting: list[tuple[Held, ToolCall]] = []
         self._seq: int | None = None
         self._ended = False
         self._eof = False
@@ -209,29 +154,16 @@ class ResponsesStream:
         data = error_event(message, kind=kind, code=code, sequence=self._sequence({}))
         return encode(SSEEvent(json_text(data), "error"))
 
-    def _release(self, held: _Held, call: ToolCall, decision: Decision) -> bytes:
+    def _release(self, held: Held, call: ToolCall, decision: Decision) -> bytes:
         """An allowed, complete call is replayed as it came; anything else is replaced."""
         if decision.allowed and held.done is not None and call.problem is None:
             self._released[held.index] = held.done
-            return b"".join(
-                self._emit(e, {**o, "delta": held.pieces.text()[held.tail_from:]}, changed=True)
-                if i == held.tail_at else self._emit(e, o) for i, (e, o) in enumerate(held.events))
+            return b"".join(self._emit(e, o, changed) for e, o, changed in held.replayed())
         if decision.allowed:  # only under `on_error: allow`; an unfinished call still never goes
             decision = Decision(Action.DENY, (MALFORMED,), call.problem or "the call is incomplete")
-        text = denial_text(call, decision)
-        item = replacement(held.done or held.item, text)
+        item, events = held.replaced(denial_text(call, decision))
         self._released[held.index] = item
-        mid, oi, part = item["id"], held.index, output_text(text)
-        where: JSONObject = {"item_id": mid, "output_index": oi, "content_index": 0}
-        return b"".join(self._new(e) for e in (
-            {"type": "response.output_item.added", "output_index": oi,
-             "item": {**item, "status": "in_progress", "content": []}},
-            {"type": "response.content_part.added", **where, "part": output_text("")},
-            {"type": "response.output_text.delta", **where, "delta": text, "logprobs": []},
-            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-            {"type": "response.content_part.done", **where, "part": part},
-            {"type": "response.output_item.done", "output_index": oi, "item": item},
-        ))
+        return b"".join(self._new(e) for e in events)
 
     # --- failure ------------------------------------------------------------------------
 
@@ -267,7 +199,7 @@ class ResponsesStream:
                                   "tool_call_denied")
         return calls
 
-    def _request(self, helds: list[_Held], problem: str | None = None) -> tuple[ToolCall, ...]:
+    def _request(self, helds: list[Held], problem: str | None = None) -> tuple[ToolCall, ...]:
         self._waiting = [(h, h.call(problem)) for h in helds]
         return tuple(c for _, c in self._waiting)
 
@@ -278,7 +210,7 @@ class ResponsesStream:
         while self._queue and not self._waiting and not self._ended:
             event = self._queue[0]
             try:
-                obj = self._parse(event)
+                obj = read_event(event)
                 kind = str(obj["type"])
                 if kind == "error":
                     self._queue.popleft()
@@ -304,41 +236,17 @@ class ResponsesStream:
             return Step(bytes(out) + step.data, step.pending)
         return Step(bytes(out))
 
-    def _parse(self, event: SSEEvent) -> JSONObject:
-        if event.data.strip() == "[DONE]":
-            raise ProtocolError("the upstream stream sent [DONE] before the response was complete")
-        try:
-            obj = json.loads(event.data, object_pairs_hook=strict_pairs)
-        except (ValueError, RecursionError) as e:
-            raise ProtocolError(f"upstream stream event is not valid JSON: {e}") from e
-        if isinstance(obj, dict) and "type" not in obj and isinstance(obj.get("error"), dict):
-            obj = {"type": "error", **obj}  # a Chat Completions-style error mid-stream
-        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
-            raise ProtocolError("upstream stream event is not a JSON object with a 'type'")
-        if event.event is not None and event.event != obj["type"]:
-            raise ProtocolError(f"stream event named {event.event!r} carries a {obj['type']!r} event")
-        return obj
-
     def _upstream_error(self, event: SSEEvent, obj: JSONObject) -> tuple[bytes, str]:
-        """Pass the upstream's error with its fields both at the top level (as documented)
-        and nested under `error` (as sent in practice), so every SDK raises on it."""
-        nested = obj.get("error") if isinstance(obj.get("error"), dict) else {}
-        assert isinstance(nested, dict)
-        message = str(obj.get("message") or nested.get("message") or "the upstream stream failed")
-        code = obj.get("code") or nested.get("code")
-        param = obj.get("param", nested.get("param"))
-        full = {**obj, "message": message, "code": code, "param": param,
-                "error": {"type": "upstream_error", **nested, "message": message, "code": code,
-                          "param": param}}
+        full, message = upstream_error(obj)
         return self._emit(event, full, changed=full != obj), message
 
-    def _apply(self, event: SSEEvent, obj: JSONObject, kind: str) -> tuple[bytes, _Held | None]:
+    def _apply(self, event: SSEEvent, obj: JSONObject, kind: str) -> tuple[bytes, Held | None]:
         """One event: pass it, or hold it; returns the call item it completed, if any."""
         if kind in LIFECYCLE:
             return self._lifecycle(event, obj, kind), None
         if kind.endswith(".delta"):
             self.output_units += 1
-        oi = _index(obj)
+        oi = output_index(obj)
         if kind == "response.output_item.added":
             item = obj.get("item")
             if oi is None or not isinstance(item, dict):
@@ -348,21 +256,12 @@ class ResponsesStream:
             self._seen.add(oi)
             if is_call(item.get("type")):
                 check_call_item(item, f"upstream stream item {oi}")
-                self._open[oi] = _Held(oi, item, [(event, obj)])
+                self._open[oi] = Held(oi, item, [(event, obj)])
                 return b"", None
             return self._emit(event, obj), None
         if oi is not None and oi in self._open:
             held = self._open[oi]
-            self._hold(held, obj, kind)
-            if kind in DELTA_EVENTS:
-                if held.tail_at is not None:
-                    return b"", None  # its text is in held.pieces, replayed with the tail
-                if held.kept > EVENTS_KEPT:
-                    held.tail_at = len(held.events)
-                    held.tail_from = held.pieces.length - len(str(obj["delta"]))
-            held.kept += len(event.data)
-            held.events.append((event, obj))
-            return b"", held if held.done is not None else None
+            return b"", held if held.take(event, obj, kind) else None
         if oi is not None and oi in self._closed:
             raise ProtocolError(f"stream event for tool call item {oi} after it was complete")
         if kind.startswith(CALL_EVENTS):
@@ -372,36 +271,6 @@ class ResponsesStream:
             raise ProtocolError(f"{kind} event carries a tool call item that was never added")
         return self._emit(event, obj), None
 
-    def _hold(self, held: _Held, obj: JSONObject, kind: str) -> None:
-        """Check one event of a held call item; any inconsistency fails the stream, since
-        a client could read the call from any of the pieces."""
-        item_id = obj.get("item_id")
-        if item_id is not None and held.item.get("id") is not None and item_id != held.item["id"]:
-            raise ProtocolError(f"stream event for output item {held.index} names another item")
-        text_kind = DELTA_EVENTS.get(kind) or DONE_EVENTS.get(kind)
-        if text_kind is not None and text_kind != held.kind:
-            raise ProtocolError(f"{kind} event for a {held.kind} item")
-        if kind in DELTA_EVENTS:
-            delta = obj.get("delta")
-            if not isinstance(delta, str) or held.text_done:
-                raise ProtocolError(f"bad {kind} event for tool call item {held.index}")
-            held.pieces.append(delta)
-        elif kind in DONE_EVENTS:
-            if obj.get(TEXT_FIELD[held.kind]) != held.text():
-                raise ProtocolError(f"{kind} for tool call item {held.index} does not match its deltas")
-            held.text_done = True
-        elif kind == "response.output_item.done":
-            done = obj.get("item")
-            if not isinstance(done, dict):
-                raise ProtocolError("response.output_item.done has no item")
-            for key in ("type", "id", "call_id", "name"):
-                if key in held.item and done.get(key) != held.item[key]:
-                    raise ProtocolError(f"tool call item {held.index} changed its {key}")
-            check_call_item(done, f"upstream stream item {held.index}")
-            name = TEXT_FIELD.get(held.kind)
-            if name and (held.pieces.pieces or held.text_done) and done.get(name) != held.text():
-                raise ProtocolError(f"tool call item {held.index} does not match its deltas")
-            held.done = done
 
     def _lifecycle(self, event: SSEEvent, obj: JSONObject, kind: str) -> bytes:
         """Rewrite the response snapshot's output to what the client was sent."""

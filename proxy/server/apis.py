@@ -33,8 +33,8 @@ from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, Unaut
 from ..model import HttpRequest
 from ..paths import canonical_path
 from ..policy.apis_config import ToolApi
+from .context import Context
 from .errors import status_and_code
-from .llm import Context
 from .upstream import forward_headers, read_body, relay
 
 log = logging.getLogger("tether.apis")

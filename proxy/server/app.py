@@ -28,8 +28,8 @@ from ..sessions.redis_store import RedisStore
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
 from .admin import build_admin
+from .context import Context
 from .errors import error_middleware
-from .llm import Context
 from .routes import CONTEXT, add_routes
 from .traced import client_trace_config, server_middleware
 

@@ -39,13 +39,12 @@ from ..providers.batch_input import (
     openai_input_file_id,
 )
 from ..upstreams import BatchMode
+from .context import Context
 from .errors import status_and_code
 from .upstream import forward_headers, forward_query, read_at_most, read_body
 
 if TYPE_CHECKING:
     import ssl
-
-    from .llm import Context
 
 log = logging.getLogger("tether.server")
 

@@ -46,8 +46,8 @@ from ..policy.mcp import (
 )
 from ..policy.openapi_arguments import arguments_trace
 from .apis import ApiRoutes, deciding_rule
+from .context import Context
 from .errors import status_and_code
-from .llm import Context
 from .upstream import forward_headers, read_body, relay
 
 log = logging.getLogger("tether.mcp")

@@ -20,8 +20,9 @@ from ..errors import RouteNotFound
 from ..providers import PROVIDERS
 from ..providers.base import Provider
 from .apis import ApiRoutes
+from .context import Context
 from .errors import PROVIDER_KEY
-from .llm import Context, LLMRoutes
+from .llm import LLMRoutes
 from .mcp import McpRoutes
 
 CONTEXT = web.AppKey("context", Context)

@@ -1,0 +1,31 @@
+"""What every route family shares for the life of the app: the configuration, the
+governor, the session guard, the holds, the upstream client, the authenticator and
+OPA.
+
+Its own module so that the route modules (llm, mcp, apis, batches) and the app that
+builds it import it from one place that imports none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from ..approvals.holds import Holds
+from ..auth.authenticator import Authenticator
+from ..config import Config
+from ..governor import Governor
+from ..opa.client import OpaClient
+from ..sessions.guard import SessionGuard
+
+
+@dataclass(slots=True)
+class Context:
+    config: Config
+    governor: Governor
+    guard: SessionGuard
+    holds: Holds
+    client: aiohttp.ClientSession
+    auth: Authenticator
+    opa: OpaClient | None = None  # None: no `opa:` section

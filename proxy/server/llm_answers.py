@@ -1,0 +1,199 @@
+"""The upstream's answer to a governed LLM call: read whole, or filtered as it streams,
+and every tool call in it decided before the agent can see it.
+
+A whole answer is read within `limits.max_response_bytes` and decided before a byte
+of it is returned. In a stream, text passes at once but the filter holds each tool
+call back until it is complete and decided here (providers.base); while a call
+waits for a human, an SSE stream is kept alive with comments. Time spent waiting on
+the upstream and on humans is counted in `Call.waited`, so the overhead metrics
+measure tether alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .. import tracing
+from ..approvals.holds import KeepAlive
+from ..auth.authenticator import ANONYMOUS, Identity
+from ..config import Upstream
+from ..errors import UpstreamError
+from ..model import Action, Decision, Exchange, OnDeny, RuleTrace, ToolCall
+from ..policy.openapi_arguments import arguments_trace
+from ..providers import sse
+from ..providers.base import Provider, Route, Step, StreamFilter
+from ..providers.held import over_limit
+from ..sessions.guard import Admission
+from .context import Context
+from .errors import reply
+from .upstream import read_at_most, return_headers
+
+log = logging.getLogger("tether.server")
+
+
+@dataclass(slots=True)
+class Call:
+    """One governed request in flight."""
+
+    provider: Provider
+    route: Route
+    upstream: Upstream
+    rid: str
+    session: str | None
+    agent: str | None
+    admission: Admission | None = None
+    started: float = field(default_factory=time.perf_counter)
+    waited: float = 0.0  # upstream and human time, which is not tether's overhead
+    who: Identity = ANONYMOUS  # the verified identity; its consumed credential is not forwarded
+    inference: tracing.Span = tracing.NO_SPAN  # the call upstream, in the GenAI conventions
+
+    def overhead(self) -> float:
+        return time.perf_counter() - self.started - self.waited
+
+
+class Answers:
+    """The answer side of `LLMRoutes`, built with it for each request."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def upstream_error(self, resp: aiohttp.ClientResponse, ctype: str, call: Call,
+                             exchange: Exchange) -> web.Response:
+        body = await read_at_most(resp, self.ctx.config.max_response_bytes)
+        if ctype != "application/json":
+            raise UpstreamError(f"the upstream answered {resp.status} with "
+                                f"{ctype or 'no content type'}, not a JSON error")
+        self.ctx.governor.reject(provider=call.provider.name, status=resp.status,
+                                 code="upstream_status",
+                                 message=body[:500].decode("utf-8", "replace"),
+                                 request_id=call.rid, session=exchange.session,
+                                 agent=exchange.agent, endpoint=exchange.endpoint)
+        self.ctx.governor.metrics.requests.labels(call.provider.name, str(resp.status)).inc()
+        return web.Response(status=resp.status, body=body, headers=return_headers(resp.headers))
+
+    async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call,
+                      out: web.StreamResponse | None = None) -> list[Decision]:
+        decisions = []
+        opa = self.ctx.opa
+        budget = await opa.budget(self.ctx.guard, call.admission) if opa and calls else None
+        # A call whose arguments are over the limit is judged (and audited, held) without
+        # them: a stream filter already cut it; a whole answer's is cut here.
+        limit = self.ctx.config.max_arguments_bytes
+        calls = [over_limit(c, limit) or c for c in calls]
+        for c in calls:
+            trace = await self.ctx.guard.check_call(call.admission, c)
+            # A tool linked to an OpenAPI operation: its arguments must fit the operation.
+            op = self.ctx.config.apis.for_tool(c.name)
+            extra: tuple[RuleTrace | None, ...] = (trace, arguments_trace(op, c) if op else None)
+            if opa is not None:  # OPA's verdict joins the rules': the strictest wins
+                extra += (await opa.judge(c, exchange, "llm", api=op.name if op else None,
+                                          budget=budget),)
+            decisions.append(self.ctx.governor.decide(
+                c, exchange, request_id=call.rid, extra=tuple(t for t in extra if t),
+                api=op.name if op else None))
+        if any(d.action is Action.HOLD for d in decisions):
+            held = time.perf_counter()
+            decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
+                                                     self._keepalive(out))
+            call.waited += time.perf_counter() - held
+        return decisions
+
+    @staticmethod
+    def _keepalive(out: web.StreamResponse | None) -> KeepAlive | None:
+        """SSE comments while a stream waits for a human; other framings (the binary
+        event stream, Gemini's JSON array) have no comment, so they wait silently."""
+        if out is None or not out.headers.get("content-type", "").startswith("text/event-stream"):
+            return None
+
+        async def send(text: str) -> None:
+            await out.write(sse.comment(text))
+
+        return send
+
+    async def whole(self, resp: aiohttp.ClientResponse, call: Call,
+                    exchange: Exchange) -> web.Response:
+        fmt = call.route.format
+        assert fmt is not None
+        limit = self.ctx.config.max_response_bytes
+        reading = time.perf_counter()
+        body = await read_at_most(resp, limit + 1)
+        call.waited += time.perf_counter() - reading
+        if len(body) > limit:
+            raise UpstreamError(f"the upstream response is over the {limit}-byte limit")
+        parsed = fmt.parse_response(body)
+        tracing.note_answer(call.inference, fmt.name, body, parsed.usage)
+        tracing.finish(call.inference)  # the answer is in: deciding (and holds) are not in it
+        await self.ctx.guard.settle(call.admission, parsed.usage)
+        decisions = await self._decide(parsed.calls, exchange, call)
+        refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
+        metrics = self.ctx.governor.metrics
+        metrics.requests.labels(call.provider.name, "403" if refused else "200").inc()
+        metrics.overhead_seconds.labels(call.provider.name, "whole").observe(call.overhead())
+        if refused:
+            return reply(fmt.denied_error(parsed.calls, decisions), retry=False,
+                         code="tool_call_denied")
+        out = fmt.render_response(parsed, decisions)
+        return web.Response(status=200, body=out, headers=return_headers(resp.headers))
+
+    async def stream(self, request: web.Request, resp: aiohttp.ClientResponse, call: Call,
+                     exchange: Exchange, stream: StreamFilter) -> web.StreamResponse:
+        out = web.StreamResponse(status=200, headers=return_headers(resp.headers))
+        out.headers["Cache-Control"] = "no-cache"
+        try:
+            await out.prepare(request)
+            # Time to first byte: the agent's response headers, less the upstream's.
+            self.ctx.governor.metrics.overhead_seconds.labels(call.provider.name, "stream").observe(
+                call.overhead())
+            try:
+                async for chunk in resp.content.iter_any():
+                    await self._drive(stream, stream.feed(chunk), out, exchange, call)
+                    if stream.failed is not None:
+                        # The filter ended the stream (a cut, a denial, a broken upstream):
+                        # nothing more goes to the client, so stop reading and close the
+                        # upstream, which stops its generation.
+                        resp.close()
+                        break
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                    TimeoutError) as e:
+                log.warning("upstream stream broke: %s", type(e).__name__)
+            await self._drive(stream, stream.close(), out, exchange, call)
+        except ConnectionResetError:
+            # The agent went away: stop reading upstream (which stops its generation),
+            # charge what was used so far. Decided calls are already audited.
+            log.info("client disconnected mid-stream (request %s)", call.rid)
+            return out
+        finally:
+            await self._settle_stream(call, stream)
+        status = "200" if stream.failed is None else "200-error"
+        self.ctx.governor.metrics.requests.labels(call.provider.name, status).inc()
+        if stream.failed:
+            self.ctx.governor.reject(provider=call.provider.name, status=200,
+                                     code="stream_error", message=stream.failed,
+                                     request_id=call.rid, session=exchange.session,
+                                     agent=exchange.agent, endpoint=exchange.endpoint)
+        await out.write_eof()
+        return out
+
+    async def _settle_stream(self, call: Call, stream: StreamFilter) -> None:
+        tracing.note_usage(call.inference, stream.usage)
+        if stream.failed:
+            tracing.failed(call.inference, "stream_error")
+        tracing.finish(call.inference)
+        units = getattr(stream, "output_units", None)
+        await self.ctx.guard.settle(call.admission, stream.usage,
+                                    units if isinstance(units, int) else None)
+
+    async def _drive(self, stream: StreamFilter, step: Step, out: web.StreamResponse,
+                     exchange: Exchange, call: Call) -> None:
+        while True:
+            if step.data:
+                await out.write(step.data)
+            if not step.pending:
+                return
+            step = stream.decide(await self._decide(step.pending, exchange, call, out))
