@@ -111,7 +111,8 @@ class Governor:
         self.metrics.decision_seconds.observe(elapsed)
         tool = self.metrics.labels.tool(normalize(call.name))
         for rule in decision.rules or ("none",):
-            self.metrics.decisions.labels(exchange.provider, tool, decision.action.value, rule).inc()
+            self.metrics.decisions.labels(self.metrics.labels.provider(exchange.provider), tool,
+                                          decision.action.value, rule).inc()
         for rule in decision.shadow:
             self.metrics.shadow_matches.labels(rule).inc()
         return decision

@@ -62,6 +62,9 @@ def exact_names(patterns: Iterable[re.Pattern[str]]) -> set[str]:
     return out
 
 
+FORWARD = "forward"
+
+
 @dataclass(slots=True)
 class Labels:
     """The label values the config allows; filled in at load (governor: tools and
@@ -80,6 +83,13 @@ class Labels:
     def model(self, name: str) -> str:
         lowered = name.lower()
         return next((label for p, label in self.models if p.fullmatch(lowered)), OTHER)
+
+    @staticmethod
+    def provider(name: str) -> str:
+        """A provider label: the forward proxy names each cloud host it judged
+        (`forward:mybucket.s3.amazonaws.com`, one per S3 bucket), which the audit keeps;
+        the metric gets `forward`. Providers and `api:NAME` are fixed by the config."""
+        return FORWARD if name.startswith(FORWARD + ":") else name
 
 
 class Metrics:

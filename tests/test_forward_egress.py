@@ -220,6 +220,12 @@ async def test_boto3_describe_volumes_is_allowed_and_forwarded(
     assert decision["api"] == "aws.ec2.DescribeVolumes" and decision["action"] == "allow"
     assert decision["effect"] == "read" and decision["provider"] == f"forward:{EC2}"
     assert decision["tool"] == "DescribeVolumes"
+    # The audit names the host; the metric does not (one label value per S3 bucket would
+    # be unbounded): the provider label of a cloud host's decisions is `forward`.
+    metrics = egr.stack.tether.governor.metrics.render().decode()
+    assert any(line.startswith("tether_tool_decisions_total{") and 'provider="forward"' in line
+               and 'action="allow"' in line for line in metrics.splitlines()), metrics
+    assert f'provider="forward:{EC2}"' not in metrics
 
 
 async def test_boto3_delete_of_a_production_volume_is_denied_in_ec2s_error_shape(
