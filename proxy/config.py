@@ -29,6 +29,7 @@ from .policy.cloud_config import parse_cloud
 from .policy.engine import AgentScope, Policy
 from .policy.mcp import McpServers, parse_mcp
 from .policy.names import normalize
+from .policy.provider_tools import ProviderTools, parse_provider_tools
 from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
 from .providers.held import DEFAULT_MAX_ARGUMENTS
@@ -40,7 +41,7 @@ from .upstreams import parse_upstreams
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward", "mcp", "cloud", "auth", "opa", "telemetry",
+    "forward", "mcp", "cloud", "auth", "opa", "telemetry", "provider_tools",
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
@@ -78,6 +79,7 @@ class Config:
     slack: SlackSettings | None = None
     apis: Apis = field(default_factory=Apis)
     mcp: McpServers = field(default_factory=McpServers)
+    provider_tools: ProviderTools = field(default_factory=ProviderTools)  # MCP allow-list
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     cloud: CloudCatalog | None = None      # None: the built-in catalog
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
@@ -311,6 +313,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     builder.effects = {**apis.effects, **builder.effects}
     opa = parse_opa(doc.get("opa"), doc, file.parent, env)
     builder.texts.extend(opa.texts if opa else ())
+    provider_tools = parse_provider_tools(doc)
+    builder.effects = {**provider_tools.effects(), **builder.effects}
     revision = hashlib.sha256("\0".join(builder.texts).encode()).hexdigest()[:12]
     policy = Policy(
         rules=tuple(builder.rules),
@@ -348,6 +352,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         slack=parse_slack(doc.get("slack"), doc, env),
         apis=apis,
         mcp=parse_mcp(doc, env),
+        provider_tools=provider_tools,
         forward=forward,
         auth=auth,
         cloud=parse_cloud(doc.get("cloud"), doc),

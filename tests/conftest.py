@@ -46,6 +46,10 @@ rules:
     match: {tool: resize_volume}
     action: hold
     timeout: 300ms
+  - id: provider-search
+    description: The providers' own web search may run (provider-run tools, docs/provider-tools.md)
+    match: {tool: ["openai:web_search", "anthropic:web_search", "gemini:google_search"]}
+    action: allow
 """
 
 
@@ -77,7 +81,12 @@ class Stack:
         return [json.loads(line) for line in self.audit_path.read_text().split("\n") if line]
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [r for r in self.audit() if r["kind"] == "decision"]
+        """Decisions on the calls in answers (provider-run tools judged on the request
+        side are `provider_decisions`)."""
+        return [r for r in self.audit() if r["kind"] == "decision" and "stage" not in r]
+
+    def provider_decisions(self) -> list[dict[str, Any]]:
+        return [r for r in self.audit() if r["kind"] == "decision" and r.get("stage") == "request"]
 
 
 async def _serve(app: web.Application, ssl_context: ssl.SSLContext | None = None

@@ -23,7 +23,8 @@ from proxy.providers.openai_responses import RESPONSES
 from tests.conftest import POLICY, MakeStack, Stack
 from tests.fakes import Call, Reply
 
-SCOPE = ("query_", "get_db_status", "web_search", "googlesearch")
+SCOPE = ("query_", "get_db_status", "openai:web_search", "anthropic:web_search",
+         "gemini:google_search")
 
 
 def permits(name: str) -> bool:
@@ -109,7 +110,7 @@ def test_responses_functions_hosted_tools_and_namespaces() -> None:
              {"type": "custom", "name": "run_sql"},
              {"type": "namespace", "name": "ns", "tools": [{"type": "function", "name": "rm_rf"}]}]
     body, removed = restrict(RESPONSES, {"model": "m", "tools": tools, "tool_choice": "auto"})
-    assert removed == ("delete_volume", "code_interpreter", "run_sql", "rm_rf")
+    assert removed == ("delete_volume", "openai:code_interpreter", "run_sql", "rm_rf")
     assert body is not None and body["tools"] == [tools[0], tools[2]]
     with pytest.raises(BadRequest, match="code_interpreter"):
         restrict(RESPONSES, {"model": "m", "tools": tools,
@@ -164,7 +165,7 @@ def test_gemini_both_spellings() -> None:
         {"googleSearch": {}}, {"code_execution": {}}],
         "toolConfig": {"functionCallingConfig": {"mode": "ANY",
                                                  "allowedFunctionNames": ["query_a", "drop_db"]}}})
-    assert removed == ("delete_volume", "drop_db", "codeExecution")
+    assert removed == ("delete_volume", "drop_db", "gemini:code_execution")
     assert body is not None and body["tools"] == [
         {"functionDeclarations": [{"name": "query_a"}]}, {"googleSearch": {}}]
     assert body["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"] == ["query_a"]

@@ -30,6 +30,7 @@ from aiohttp import web
 from .fake_anthropic_batches import FakeMessageBatches
 from .fake_flood import Flood, serve_messages
 from .fake_openai import Call, RawReply, Reply, Turn
+from .fake_provider_tools import anthropic_problem
 
 type Body = dict[str, Any]
 
@@ -226,6 +227,10 @@ class FakeAnthropic:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        problem = anthropic_problem(body)
+        if problem is not None:
+            return web.json_response({"type": "error", "error": {
+                "type": "invalid_request_error", "message": problem}}, status=400)
         turn = self._next(body)
         if isinstance(turn, RawReply):
             return await self._raw(request, turn)

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .fake_flood import Flood, serve_responses
 from .fake_openai import Body, Call, RawReply, Reply
+from .fake_provider_tools import responses_problem
 
 if TYPE_CHECKING:
     from .fake_openai import FakeOpenAI
@@ -197,6 +198,10 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     body = await request.json()
     fake.requests.append(body)
     fake.headers.append(dict(request.headers))
+    problem = responses_problem(body)
+    if problem is not None:
+        return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
+                                            "param": None, "code": None}}, status=400)
     turn = fake._next(body)
     if fake.first_delay_s:
         await asyncio.sleep(fake.first_delay_s)

@@ -10,6 +10,8 @@ hole. Built-in checks run as if they were rules with reserved ids:
                            (they are dropped unread, and the call is judged by name)
   tether:undeclared-tool   the request did not declare a tool of that exact name
   tether:agent-scope       the agent has a tool scope and the tool is outside it
+  tether:provider-tool-unlisted  a provider-run tool (`openai:web_search` ...) that no rule
+                           mentions, under `defaults.undeclared_tools: deny`
 
 `defaults.action` applies when nothing matches. Rules in `mode: shadow` are
 evaluated like the others but only named in `Decision.shadow`.
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from ..model import Action, Decision, Effect, Exchange, OnDeny, RuleTrace, ToolCall
 from ..surrogates import holds
 from .names import normalize
+from .provider_tools import UNLISTED, is_provider_run
+from .provider_tools import effect_of as provider_effect
 from .rules import Rule, Subject
 
 READ_PREFIXES = ("get_", "list_", "describe_")
@@ -62,10 +66,13 @@ class Policy:
 
 
 def effect_of(name: str, effects: Mapping[str, Effect]) -> Effect:
-    """Declared effect, else read for get_/list_/describe_ names, else write."""
+    """Declared effect, else a provider-run tool's own (read for search and fetch), else
+    read for get_/list_/describe_ names, else write."""
     declared = effects.get(name)
     if declared is not None:
         return declared
+    if is_provider_run(name):
+        return provider_effect(name)
     return Effect.READ if name.startswith(READ_PREFIXES) else Effect.WRITE
 
 
@@ -157,6 +164,14 @@ class PolicyEngine:
         # Shadow matches are recorded beside the verdict and take no part in it.
         shadow = tuple(t.rule_id for t in traces if t.matched and t.shadow)
         matched = [t for t in traces if t.matched and not t.shadow]
+        if not matched and self.policy.undeclared_tools is Action.DENY and is_provider_run(name):
+            # No call for a provider-run tool comes back to be judged: one no rule mentions
+            # is treated as undeclared, not left to defaults.action.
+            unlisted = RuleTrace(UNLISTED, True, f"no rule allows the provider-run tool "
+                                 f"{call.name!r} (defaults.undeclared_tools is deny)",
+                                 Action.DENY)
+            return Decision(Action.DENY, (UNLISTED,), unlisted.reason, effect=effect,
+                            trace=(*traces, unlisted), shadow=shadow)
         if not matched:
             return Decision(
                 action=self.policy.default_action,

@@ -15,12 +15,12 @@ refused (`BadRequest`): quietly letting the model pick another tool, or none,
 would change what the agent asked for.
 
 Names: function tools by their name everywhere. Tools the provider runs itself
-have no function name; they are named by what identifies them in the request:
-OpenAI Responses hosted tools by their `type` (`web_search`, `file_search`,
-`code_interpreter`, `mcp` ...), Gemini's built-in tools by their key in lower
-camel case (`googleSearch`, `codeExecution`, `urlContext`), Anthropic server
-tools by their `name` (`web_search`), Bedrock system tools by their `name`.
-A scope therefore lists them like any other tool (`tools: [query_*, web_search]`).
+go by their canonical names (policy/provider_tools.py): `openai:web_search`,
+`anthropic:web_fetch`, `gemini:google_search` ..., so a scope lists them like any
+other tool (`tools: [query_*, "openai:web_search"]`). MCP servers (OpenAI's `mcp`
+tool, Anthropic's `mcp_toolset`) are not cut here: each of their tools is judged,
+scope included, by the provider-tool gate (providers/provider_run.py), which
+narrows the server to the tools left. Bedrock system tools go by their `name`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ import re
 from collections.abc import Callable
 
 from ..errors import BadRequest
+from ..policy.provider_tools import anthropic_name, gemini_name, openai_name
 from ..surrogates import json_text
 from .base import Restricted
+from .provider_run import ANTHROPIC_CLIENT
 
 type Permits = Callable[[str], bool]
 type JSONObject = dict[str, object]
@@ -150,13 +152,16 @@ def chat(body: bytes, permits: Permits) -> Restricted | None:
 
 
 def _responses_name(tool: object) -> str | None:
-    """Function and custom tools by name, hosted tools by their type."""
+    """Function and custom tools by name, hosted tools by their canonical name; an MCP
+    server has none (its tools are judged one by one by the provider-tool gate)."""
     if not isinstance(tool, dict):
         return None
     kind = _str(tool.get("type"))
     if kind in ("function", "custom"):
         return _str(tool.get("name"))
-    return kind
+    if kind is None or kind == "mcp":
+        return None
+    return openai_name(kind)
 
 
 def _responses_tools(tools: list[object], cut: _Cut) -> list[object]:
@@ -199,17 +204,34 @@ def responses(body: bytes, permits: Permits) -> Restricted | None:
 # --- Anthropic Messages ------------------------------------------------------------------
 
 
+def _anthropic_name(tool: object) -> str | None:
+    """Custom and client tools (bash, computer ...) by name, as their calls come back;
+    server tools by canonical name; an `mcp_toolset` is left to the provider-tool gate."""
+    if not isinstance(tool, dict):
+        return None
+    kind = _str(tool.get("type"))
+    if kind is None or kind.startswith(ANTHROPIC_CLIENT):
+        return _str(tool.get("name"))
+    if kind == "mcp_toolset":
+        return None
+    return anthropic_name(kind)
+
+
 def anthropic(body: bytes, permits: Permits) -> Restricted | None:
     obj = _load(body)
     cut = _Cut(permits)
     declared = obj.get("tools")
     if not isinstance(declared, list):
         return None
-    tools = [t for t in declared
-             if cut.keep(_str(t.get("name")) if isinstance(t, dict) else None)]
+    tools = [t for t in declared if cut.keep(_anthropic_name(t))]
     choice = obj.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "tool" and cut.gone(choice.get("name")):
-        raise _forced(str(choice["name"]))
+    if isinstance(choice, dict) and choice.get("type") == "tool":
+        # A server tool is forced by its name (`web_search`) and scoped by its canonical one.
+        scoped = {t.get("name"): _anthropic_name(t) for t in declared if isinstance(t, dict)}
+        forced = choice.get("name")
+        if cut.gone(scoped.get(forced) if isinstance(forced, str) and forced in scoped
+                    else forced):
+            raise _forced(str(forced))
     obj["tools"] = tools
     if not tools and cut.removed:
         obj.pop("tools", None)
@@ -286,7 +308,7 @@ def gemini(body: bytes, permits: Permits) -> Restricted | None:
                          if cut.keep(_str(d.get("name")) if isinstance(d, dict) else None)]
                 if decls:
                     kept[key] = decls
-            elif cut.keep(_camel(key)):  # a built-in tool: googleSearch, codeExecution ...
+            elif cut.keep(gemini_name(_camel(key))):  # a built-in tool: gemini:google_search
                 kept[key] = value
         if kept:
             tools.append(kept)

@@ -36,6 +36,7 @@ from ..providers.base import (
     exchange_for,
 )
 from ..sessions.identity import session_of
+from . import provider_gate
 from .batches import BatchGate
 from .context import Context
 from .errors import PROVIDER_KEY, status_and_code
@@ -150,6 +151,10 @@ class LLMRoutes:
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)
             body, parsed = self._restrict(fmt, body, parsed, call)
+            body, parsed = provider_gate.apply(  # provider-run tools: judged before they leave
+                self.ctx.governor, self.ctx.config.provider_tools, fmt, body, parsed, call.route,
+                exchange_for(call.provider.name, parsed, session=call.session, agent=call.agent,
+                             endpoint=call.route.upstream_path, claims=call.who.claims), call.rid)
             call.admission = await self.ctx.guard.admit(
                 agent=call.agent, session=call.session, model=parsed.model,
                 body_bytes=len(body), max_output=parsed.max_output_tokens)
