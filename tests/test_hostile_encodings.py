@@ -242,6 +242,26 @@ async def test_an_llm_request_in_utf16_with_a_lone_surrogate_is_refused(
     await healthy(stack)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-16", "utf-32-le", "utf-32",
+                                      "utf-8-sig"])
+async def test_an_llm_request_not_in_utf8_is_refused(stack: Stack, encoding: str) -> None:
+    """A body Python's parser reads (it sniffs UTF-16 and UTF-32) but a provider may read
+    otherwise is refused, not forwarded as sent, and so is UTF-8 behind a byte order mark
+    (RFC 8259 forbids it; the parser skips it, a provider may not); plain UTF-8 is governed."""
+    text = ('{"model": "gpt-x", "messages": [{"role": "user", "content": "clean up"}], '
+            '"tools": [{"type": "function", "function": {"name": "get_weather"}}]}')
+    status, _, raw = await raw_http(proxy_port(stack), post_bytes(
+        "/openai/v1/chat/completions", text.encode(encoding)))
+    assert status == 400 and "not UTF-8" in json.loads(raw)["error"]["message"]
+    assert stack.fake.requests == []
+    assert len(records(stack, "request")) == 1
+    status, _, raw = await raw_http(proxy_port(stack), post_bytes(
+        "/openai/v1/chat/completions", text.encode()))
+    assert status == 200, raw
+    assert len(stack.fake.requests) == 1
+    await healthy(stack)
+
+
 # -- LLM routes: what the model returns -------------------------------------------------------
 
 WEATHER = '{"city": "Oslo"}'

@@ -73,6 +73,18 @@ def refuse_lone_surrogates(body: bytes) -> None:
                          f"\\udfff) at {where}, which is not text; it was not forwarded")
 
 
+def refuse_non_utf8(body: bytes) -> None:
+    """JSON between systems is UTF-8 (RFC 8259, 8.1), but `json.loads` also reads UTF-16
+    and UTF-32, sniffing the first bytes: tether would judge what it read and pass bytes a
+    provider reads otherwise, or not at all; a UTF-8 byte order mark, which JSON must not
+    carry, likewise. Such a body is refused 400 up front, by the parser's own sniffing
+    (invalid UTF-8 bytes are the parser's to refuse)."""
+    if json.detect_encoding(body) != "utf-8":
+        raise BadRequest("the request body is not UTF-8 without a byte order mark (it reads "
+                         "as UTF-16, UTF-32 or starts with a BOM); JSON between systems must "
+                         "be UTF-8, so it was not forwarded")
+
+
 @runtime_checkable
 class ReportsUsage(Protocol):
     """A format that can make a stream report its usage when the client did not ask."""
@@ -147,6 +159,7 @@ class LLMRoutes:
         try:
             body = await read_body(request, self.ctx.config.max_body_bytes)
             refuse_lone_surrogates(body)
+            refuse_non_utf8(body)
             parsed = fmt.parse_request(body, call.route)
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)
