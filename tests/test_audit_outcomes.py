@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anthropic
 import openai
 import pytest
@@ -25,9 +24,9 @@ from proxy.audit.calls import join, render_text
 from proxy.demo.fake_anthropic import FakeAnthropic
 from tests.conftest import MakeStack, Stack
 from tests.fakes import Call, Reply
+from tests.test_e2e_approvals import TOKEN, admin, pending
 from tests.test_e2e_openai import MESSAGES
 
-TOKEN = "outcomes-test-token"
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = """
 tools:
@@ -66,23 +65,6 @@ def resize(volume: str) -> Call:
 @pytest.fixture(autouse=True)
 def admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TETHER_ADMIN_TOKEN", TOKEN)
-
-
-async def admin(stack: Stack, method: str, path: str, body: dict[str, Any] | None = None
-                ) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.request(method, stack.admin_url + path, json=body,
-                                headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
-            return resp.status, await resp.json()
-
-
-async def pending(stack: Stack, count: int = 1) -> list[dict[str, Any]]:
-    for _ in range(250):
-        _, body = await admin(stack, "GET", "/v1/approvals")
-        if len(body["pending"]) >= count:
-            return list(body["pending"])
-        await asyncio.sleep(0.02)
-    raise AssertionError("no approval appeared")
 
 
 async def decide(stack: Stack, approval: dict[str, Any], verb: str, by: str,
