@@ -53,7 +53,8 @@ class Governor:
                effect: Effect | None = None, stage: str | None = None) -> Decision:
         """`extra`: verdicts from outside the rules (loop breakers, per-tool budgets,
         OpenAPI checks). `api`, `effect`: the operation a call is (`jira.createIssue`).
-        `stage`: "request" for a provider-run tool judged before the request leaves."""
+        `stage`: "request" for a provider-run tool judged before the request leaves, "ran"
+        for one an answer reports the provider already ran."""
         if self.tracer is None:
             return self._decide(call, exchange, request_id, extra, api, effect, stage)
         name = tracing.decide_span_name(call.name, exchange.declared_tools)

@@ -108,6 +108,12 @@ class Metrics:
             ["provider", "status"],
             registry=self.registry,
         )
+        self.provider_tool_violations = Counter(
+            "tether_provider_tool_violations",
+            "Answers reporting a provider-run tool call the policy does not allow",
+            ["provider"],
+            registry=self.registry,
+        )
         self.fail_closed = Counter(
             "tether_fail_closed",
             "Decisions turned into deny because deciding failed",

@@ -51,6 +51,7 @@ from .base import (
 )
 from .batch_routes import anthropic_batches
 from .held import DEFAULT_MAX_ARGUMENTS
+from .provider_ran import anthropic_block
 
 type JSONObject = dict[str, object]
 
@@ -158,6 +159,7 @@ class MessagesResponse:
     body: bytes
     calls: tuple[ToolCall, ...]
     usage: Usage | None
+    ran: tuple[ToolCall, ...] = ()   # provider-run calls the answer reports (provider_ran.py)
 
 
 def parse_response(body: bytes) -> MessagesResponse:
@@ -170,10 +172,13 @@ def parse_response(body: bytes) -> MessagesResponse:
             raise UpstreamError("upstream response has no 'content' array")
         stop_reason = obj.get("stop_reason")
         calls: list[ToolCall] = []
+        ran: list[ToolCall] = []
         for i, block in enumerate(content):
             if not isinstance(block, dict) or not isinstance(block.get("type"), str):
                 raise UpstreamError(f"upstream content[{i}] has no type")
             if block["type"] != GOVERNED_BLOCK:
+                if (done := anthropic_block(block, i)) is not None:
+                    ran.append(done)
                 continue
             call_id, name, arguments = block.get("id"), block.get("name"), block.get("input")
             if not isinstance(call_id, str) or not isinstance(name, str) \
@@ -193,7 +198,7 @@ def parse_response(body: bytes) -> MessagesResponse:
         raise UpstreamError(f"upstream response is not valid JSON: {e}") from e
     fields: dict[str, int] = {}
     usage_of(fields, obj.get("usage"))
-    return MessagesResponse(body, tuple(calls), usage_total(fields))
+    return MessagesResponse(body, tuple(calls), usage_total(fields), tuple(ran))
 
 
 def render_response(response: MessagesResponse, decisions: Sequence[Decision]) -> bytes:

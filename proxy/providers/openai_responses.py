@@ -33,6 +33,7 @@ from .arguments import parse_arguments
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS
 from .openai_chat import _loads_object, denied_error
+from .provider_ran import openai_item
 
 if TYPE_CHECKING:
     from .openai_responses_stream import ResponsesStream
@@ -208,6 +209,7 @@ class ResponsesResponse:
     body: bytes
     calls: tuple[ToolCall, ...]
     usage: Usage | None
+    ran: tuple[ToolCall, ...] = ()   # provider-run calls the answer reports (provider_ran.py)
 
 
 def _cut_problem(obj: JSONObject, item: JSONObject, last: bool) -> str | None:
@@ -230,12 +232,15 @@ def parse_response(body: bytes) -> ResponsesResponse:
     if not isinstance(output, list):
         raise UpstreamError("upstream response has no 'output' array")
     calls: list[ToolCall] = []
+    ran: list[ToolCall] = []
     for i, item in enumerate(output):
         if not isinstance(item, dict):
             raise UpstreamError(f"upstream response output[{i}] is not an object")
         if is_call(item.get("type")):
             calls.append(item_call(item, i, _cut_problem(obj, item, i == len(output) - 1)))
-    return ResponsesResponse(body, tuple(calls), usage_of(obj))
+        elif (done := openai_item(item, i)) is not None:
+            ran.append(done)
+    return ResponsesResponse(body, tuple(calls), usage_of(obj), tuple(ran))
 
 
 def render_response(response: ResponsesResponse, decisions: Sequence[Decision]) -> bytes:

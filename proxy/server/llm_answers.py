@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +29,7 @@ from ..policy.openapi_arguments import arguments_trace
 from ..providers import sse
 from ..providers.base import Provider, Route, Step, StreamFilter
 from ..providers.held import over_limit
+from ..providers.provider_ran import VIOLATION
 from ..sessions.guard import Admission
 from .context import Context
 from .errors import reply
@@ -77,8 +78,27 @@ class Answers:
         self.ctx.governor.metrics.requests.labels(call.provider.name, str(resp.status)).inc()
         return web.Response(status=resp.status, body=body, headers=return_headers(resp.headers))
 
+    def _judge_ran(self, ran: Sequence[ToolCall], exchange: Exchange, call: Call
+                   ) -> RuleTrace | None:
+        """Each provider-run call the answer reports as run, judged (and audited, `stage:
+        ran`) by the rules that judged it on the request; one they would not allow ran
+        anyway: a violation, counted, that denies every call the answer hands the agent."""
+        broke: list[str] = []
+        for done in ran:
+            asked = replace(exchange, declared_tools=(done.name,))
+            decision = self.ctx.governor.decide(done, asked, request_id=call.rid, stage="ran")
+            if not decision.allowed:
+                broke.append(done.name)
+        if not broke:
+            return None
+        self.ctx.governor.metrics.provider_tool_violations.labels(call.provider.name).inc()
+        return RuleTrace(VIOLATION, True, f"the provider ran {', '.join(sorted(set(broke)))}, "
+                         "which the policy does not allow, so nothing else in this answer "
+                         "is released", Action.DENY)
+
     async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call,
-                      out: web.StreamResponse | None = None) -> list[Decision]:
+                      out: web.StreamResponse | None = None,
+                      violation: RuleTrace | None = None) -> list[Decision]:
         decisions = []
         opa = self.ctx.opa
         budget = await opa.budget(self.ctx.guard, call.admission) if opa and calls else None
@@ -90,7 +110,8 @@ class Answers:
             trace = await self.ctx.guard.check_call(call.admission, c)
             # A tool linked to an OpenAPI operation: its arguments must fit the operation.
             op = self.ctx.config.apis.for_tool(c.name)
-            extra: tuple[RuleTrace | None, ...] = (trace, arguments_trace(op, c) if op else None)
+            extra: tuple[RuleTrace | None, ...] = (trace, arguments_trace(op, c) if op else None,
+                                                   violation)
             if opa is not None:  # OPA's verdict joins the rules': the strictest wins
                 extra += (await opa.judge(c, exchange, "llm", api=op.name if op else None,
                                           budget=budget),)
@@ -130,7 +151,9 @@ class Answers:
         tracing.note_answer(call.inference, fmt.name, body, parsed.usage)
         tracing.finish(call.inference)  # the answer is in: deciding (and holds) are not in it
         await self.ctx.guard.settle(call.admission, parsed.usage)
-        decisions = await self._decide(parsed.calls, exchange, call)
+        ran: tuple[ToolCall, ...] = getattr(parsed, "ran", ())
+        violation = self._judge_ran(ran, exchange, call) if ran else None
+        decisions = await self._decide(parsed.calls, exchange, call, violation=violation)
         refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
         metrics = self.ctx.governor.metrics
         metrics.requests.labels(call.provider.name, "403" if refused else "200").inc()
