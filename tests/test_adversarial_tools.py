@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -20,13 +21,16 @@ from hypothesis import strategies as st
 from proxy.demo.fake_anthropic import FakeAnthropic
 from proxy.demo.fake_gemini import FakeGemini
 from proxy.errors import BadRequest, NotGoverned
+from proxy.model import Action, Decision, Effect
 from proxy.policy.engine import PolicyEngine
+from proxy.policy.provider_tools import ProviderTools
 from proxy.providers.anthropic import MESSAGES as ANTHROPIC
 from proxy.providers.base import Restricted, Route, RouteKind
 from proxy.providers.bedrock import CONVERSE
 from proxy.providers.gemini import GEMINI
 from proxy.providers.openai_chat import CHAT
 from proxy.providers.openai_responses import RESPONSES
+from proxy.server.provider_gate import GATES
 from tests.conftest import POLICY, MakeStack, Stack
 from tests.fakes import Reply
 
@@ -50,6 +54,11 @@ def _scope() -> Any:
 
 
 SCOPE = _scope()
+
+
+def _scope_judge(name: str, effect: Effect, arguments: Mapping[str, object]) -> Decision:
+    """The provider-run check's judge with the scope as the only rule."""
+    return Decision(Action.ALLOW if SCOPE(name) else Action.DENY, ("tether:agent-scope",))
 
 
 def route(fmt: Any) -> Route:
@@ -132,6 +141,16 @@ def check_forwarded(fmt: Any, body: bytes) -> None:
     except BadRequest:
         return  # a forced removed tool: refused, nothing forwarded
     forwarded = cut.body if isinstance(cut, Restricted) else body
+    # Then the provider-run tools' own check, as the server runs it next: an MCP server is
+    # narrowed tool by tool there, not cut by the scope filter; none is configured here,
+    # so each one is refused, and a server tool outside the scope is too.
+    gate = GATES.get(fmt.name)
+    if gate is not None:
+        try:
+            gated = gate(forwarded, ProviderTools(), _scope_judge)
+        except BadRequest:
+            return  # refused whole: nothing is forwarded
+        forwarded = gated.body if gated.body is not None else forwarded
     parsed = fmt.parse_request(forwarded, route(fmt))  # what tether judges calls against
     obj = json.loads(forwarded)
     seen = upstream_names(fmt, obj)
