@@ -9,10 +9,13 @@ come anywhere and `error` ends the stream. Blocks follow one another with
 appends, a delta edits `content[index]`), so tether never renumbers: a denied
 block becomes a text block at the same index.
 
-Only `tool_use` blocks are governed: they are the calls the agent will run.
+Only `tool_use` blocks are held: they are the calls the agent will run.
 `server_tool_use`, `mcp_tool_use`, their result blocks, `thinking` and
 `redacted_thinking` pass through, because server tools run at Anthropic, not in
 the agent, and their results are already in the answer when the agent sees it.
+A `server_tool_use` or `mcp_tool_use` block is reported in `Step.ran` at its
+`content_block_stop`, with its input assembled (provider_ran.StreamedBlock), for
+the server to judge what ran.
 
 A `tool_use` block is held from its start until the first event after its
 stop, which tells whether the answer ended right there with stop_reason
@@ -48,6 +51,7 @@ from .anthropic_wire import (
 )
 from .base import Step, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
+from .provider_ran import ANTHROPIC_RAN, StreamedBlock
 from .sse import SSEDecoder, SSEEvent, encode
 
 
@@ -80,6 +84,8 @@ class MessagesStream:
         self._next_index = 0
         self._open: set[int] = set()       # blocks passed through and not yet stopped
         self._held: _Tool | None = None
+        self._running: dict[int, StreamedBlock] = {}  # provider-run blocks not yet stopped
+        self._ran: list[ToolCall] = []                 # ... stopped, not yet reported
         self._pending: ToolCall | None = None
         self._kept = 0
         self._denied = 0
@@ -106,7 +112,7 @@ class MessagesStream:
             self._queue.extend(self._decoder.feed(chunk))
         except ProtocolError as e:
             return self._fail(e.message)
-        return self._run()
+        return self._reported(self._run())
 
     def close(self) -> Step:
         """The upstream ended. Without message_stop (or a final message_delta) the
@@ -118,7 +124,7 @@ class MessagesStream:
         except ProtocolError as e:
             return self._fail(e.message)
         self._eof = True
-        return self._run()
+        return self._reported(self._run())
 
     def decide(self, decisions: Sequence[Decision]) -> Step:
         call, held = self._pending, self._held
@@ -137,7 +143,14 @@ class MessagesStream:
             return Step(error_event(denial_text(call, decision), "permission_error"))
         out = self._render(held, call, decision)
         step = self._run()
-        return Step(out + step.data, step.pending)
+        return self._reported(Step(out + step.data, step.pending))
+
+    def _reported(self, step: Step) -> Step:
+        """`step`, with the provider-run calls completed since the last one."""
+        if not self._ran:
+            return step
+        ran, self._ran = tuple(self._ran), []
+        return Step(step.data, step.pending, step.ran + ran)
 
     def _fail(self, message: str, *, notify: bool = True) -> Step:
         """End the stream with an error event; a held call is still decided (as denied)."""
@@ -258,6 +271,11 @@ class MessagesStream:
                                     "not open")
             if kind == "content_block_stop":
                 self._open.discard(index)
+            running = self._running.get(index)
+            if running is not None and kind == "content_block_delta":
+                running.take(obj.get("delta"))
+            elif running is not None and (done := self._running.pop(index).call()) is not None:
+                self._ran.append(done)
             return encode(event)
         if kind == "message_delta":
             reason = stop_reason(obj)
@@ -286,6 +304,8 @@ class MessagesStream:
         self._next_index += 1
         if block["type"] != GOVERNED_BLOCK:
             self._open.add(index)
+            if block["type"] in ANTHROPIC_RAN:
+                self._running[index] = StreamedBlock(block, index, self._max_arguments)
             return encode(event)
         call_id, name = block.get("id"), block.get("name")
         if not isinstance(call_id, str) or not isinstance(name, str):

@@ -18,6 +18,11 @@ A format's stream filter is an incremental object driven by the front end:
 `pending` holds the tool calls completed by the input so far; nothing after
 them is released until they are decided, which is how "decide before bytes
 leave" holds in a stream while text before the calls flows at once.
+
+`ran` holds the provider-run calls (provider_ran.py) whose item or block the
+input so far completed. They already happened, so their bytes pass unheld in
+`data`; the front end judges them before it decides `pending`, and once one
+broke the policy it denies every call the stream still hands out.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..model import Decision, Exchange, ToolCall, Usage
 class Step:
     data: bytes = b""
     pending: tuple[ToolCall, ...] = ()
+    ran: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,12 @@ the same `output_index`.
 Each `response.*` lifecycle event's `output` is rewritten to match what the client
 was sent (the SDK's stream helper builds its final response from it), and sequence
 numbers are renumbered so they stay strictly increasing. Everything else passes at
-once. A call whose item never completes is never released: it is decided as
-malformed, and a stream that breaks off ends with a Responses `error` event.
+once. A provider-run item (`mcp_call`, `web_search_call` ...: provider_ran.py) passes
+too, since it already ran, and is reported in `Step.ran` at its
+`response.output_item.done` (or, if it never had one, at the terminal event that lists
+it) for the server to judge. A call whose item never completes is never released: it
+is decided as malformed, and a stream that breaks off ends with a Responses `error`
+event.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .openai_responses_events import (
     upstream_error,
 )
 from .openai_responses_held import Held
+from .provider_ran import openai_item
 from .sse import SSEDecoder, SSEEvent, encode
 
 
@@ -64,6 +69,8 @@ class ResponsesStream:
         self._closed: set[int] = set()
         self._released: dict[int, JSONObject] = {}
         self._waiting: list[tuple[Held, ToolCall]] = []
+        self._ran: list[ToolCall] = []      # provider-run calls not yet reported in a Step
+        self._ran_at: set[int] = set()      # output indexes already reported
         self._seq: int | None = None
         self._ended = False
         self._eof = False
@@ -87,7 +94,7 @@ class ResponsesStream:
             self._queue.extend(self._decoder.feed(chunk))
         except ProtocolError as e:
             return self._fail(e.message, "bad_upstream_stream")
-        return self._run()
+        return self._reported(self._run())
 
     def close(self) -> Step:
         """The upstream ended. Without a terminal `response.*` event the stream was cut."""
@@ -98,7 +105,7 @@ class ResponsesStream:
         except ProtocolError as e:
             return self._fail(e.message, "bad_upstream_stream")
         self._eof = True
-        return self._run()
+        return self._reported(self._run())
 
     def decide(self, decisions: Sequence[Decision]) -> Step:
         if len(decisions) != len(self._waiting):
@@ -126,7 +133,24 @@ class ResponsesStream:
             final, self._final = self._final, b""
             return Step(final)
         step = self._run()
-        return Step(bytes(out) + step.data, step.pending)
+        return self._reported(Step(bytes(out) + step.data, step.pending))
+
+    def _reported(self, step: Step) -> Step:
+        """`step`, with the provider-run calls completed since the last one."""
+        if not self._ran:
+            return step
+        ran, self._ran = tuple(self._ran), []
+        return Step(step.data, step.pending, step.ran + ran)
+
+    def _report(self, item: JSONObject, oi: int | None) -> None:
+        """Note a provider-run item that is complete; other items are not reported."""
+        done = openai_item(item, oi if oi is not None else 0)
+        if done is None or (oi is not None and oi in self._ran_at):
+            return
+        if oi is None:
+            raise ProtocolError(f"a {item.get('type')} item has no output_index")
+        self._ran_at.add(oi)
+        self._ran.append(done)
 
     # --- output -------------------------------------------------------------------------
 
@@ -269,6 +293,8 @@ class ResponsesStream:
         item = obj.get("item")
         if isinstance(item, dict) and is_call(item.get("type")):
             raise ProtocolError(f"{kind} event carries a tool call item that was never added")
+        if kind == "response.output_item.done" and isinstance(item, dict):
+            self._report(item, oi)
         return self._emit(event, obj), None
 
 
@@ -290,6 +316,8 @@ class ResponsesStream:
                 elif isinstance(item, dict) and is_call(item.get("type")):
                     raise ProtocolError(f"{kind} carries a tool call that the stream did not decide")
                 else:
+                    if kind in TERMINAL and isinstance(item, dict):
+                        self._report(item, i)  # one that never had its own done event
                     rewritten.append(item)
             if changed:
                 obj = {**obj, "response": {**response, "output": rewritten}}

@@ -8,16 +8,21 @@ the canonical name the request side used (policy/provider_tools.py), so the same
 judge it and the audit records it with its arguments. One the rules would not allow ran
 anyway (the provider ignored the narrowing, or it was never narrowable): that is a
 violation, and the server denies every call the answer still hands to the agent.
+
+A stream reports the same items and blocks once each is complete (`Step.ran`); an
+Anthropic block's input then arrives in fragments, assembled by `StreamedBlock`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..model import ToolCall
 from ..policy.provider_tools import anthropic_name, mcp_name, openai_name
 from ..surrogates import json_text
+from .held import HeldText, cut
 
 VIOLATION = "tether:provider-tool-violation"
 
@@ -74,3 +79,35 @@ def anthropic_block(block: Mapping[str, object], index: int) -> ToolCall | None:
     else:
         return None
     return _ran(block.get("id"), name, block.get("input"), index)
+
+
+@dataclass(slots=True)
+class StreamedBlock:
+    """An Anthropic provider-run block as a stream sends it: its `content_block_start`,
+    then its input as `input_json_delta` fragments (or whole in the start, when there
+    are none). Past `limit` bytes the text is dropped and the call judged by name alone,
+    which the engine denies: input tether could not check is not allowed to have run."""
+
+    block: Mapping[str, object]
+    index: int
+    limit: int
+    text: HeldText = field(default_factory=HeldText)
+    over: bool = False
+
+    def take(self, delta: object) -> None:
+        if not isinstance(delta, Mapping) or delta.get("type") != "input_json_delta":
+            return
+        piece = delta.get("partial_json")
+        if isinstance(piece, str) and not self.over:
+            self.text.append(piece)
+            if self.text.size > self.limit:
+                self.over = True
+                self.text.clear()
+
+    def call(self) -> ToolCall | None:
+        """The call, once its `content_block_stop` came."""
+        if self.over:
+            done = anthropic_block({**self.block, "input": {}}, self.index)
+            return cut(done, self.limit, streamed=False, what="its input is") if done else None
+        arguments = self.text.text() if self.text.length else self.block.get("input")
+        return anthropic_block({**self.block, "input": arguments}, self.index)

@@ -7,6 +7,12 @@ call back until it is complete and decided here (providers.base); while a call
 waits for a human, an SSE stream is kept alive with comments. Time spent waiting on
 the upstream and on humans is counted in `Call.waited`, so the overhead metrics
 measure tether alone.
+
+Provider-run calls an answer reports as run are judged before the calls it hands the
+agent (`_judge_ran`). A whole answer's are all known first. A stream reports each as
+its item or block completes (`Step.ran`); once one broke the policy, every call the
+stream hands out after it is denied, but calls already released before it was seen
+cannot be taken back.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ class Call:
     waited: float = 0.0  # upstream and human time, which is not tether's overhead
     who: Identity = ANONYMOUS  # the verified identity; its consumed credential is not forwarded
     inference: tracing.Span = tracing.NO_SPAN  # the call upstream, in the GenAI conventions
+    # Provider-run calls that ran though the policy does not allow them (`_judge_ran`),
+    # and the trace that denies the calls a stream hands out after the first of them.
+    broke: set[str] = field(default_factory=set)
+    violation: RuleTrace | None = None
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -82,17 +92,20 @@ class Answers:
                    ) -> RuleTrace | None:
         """Each provider-run call the answer reports as run, judged (and audited, `stage:
         ran`) by the rules that judged it on the request; one they would not allow ran
-        anyway: a violation, counted, that denies every call the answer hands the agent."""
-        broke: list[str] = []
+        anyway: a violation, counted once per answer, that denies every call the answer
+        hands the agent from then on. A stream calls this once per step that reports some;
+        the trace names every call that broke the policy so far."""
+        first = not call.broke
         for done in ran:
             asked = replace(exchange, declared_tools=(done.name,))
             decision = self.ctx.governor.decide(done, asked, request_id=call.rid, stage="ran")
             if not decision.allowed:
-                broke.append(done.name)
-        if not broke:
+                call.broke.add(done.name)
+        if not call.broke:
             return None
-        self.ctx.governor.metrics.provider_tool_violations.labels(call.provider.name).inc()
-        return RuleTrace(VIOLATION, True, f"the provider ran {', '.join(sorted(set(broke)))}, "
+        if first:
+            self.ctx.governor.metrics.provider_tool_violations.labels(call.provider.name).inc()
+        return RuleTrace(VIOLATION, True, f"the provider ran {', '.join(sorted(call.broke))}, "
                          "which the policy does not allow, so nothing else in this answer "
                          "is released", Action.DENY)
 
@@ -215,8 +228,11 @@ class Answers:
     async def _drive(self, stream: StreamFilter, step: Step, out: web.StreamResponse,
                      exchange: Exchange, call: Call) -> None:
         while True:
+            if step.ran:  # what ran came before the pending calls: it is judged first
+                call.violation = self._judge_ran(step.ran, exchange, call)
             if step.data:
                 await out.write(step.data)
             if not step.pending:
                 return
-            step = stream.decide(await self._decide(step.pending, exchange, call, out))
+            step = stream.decide(await self._decide(step.pending, exchange, call, out,
+                                                    call.violation))
