@@ -164,6 +164,7 @@ class FakeOpenAI:
     requests: list[Body] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     batch_api: FakeBatchApi = field(default_factory=FakeBatchApi)  # files and batches
+    mcp: object = None  # fake_responses_mcp.McpState: remote MCP tools, stored responses
 
     def push(self, *turns: Turn | Flood) -> None:
         self.turns.extend(turns)

@@ -27,6 +27,7 @@ from aiohttp import web
 from .fake_flood import Flood, serve_responses
 from .fake_openai import Body, Call, RawReply, Reply
 from .fake_provider_tools import responses_problem
+from .fake_responses_mcp import McpCall, McpState
 
 if TYPE_CHECKING:
     from .fake_openai import FakeOpenAI
@@ -54,8 +55,10 @@ def _replies(turn: Reply | tuple[Reply, ...]) -> tuple[Reply, ...]:
     return turn if isinstance(turn, tuple) else (turn,)
 
 
-def _items(turn: Reply | tuple[Reply, ...], n: int) -> list[Body]:
-    """Every output item, complete."""
+def _items(turn: Reply | tuple[Reply, ...], n: int, request: Body | None = None,
+           mcp: McpState | None = None) -> list[Body]:
+    """Every output item, complete. Raises McpRefused where the API would refuse a
+    model's MCP call (fake_responses_mcp)."""
     items: list[Body] = []
     for reply in _replies(turn):
         if reply.content is not None:
@@ -65,7 +68,12 @@ def _items(turn: Reply | tuple[Reply, ...], n: int) -> list[Body]:
                                "text": reply.content}]})
         for i, call in enumerate(reply.calls):
             call_id = call.id or f"call_{n}_{i}"
-            if isinstance(call, ServerCall):
+            if isinstance(call, McpCall):
+                made, problem = (mcp or McpState()).items(call, request or {})
+                if problem is not None:
+                    raise McpRefused(problem)
+                items += made
+            elif isinstance(call, ServerCall):
                 items.append({"id": f"ws_{n}_{len(items)}", "type": call.name,
                               "status": "completed", **json.loads(call.arguments)})
             elif isinstance(call, CustomCall):
@@ -102,12 +110,18 @@ def _cut(item: Body) -> Body:
     return cut
 
 
+class McpRefused(Exception):
+    pass
+
+
 def response(turn: Reply | tuple[Reply, ...], model: str, *, request: Body | None = None,
-             usage: tuple[int, int] = (24, 12), n: int | None = None) -> Body:
-    """The whole response object, as `POST /v1/responses` returns it without `stream`."""
+             usage: tuple[int, int] = (24, 12), n: int | None = None,
+             mcp: McpState | None = None, first: tuple[Body, ...] = ()) -> Body:
+    """The whole response object, as `POST /v1/responses` returns it without `stream`.
+    `first`: items that open the output (MCP calls an approval ran)."""
     n = next(_ids) if n is None else n
     status = _status(turn)
-    output = _items(turn, n)
+    output = list(first) + _items(turn, n, request, mcp)
     if status != "completed" and output:
         output[-1] = _cut(output[-1])
     reason = _replies(turn)[-1].finish_reason or ""
@@ -118,7 +132,8 @@ def response(turn: Reply | tuple[Reply, ...], model: str, *, request: Body | Non
         else None,
         "incomplete_details": {"reason": INCOMPLETE[reason]} if status == "incomplete" else None,
         "instructions": None, "max_output_tokens": None, "model": model, "output": output,
-        "parallel_tool_calls": True, "previous_response_id": None,
+        "parallel_tool_calls": True,
+        "previous_response_id": (request or {}).get("previous_response_id"),
         "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
         "store": True, "temperature": 1.0, "text": {"format": {"type": "text"}},
         "tool_choice": "auto", "tools": (request or {}).get("tools") or [], "top_p": 1.0,
@@ -159,6 +174,9 @@ def _item_events(index: int, item: Body, fragment: int, cut: bool) -> list[Body]
                    for d in deltas[:len(deltas) // 2 if cut else None]]
         if not cut:
             events.append({"type": f"response.{kind}.done", **where, name: item[name]})
+    elif item["type"] == "mcp_approval_request":
+        events.append({"type": "response.output_item.added", "output_index": index,
+                       "item": item})
     else:
         events += [{"type": "response.output_item.added", "output_index": index, "item": started},
                    {"type": f"response.{item['type']}.in_progress", **where},
@@ -169,12 +187,14 @@ def _item_events(index: int, item: Body, fragment: int, cut: bool) -> list[Body]
 
 
 def stream_events(turn: Reply | tuple[Reply, ...], model: str, *, request: Body | None = None,
-                  fragment: int = 3, usage: tuple[int, int] = (24, 12)) -> list[bytes]:
-    """The SSE messages of a streamed answer, one per element."""
-    n = next(_ids)
-    final = response(turn, model, request=request, usage=usage, n=n)
+                  fragment: int = 3, usage: tuple[int, int] = (24, 12),
+                  final: Body | None = None, n: int | None = None) -> list[bytes]:
+    """The SSE messages of a streamed answer, one per element; `final`: the response
+    they build (number `n`), when it was made already."""
+    n = next(_ids) if n is None else n
+    final = final or response(turn, model, request=request, usage=usage, n=n)
     status = final["status"]
-    items = _items(turn, n)
+    items = final["output"] if status == "completed" else _items(turn, n)
     initial = {**final, "status": "in_progress", "output": [], "usage": None, "error": None,
                "incomplete_details": None}
     events: list[Body] = [{"type": "response.created", "response": initial},
@@ -190,6 +210,14 @@ def stream_events(turn: Reply | tuple[Reply, ...], model: str, *, request: Body 
     return out
 
 
+def mcp_state(fake: FakeOpenAI) -> McpState:
+    """The fake's MCP memory (stored responses, answered approvals), made on first use."""
+    if fake.mcp is None:
+        fake.mcp = McpState()
+    assert isinstance(fake.mcp, McpState)
+    return fake.mcp
+
+
 async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     """`POST /v1/responses` for the fake server, from its queue or script."""
     if request.path == "/openai/responses" and "api-version" not in request.query:
@@ -202,6 +230,11 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     if problem is not None:
         return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
                                             "param": None, "code": None}}, status=400)
+    mcp = mcp_state(fake)
+    first, problem = mcp.answers(body)
+    if problem is not None:
+        return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
+                                            "param": "input", "code": None}}, status=400)
     turn = fake._next(body)
     if fake.first_delay_s:
         await asyncio.sleep(fake.first_delay_s)
@@ -210,11 +243,19 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     model = str(body.get("model") or "gpt-fake")
     if isinstance(turn, Flood):
         return await serve_responses(request, turn, model)
+    try:
+        n = next(_ids)
+        whole = response(turn, model, request=body, mcp=mcp, first=tuple(first), n=n)
+    except McpRefused as e:
+        return web.json_response({"error": {"type": "invalid_request_error", "message": str(e),
+                                            "param": "tools", "code": None}}, status=400)
+    mcp.remember(whole, body)
     if not body.get("stream"):
-        return web.json_response(response(turn, model, request=body))
+        return web.json_response(whole)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
     await resp.prepare(request)
-    for event in stream_events(turn, model, request=body, fragment=fake.fragment):
+    for event in stream_events(turn, model, request=body, fragment=fake.fragment, final=whole,
+                               n=n):
         await resp.write(event)
         if fake.delay_s:
             await asyncio.sleep(fake.delay_s)

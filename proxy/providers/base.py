@@ -19,6 +19,9 @@ A format's stream filter is an incremental object driven by the front end:
 them is released until they are decided, which is how "decide before bytes
 leave" holds in a stream while text before the calls flows at once.
 
+`approvals` holds OpenAI MCP approval requests (mcp_approvals.py), judged like calls
+and answered with the filter's `approve`.
+
 `ran` holds the provider-run calls (provider_ran.py) whose item or block the
 input so far completed. They already happened, so their bytes pass unheld in
 `data`; the front end judges them before it decides `pending`, and once one
@@ -40,6 +43,9 @@ class Step:
     data: bytes = b""
     pending: tuple[ToolCall, ...] = ()
     ran: tuple[ToolCall, ...] = ()
+    # MCP approval requests to judge before anything after them is released; answered
+    # with `approve(decisions)` (openai_responses_approving.py).
+    approvals: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from . import tool_scope
 from .arguments import parse_arguments
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS
+from .mcp_approvals import approval_call
 from .openai_chat import _loads_object, denied_error
 from .provider_ran import openai_item
 
@@ -210,6 +211,7 @@ class ResponsesResponse:
     calls: tuple[ToolCall, ...]
     usage: Usage | None
     ran: tuple[ToolCall, ...] = ()   # provider-run calls the answer reports (provider_ran.py)
+    approvals: tuple[ToolCall, ...] = ()  # MCP approval requests (mcp_approvals.py)
 
 
 def _cut_problem(obj: JSONObject, item: JSONObject, last: bool) -> str | None:
@@ -233,6 +235,7 @@ def parse_response(body: bytes) -> ResponsesResponse:
         raise UpstreamError("upstream response has no 'output' array")
     calls: list[ToolCall] = []
     ran: list[ToolCall] = []
+    approvals: list[ToolCall] = []
     for i, item in enumerate(output):
         if not isinstance(item, dict):
             raise UpstreamError(f"upstream response output[{i}] is not an object")
@@ -240,7 +243,9 @@ def parse_response(body: bytes) -> ResponsesResponse:
             calls.append(item_call(item, i, _cut_problem(obj, item, i == len(output) - 1)))
         elif (done := openai_item(item, i)) is not None:
             ran.append(done)
-    return ResponsesResponse(body, tuple(calls), usage_of(obj), tuple(ran))
+        elif (asked := approval_call(item, i)) is not None:
+            approvals.append(asked)
+    return ResponsesResponse(body, tuple(calls), usage_of(obj), tuple(ran), tuple(approvals))
 
 
 def render_response(response: ResponsesResponse, decisions: Sequence[Decision]) -> bytes:

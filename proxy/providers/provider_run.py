@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import BadRequest
 from ..model import Action, Decision, Effect
@@ -59,6 +59,9 @@ class ProviderToolRefused(BadRequest):
 class Gated:
     body: bytes | None                 # None: nothing changed, the agent's bytes go up
     narrowed: tuple[str, ...] = ()     # what was changed, for the audit record
+    # OpenAI MCP servers: label -> the tools whose approval requests the *agent* asked for
+    # (its own `require_approval`); tether answers the others itself (mcp_approvals.py).
+    agent_approves: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 def _refuse(what: str, rules: tuple[str, ...], message: str) -> ProviderToolRefused:
@@ -83,6 +86,7 @@ class _Gate:
         self.urls: dict[str, str] = {}
         self.seen: dict[str, Decision] = {}
         self.kept: dict[str, list[str]] = {}  # MCP server label -> the tools left to it
+        self.agent_approves: dict[str, frozenset[str]] = {}
 
     def once(self, name: str, effect: Effect, arguments: Mapping[str, object]) -> Decision:
         """One decision (and one audit record) per distinct tool in a request, however
@@ -140,8 +144,8 @@ class _Gate:
 
     def result(self, obj: JSONObject) -> Gated:
         if not self.narrowed:
-            return Gated(None)
-        return Gated(json_text(obj).encode(), tuple(self.narrowed))
+            return Gated(None, agent_approves=self.agent_approves)
+        return Gated(json_text(obj).encode(), tuple(self.narrowed), self.agent_approves)
 
 
 def _names(value: object, where: str) -> list[str]:
@@ -203,8 +207,10 @@ def _openai_mcp(gate: _Gate, tool: JSONObject, where: str) -> None:
     allowed = [t for t in candidates if verdicts[t].action is not Action.DENY]
     if not allowed:
         raise gate.none_left(allow, verdicts)
-    need = {t for t in allowed if verdicts[t].action is Action.HOLD}
-    need |= _approval_asked(tool.get("require_approval"), allowed, f"{where}.require_approval")
+    agent_asked = _approval_asked(tool.get("require_approval"), allowed,
+                                  f"{where}.require_approval")
+    gate.agent_approves[allow.label] = frozenset(agent_asked)
+    need = {t for t in allowed if verdicts[t].action is Action.HOLD} | agent_asked
     tool["allowed_tools"] = {**asked, "tool_names": allowed} if isinstance(asked, dict) \
         else allowed
     if need == set(allowed):

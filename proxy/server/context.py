@@ -8,7 +8,7 @@ builds it import it from one place that imports none of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -18,6 +18,7 @@ from ..config import Config
 from ..governor import Governor
 from ..opa.client import OpaClient
 from ..sessions.guard import SessionGuard
+from .response_aliases import ResponseAliases
 
 
 @dataclass(slots=True)
@@ -29,3 +30,4 @@ class Context:
     client: aiohttp.ClientSession
     auth: Authenticator
     opa: OpaClient | None = None  # None: no `opa:` section
+    aliases: ResponseAliases = field(default_factory=ResponseAliases)

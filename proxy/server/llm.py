@@ -36,7 +36,8 @@ from ..providers.base import (
     exchange_for,
 )
 from ..sessions.identity import session_of
-from . import provider_gate
+from . import approvals_continue, provider_gate
+from .approvals_continue import Send
 from .batches import BatchGate
 from .context import Context
 from .errors import PROVIDER_KEY, status_and_code
@@ -160,11 +161,13 @@ class LLMRoutes:
             body = await read_body(request, self.ctx.config.max_body_bytes)
             refuse_lone_surrogates(body)
             refuse_non_utf8(body)
+            if fmt.name == "openai.responses":  # a stream tether continued: chain from its end
+                body = self.ctx.aliases.rewrite(call.agent, body)
             parsed = fmt.parse_request(body, call.route)
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)
             body, parsed = self._restrict(fmt, body, parsed, call)
-            body, parsed = provider_gate.apply(  # provider-run tools: judged before they leave
+            body, parsed, call.agent_approves = provider_gate.apply(  # provider-run tools
                 self.ctx.governor, self.ctx.config.provider_tools, fmt, body, parsed, call.route,
                 exchange_for(call.provider.name, parsed, session=call.session, agent=call.agent,
                              endpoint=call.route.upstream_path, claims=call.who.claims), call.rid)
@@ -181,7 +184,11 @@ class LLMRoutes:
         if parsed.stream and isinstance(fmt, ReportsUsage):
             body, stream = fmt.stream_with_usage(
                 body, parsed, max_arguments=self.ctx.config.max_arguments_bytes)
+        if parsed.stream and call.agent_approves and fmt.name == "openai.responses":
+            # MCP servers declared: approval requests may come, and tether answer them.
+            stream = approvals_continue.approving(fmt, call, self.ctx.config.max_arguments_bytes)
         url = self._url(call.upstream, call.route, request, call.who)
+        call.sent, call.send = body, self._sender(request, call, url)
         call.inference = tracing.start_inference(
             self.ctx.governor.tracer, exchange, fmt.name, server=(url.host, url.port),
             max_tokens=parsed.max_output_tokens,
@@ -225,6 +232,17 @@ class LLMRoutes:
             raise err from e
         finally:
             tracing.finish(call.inference)
+
+    def _sender(self, request: web.Request, call: Call, url: URL) -> Send:
+        """Another request to the same upstream URL with the agent's headers (signed anew),
+        for a continuation tether makes on the agent's behalf."""
+        async def send(body: bytes) -> aiohttp.ClientResponse:
+            headers = sign_request(call.upstream, "POST", str(url),
+                                   forward_headers(request.headers, call.upstream,
+                                                   drop=call.who.drop_headers), body)
+            return await self.ctx.client.post(url, data=body, headers=headers,
+                                              ssl=self._ssl(call.upstream))
+        return send
 
     def _restrict(self, fmt: WireFormat, body: bytes, parsed: ParsedRequest,
                   call: Call) -> tuple[bytes, ParsedRequest]:

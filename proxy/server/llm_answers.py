@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import aiohttp
@@ -35,8 +35,11 @@ from ..policy.openapi_arguments import arguments_trace
 from ..providers import sse
 from ..providers.base import Provider, Route, Step, StreamFilter
 from ..providers.held import over_limit
+from ..providers.openai_responses_approving import ApprovingStream
 from ..providers.provider_ran import VIOLATION
 from ..sessions.guard import Admission
+from . import approvals_continue
+from .approvals_continue import Send
 from .context import Context
 from .errors import reply
 from .upstream import read_at_most, return_headers
@@ -63,6 +66,13 @@ class Call:
     # and the trace that denies the calls a stream hands out after the first of them.
     broke: set[str] = field(default_factory=set)
     violation: RuleTrace | None = None
+    # Continuing upstream for the agent (MCP approvals tether answers): the body last sent,
+    # a way to send another to the same place, the continuations made, and the MCP tools
+    # whose approval requests the agent asked for itself (providers/mcp_approvals.py).
+    sent: bytes = b""
+    send: Send | None = None
+    rounds: int = 0
+    agent_approves: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -109,9 +119,11 @@ class Answers:
                          "which the policy does not allow, so nothing else in this answer "
                          "is released", Action.DENY)
 
-    async def _decide(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call,
-                      out: web.StreamResponse | None = None,
-                      violation: RuleTrace | None = None) -> list[Decision]:
+    async def decide_calls(self, calls: Sequence[ToolCall], exchange: Exchange, call: Call,
+                           out: object = None, violation: RuleTrace | None = None, *,
+                           stage: str | None = None) -> list[Decision]:
+        """`out`: the agent's stream, kept alive while a human decides. `stage`: for the
+        audit record ("approval": an MCP approval request)."""
         decisions = []
         opa = self.ctx.opa
         budget = await opa.budget(self.ctx.guard, call.admission) if opa and calls else None
@@ -130,7 +142,7 @@ class Answers:
                                           budget=budget),)
             decisions.append(self.ctx.governor.decide(
                 c, exchange, request_id=call.rid, extra=tuple(t for t in extra if t),
-                api=op.name if op else None))
+                api=op.name if op else None, stage=stage))
         if any(d.action is Action.HOLD for d in decisions):
             held = time.perf_counter()
             decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
@@ -139,10 +151,11 @@ class Answers:
         return decisions
 
     @staticmethod
-    def _keepalive(out: web.StreamResponse | None) -> KeepAlive | None:
+    def _keepalive(out: object) -> KeepAlive | None:
         """SSE comments while a stream waits for a human; other framings (the binary
         event stream, Gemini's JSON array) have no comment, so they wait silently."""
-        if out is None or not out.headers.get("content-type", "").startswith("text/event-stream"):
+        if not isinstance(out, web.StreamResponse) or not out.headers.get(
+                "content-type", "").startswith("text/event-stream"):
             return None
 
         async def send(text: str) -> None:
@@ -163,10 +176,12 @@ class Answers:
         parsed = fmt.parse_response(body)
         tracing.note_answer(call.inference, fmt.name, body, parsed.usage)
         tracing.finish(call.inference)  # the answer is in: deciding (and holds) are not in it
-        await self.ctx.guard.settle(call.admission, parsed.usage)
+        if getattr(parsed, "approvals", ()):
+            body, parsed = await approvals_continue.whole(self, body, parsed, call, exchange)
+        await self.ctx.guard.settle(call.admission, parsed.usage, extra_calls=call.rounds)
         ran: tuple[ToolCall, ...] = getattr(parsed, "ran", ())
         violation = self._judge_ran(ran, exchange, call) if ran else None
-        decisions = await self._decide(parsed.calls, exchange, call, violation=violation)
+        decisions = await self.decide_calls(parsed.calls, exchange, call, violation=violation)
         refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
         metrics = self.ctx.governor.metrics
         metrics.requests.labels(call.provider.name, "403" if refused else "200").inc()
@@ -188,7 +203,7 @@ class Answers:
                 call.overhead())
             try:
                 async for chunk in resp.content.iter_any():
-                    await self._drive(stream, stream.feed(chunk), out, exchange, call)
+                    await self.drive(stream, stream.feed(chunk), out, exchange, call)
                     if stream.failed is not None:
                         # The filter ended the stream (a cut, a denial, a broken upstream):
                         # nothing more goes to the client, so stop reading and close the
@@ -198,7 +213,9 @@ class Answers:
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     TimeoutError) as e:
                 log.warning("upstream stream broke: %s", type(e).__name__)
-            await self._drive(stream, stream.close(), out, exchange, call)
+            await self.drive(stream, stream.close(), out, exchange, call)
+            if isinstance(stream, ApprovingStream):  # tether answers MCP approvals upstream
+                await approvals_continue.rounds(self, stream, out, call, exchange)
         except ConnectionResetError:
             # The agent went away: stop reading upstream (which stops its generation),
             # charge what was used so far. Decided calls are already audited.
@@ -223,16 +240,21 @@ class Answers:
         tracing.finish(call.inference)
         units = getattr(stream, "output_units", None)
         await self.ctx.guard.settle(call.admission, stream.usage,
-                                    units if isinstance(units, int) else None)
+                                    units if isinstance(units, int) else None,
+                                    extra_calls=call.rounds)
 
-    async def _drive(self, stream: StreamFilter, step: Step, out: web.StreamResponse,
+    async def drive(self, stream: StreamFilter, step: Step, out: web.StreamResponse,
                      exchange: Exchange, call: Call) -> None:
         while True:
             if step.ran:  # what ran came before the pending calls: it is judged first
                 call.violation = self._judge_ran(step.ran, exchange, call)
             if step.data:
                 await out.write(step.data)
+            if step.approvals and isinstance(stream, ApprovingStream):
+                step = stream.approve(await approvals_continue.judge(
+                    self, step.approvals, exchange, call, out))
+                continue
             if not step.pending:
                 return
-            step = stream.decide(await self._decide(step.pending, exchange, call, out,
+            step = stream.decide(await self.decide_calls(step.pending, exchange, call, out,
                                                     call.violation))

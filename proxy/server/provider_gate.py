@@ -46,24 +46,25 @@ def judge_for(governor: Governor, exchange: Exchange, request_id: str) -> provid
 
 def apply(governor: Governor, settings: ProviderTools, fmt: WireFormat, body: bytes,
           parsed: ParsedRequest, route: Route, exchange: Exchange, request_id: str
-          ) -> tuple[bytes, ParsedRequest]:
-    """The body to send (narrowed where needed) and its parse. Raises
+          ) -> tuple[bytes, ParsedRequest, Mapping[str, frozenset[str]]]:
+    """The body to send (narrowed where needed), its parse, and (OpenAI MCP servers) the
+    tools whose approval requests the agent itself asked for. Raises
     `ProviderToolRefused` (400) when a provider-run tool is not allowed."""
-    narrowed = gate(governor, settings, fmt.name, body, exchange, request_id)
-    if narrowed is None:
-        return body, parsed
-    return narrowed, fmt.parse_request(narrowed, route)
+    result = gate(governor, settings, fmt.name, body, exchange, request_id)
+    if result.body is None:
+        return body, parsed, result.agent_approves
+    return result.body, fmt.parse_request(result.body, route), result.agent_approves
 
 
 def gate(governor: Governor, settings: ProviderTools, format_name: str, body: bytes,
-         exchange: Exchange, request_id: str) -> bytes | None:
-    """The body to send instead of the agent's, or None to send the agent's unchanged."""
+         exchange: Exchange, request_id: str) -> provider_run.Gated:
+    """What to send: `body` None sends the agent's bytes unchanged."""
     check = GATES.get(format_name)
     if check is None:
-        return None
+        return provider_run.Gated(None)
     result = check(body, settings, judge_for(governor, exchange, request_id))
     if result.body is None:
-        return None
+        return result
     try:  # narrowing is the safe side: a lost record is logged, not fatal
         governor.audit.write({
             "kind": "provider_tools_narrowed", "request_id": request_id,
@@ -73,4 +74,4 @@ def gate(governor: Governor, settings: ProviderTools, format_name: str, body: by
     except AuditWriteError:
         log.exception("audit write failed for narrowed provider tools")
         governor.metrics.audit_write_errors.inc()
-    return result.body
+    return result

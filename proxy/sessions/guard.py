@@ -124,9 +124,11 @@ class SessionGuard:
             log.exception("audit write failed for a budget record")
 
     async def settle(self, admission: Admission | None, usage: Usage | None,
-                     output_estimate: int | None = None) -> None:
+                     output_estimate: int | None = None, *, extra_calls: int = 0) -> None:
         """Charge what was used: the reported usage, else the input estimate plus the
-        output seen so far, else (nothing known) the whole reservation stays charged."""
+        output seen so far, else (nothing known) the whole reservation stays charged.
+        `extra_calls`: upstream calls tether made to continue the answer (mcp_approvals),
+        charged as LLM calls too; `usage` is then theirs added up."""
         if admission is None or admission.done:
             return
         admission.done = True
@@ -141,7 +143,8 @@ class SessionGuard:
         self.metrics.tokens.labels(agent, model, "output").inc(usage.output_tokens)
         self.metrics.cost.labels(agent, model).inc(cost / 1e6)
         actual = {"tokens": usage.total_tokens, "input_tokens": usage.input_tokens,
-                  "output_tokens": usage.output_tokens, "cost_usd": cost, "llm_calls": 1}
+                  "output_tokens": usage.output_tokens, "cost_usd": cost,
+                  "llm_calls": 1 + extra_calls}
         deltas = [c._replace(amount=actual[c.field] - c.amount) for c in admission.reserved]
         await self._adjust("settle", deltas)
 

@@ -1,0 +1,143 @@
+"""Remote MCP tools in the fake Responses server, run the way OpenAI runs them.
+
+A `McpCall` in a turn is the model calling a tool of a request's `mcp` server. The
+fake reads that tool's declaration as OpenAI does: a tool outside `allowed_tools` is
+not offered (the turn fails 400 in the test, so narrowing is seen to work, unless
+`ignore_allowed` plays a provider that ignores it); `require_approval` ("always" by
+default, "never", or the object form) decides whether it runs at once (`mcp_call`,
+its output from `tools`, recorded in `ran`) or the answer stops at an
+`mcp_approval_request`.
+
+A later request answers approval requests with `mcp_approval_response` input items,
+under the API's rules: the request it answers must be in the conversation (the
+stored response chain of `previous_response_id`, or the input items themselves when
+nothing is stored) and not answered yet, or the request is refused 400. An approved
+one runs, and its `mcp_call` opens the answer; a refused one does not run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .fake_openai import Call
+
+Body = dict[str, Any]
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class McpCall(Call):
+    """The model calls `name` on the request's MCP server `server_label`."""
+
+    server_label: str = "github"
+
+
+def _names(value: Any) -> list[str] | None:
+    names = value.get("tool_names") if isinstance(value, dict) else value
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def needs_approval(tool: Body, name: str) -> bool:
+    rule = tool.get("require_approval", "always")
+    if rule == "never":
+        return False
+    if isinstance(rule, dict):
+        if name in (_names(rule.get("always")) or []):
+            return True
+        return name not in (_names(rule.get("never")) or [])
+    return True
+
+
+@dataclass
+class McpState:
+    """What the fake server remembers between requests, like OpenAI's stored responses."""
+
+    tools: dict[str, Callable[[dict[str, Any]], str]] = field(default_factory=dict)
+    ignore_allowed: bool = False
+    ran: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    stored: dict[str, Body] = field(default_factory=dict)   # response id -> response
+    answered: set[str] = field(default_factory=set)
+
+    def _server(self, request: Body, label: str) -> Body | None:
+        for tool in request.get("tools") or []:
+            if isinstance(tool, dict) and tool.get("type") == "mcp" \
+                    and tool.get("server_label") == label:
+                return tool
+        return None
+
+    def _run(self, label: str, name: str, arguments: str) -> Body:
+        args = json.loads(arguments or "{}")
+        self.ran.append((label, name, args))
+        handler = self.tools.get(name)
+        return {"id": f"mcp_{next(_ids)}", "type": "mcp_call", "status": "completed",
+                "server_label": label, "name": name, "arguments": arguments,
+                "output": handler(args) if handler else json.dumps({"ok": True}),
+                "error": None}
+
+    def items(self, call: McpCall, request: Body) -> tuple[list[Body], str | None]:
+        """The output items of the model's call, or why the API would refuse it."""
+        server = self._server(request, call.server_label)
+        if server is None:
+            return [], f"the model called an MCP server {call.server_label!r} not declared"
+        allowed = _names(server.get("allowed_tools"))
+        if allowed is not None and call.name not in allowed and not self.ignore_allowed:
+            return [], f"the MCP tool {call.name!r} is not in allowed_tools"
+        listed = {"id": f"mcpl_{next(_ids)}", "type": "mcp_list_tools",
+                  "server_label": call.server_label,
+                  "tools": [{"name": n, "input_schema": {"type": "object"}}
+                            for n in (allowed or [call.name])]}
+        if needs_approval(server, call.name):
+            return [listed, {"id": f"mcpr_{next(_ids)}", "type": "mcp_approval_request",
+                             "server_label": call.server_label, "name": call.name,
+                             "arguments": call.arguments}], None
+        return [listed, self._run(call.server_label, call.name, call.arguments)], None
+
+    def _conversation(self, request: Body) -> list[Body]:
+        items: list[Body] = []
+        previous = request.get("previous_response_id")
+        while isinstance(previous, str) and previous in self.stored:
+            stored = self.stored[previous]
+            items = list(stored["output"]) + items
+            previous = stored.get("previous_response_id")
+        given = request.get("input")
+        return items + (given if isinstance(given, list) else [])
+
+    def answers(self, request: Body) -> tuple[list[Body], str | None]:
+        """The `mcp_call` items the request's approval responses run, or the API's 400."""
+        given = request.get("input")
+        responses = [i for i in given if isinstance(i, dict)
+                     and i.get("type") == "mcp_approval_response"] \
+            if isinstance(given, list) else []
+        if not responses:
+            return [], None
+        if request.get("previous_response_id") and request["previous_response_id"] \
+                not in self.stored:
+            return [], f"Previous response with id '{request['previous_response_id']}' not found."
+        asked = {i["id"]: i for i in self._conversation(request)
+                 if isinstance(i, dict) and i.get("type") == "mcp_approval_request"}
+        out: list[Body] = []
+        for answer in responses:
+            rid = answer.get("approval_request_id")
+            if not isinstance(answer.get("approve"), bool):
+                return [], "Invalid value for 'approve': expected a boolean."
+            if rid not in asked:
+                return [], f"No approval request found with id '{rid}'."
+            if rid in self.answered:
+                return [], f"Approval request '{rid}' has already been answered."
+        for answer in responses:
+            self.answered.add(answer["approval_request_id"])
+            if answer["approve"]:
+                item = asked[answer["approval_request_id"]]
+                out.append({**self._run(item["server_label"], item["name"], item["arguments"]),
+                            "approval_request_id": item["id"]})
+        return out, None
+
+    def remember(self, response: Body, request: Body) -> None:
+        if request.get("store", True) is not False:
+            self.stored[response["id"]] = {**response,
+                                           "previous_response_id":
+                                               request.get("previous_response_id")}
