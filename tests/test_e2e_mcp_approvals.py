@@ -62,7 +62,7 @@ async def decide_first(stack: Stack, verdict: str, reason: str = "") -> dict[str
 
 async def ask(stack: Stack, tool: dict[str, Any], **kw: Any) -> Any:
     return await stack.client().responses.create(model="gpt-x", input="file the disk issue",
-                                                 tools=[tool], **kw)
+                                                 tools=list[Any]([tool]), **kw)
 
 
 async def test_held_approval_request_approved_runs_and_the_loop_goes_on(stack: Stack) -> None:
@@ -89,7 +89,7 @@ async def test_held_approval_request_approved_runs_and_the_loop_goes_on(stack: S
     stack.fake.push(Reply(content="Anything else?"))
     more = await stack.client().responses.create(model="gpt-x", input="thanks",
                                                  previous_response_id=answer.id,
-                                                 tools=[mcp()])
+                                                 tools=list[Any]([mcp()]))
     assert more.output_text == "Anything else?"
     records = [r for r in stack.audit() if r.get("stage") == "approval"]
     assert [(r["tool"], r["action"]) for r in records] == [
@@ -132,7 +132,7 @@ async def test_the_agents_own_approval_request_reaches_it(stack: Stack) -> None:
     assert len(stack.fake.requests) == 1 and state(stack).ran == []
     request = answer.output[1]
     more = await stack.client().responses.create(
-        model="gpt-x", previous_response_id=answer.id, tools=[mcp(require_approval="always")],
+        model="gpt-x", previous_response_id=answer.id, tools=list[Any]([mcp(require_approval="always")]),
         input=[{"type": "mcp_approval_response", "approval_request_id": request.id,
                 "approve": True}])
     assert more.output_text == "Issue 3 is old."
@@ -199,7 +199,7 @@ async def ask_stream(stack: Stack, tool: dict[str, Any], **kw: Any) -> tuple[Any
     """The SDK's stream helper: every event, and the final response it builds."""
     client = stack.client()
     async with client.responses.stream(model="gpt-x", input="file the disk issue",
-                                       tools=[tool], **kw) as stream:
+                                       tools=list[Any]([tool]), **kw) as stream:
         events = [e async for e in stream]
         final = await stream.get_final_response()
     return final, events
@@ -226,7 +226,7 @@ async def test_streamed_held_approval_approved_continues_in_one_stream(stack: St
     assert final.usage is not None and final.usage.output_tokens == 24
     stack.fake.push(Reply(content="Anything else?"))
     more = await stack.client().responses.create(model="gpt-x", input="thanks",
-                                                 previous_response_id=final.id, tools=[mcp()])
+                                                 previous_response_id=final.id, tools=list[Any]([mcp()]))
     assert more.output_text == "Anything else?"
 
 
@@ -281,7 +281,7 @@ async def test_streamed_approval_item_that_never_completes_is_not_released(
             "name": "create_issue", "arguments": "{}"}
     head = {"id": "resp_x", "object": "response", "status": "in_progress", "output": [],
             "model": "gpt-x", "created_at": 0}
-    events = [("response.created", {"response": head}),
+    events: list[tuple[str, dict[str, Any]]] = [("response.created", {"response": head}),
               ("response.output_item.added", {"output_index": 0, "item": item}),
               ("response.completed", {"response": {**head, "status": "completed",
                                                    "output": [item]}})]
