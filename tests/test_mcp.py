@@ -173,13 +173,14 @@ async def test_sdk_allowed_and_denied(make_stack: MakeStack, sse: bool) -> None:
         result = await client.call_tool("get_weather", {"city": "Oslo"})
         assert text_of(result) == 'get_weather ran with {"city": "Oslo"}'
         assert not result.is_error
-        with pytest.raises(MCPError) as e:
-            await client.call_tool("delete_volume", PROD)
-        assert e.value.code == DENIED
-        assert "no-prod-deletes" in e.value.message
-        assert "Deleting production resources is not allowed" in e.value.message
-        assert e.value.data["rule"] == "no-prod-deletes"
-        assert e.value.data["rules"] == ["no-prod-deletes"]
+        # A denial is a tool result the model reads (isError), not a protocol error.
+        denied = await client.call_tool("delete_volume", PROD)
+        assert denied.is_error
+        assert text_of(denied) == (
+            "[tether] The tool call delete_volume was denied by no-prod-deletes: Deleting "
+            "production resources is not allowed. It was not run.")
+        assert denied.meta is not None and denied.meta["tether"] == {
+            "rule": "no-prod-deletes", "rules": ["no-prod-deletes"], "tool": "delete_volume"}
         # A dev volume is not production: allowed, passed through.
         dev = await client.call_tool("delete_volume", {"volume_id": "v2", "tags": {"env": "dev"}})
         assert "delete_volume ran with" in text_of(dev)
@@ -216,15 +217,17 @@ async def test_held_call_approved_then_forwarded(make_stack: MakeStack) -> None:
         assert status == 200 and body["state"] == "approved"
         result = await asyncio.wait_for(task, 10)
         assert text_of(result) == 'resize_volume ran with {"size_gb": 50, "volume_id": "v"}'
-        # Denied by a human: a JSON-RPC error naming the rule, nothing forwarded.
+        # Denied by a human: a tool result the model reads, naming the rule and the
+        # approver's reason; nothing forwarded.
         task = asyncio.create_task(client.call_tool("resize_volume", {"volume_id": "w",
                                                                       "size_gb": 9}))
         [approval] = await pending(stack)
         await admin(stack, "POST", f"/v1/approvals/{approval['id']}/deny",
                     {"by": "bob", "reason": "not today"})
-        with pytest.raises(MCPError) as e:
-            await asyncio.wait_for(task, 10)
-        assert e.value.data["rule"] == "resize-needs-approval" and "not today" in e.value.message
+        denied = await asyncio.wait_for(task, 10)
+        assert denied.is_error and "not today" in text_of(denied)
+        assert denied.meta is not None
+        assert denied.meta["tether"]["rule"] == "resize-needs-approval"
     assert fake.calls() == ["resize_volume"]
     events = [(r["event"], r.get("decided_by")) for r in stack.audit() if r["kind"] == "approval"]
     assert events == [("created", None), ("approved", "alice"), ("created", None),
@@ -274,9 +277,40 @@ async def test_malformed_refused_and_audited(make_stack: MakeStack, body: object
     assert stack.decisions() == []
 
 
-async def test_denied_json_rpc_error_shape(make_stack: MakeStack) -> None:
+async def test_denied_tool_result_shape(make_stack: MakeStack) -> None:
     fake = FakeMcp()
     stack = await mcp_stack(make_stack, fake)
+    sid = await session_id(stack, "2025-06-18")
+    status, answer = await post(stack, _req("tools/call", "call-7", name="delete_volume",
+                                            arguments=PROD),
+                                {"Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-06-18"})
+    assert status == 200
+    assert answer == {"jsonrpc": "2.0", "id": "call-7", "result": {
+        "content": [{"type": "text", "text": (
+            "[tether] The tool call delete_volume was denied by no-prod-deletes: "
+            "Deleting production resources is not allowed. It was not run.")}],
+        "isError": True,
+        "_meta": {"tether": {"rule": "no-prod-deletes", "rules": ["no-prod-deletes"],
+                             "tool": "delete_volume"}}}}
+    assert fake.calls() == []
+
+
+async def test_sdk_sees_the_json_rpc_error_under_deny_as_error(make_stack: MakeStack) -> None:
+    fake = FakeMcp()
+    stack = await make_stack(policy=POLICY, extra=CONFIG.replace(
+        "tools: {url:", "tools: {deny_as: error, url:"), upstreams={"tools": fake})
+    async with connect(stack) as client:
+        with pytest.raises(MCPError) as e:
+            await client.call_tool("delete_volume", PROD)
+    assert e.value.code == DENIED
+    assert "Deleting production resources is not allowed" in e.value.message
+    assert e.value.data["rules"] == ["no-prod-deletes"]
+
+
+async def test_denied_json_rpc_error_shape(make_stack: MakeStack) -> None:
+    fake = FakeMcp()
+    stack = await make_stack(policy=POLICY, extra=CONFIG.replace(
+        "tools: {url:", "tools: {deny_as: error, url:"), upstreams={"tools": fake})
     sid = await session_id(stack, "2025-06-18")
     status, answer = await post(stack, _req("tools/call", "call-7", name="delete_volume",
                                             arguments=PROD),
@@ -304,9 +338,10 @@ async def test_batch_with_a_denied_call_is_refused_whole(make_stack: MakeStack) 
              {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}},
              _req("tools/call", 2, name="delete_volume", arguments=PROD)]
     status, answer = await post(stack, batch, headers)
-    assert status == 200 and [(a["id"], a["error"]["code"]) for a in answer] == [
-        (1, INVALID_REQUEST), (2, DENIED)]
-    assert answer[1]["error"]["data"]["rule"] == "no-prod-deletes"
+    assert status == 200 and [a["id"] for a in answer] == [1, 2]
+    assert answer[0]["error"]["code"] == INVALID_REQUEST  # not judged bad, not forwarded
+    assert answer[1]["result"]["isError"] is True
+    assert answer[1]["result"]["_meta"]["tether"]["rule"] == "no-prod-deletes"
     assert fake.calls() == []
     # All allowed: forwarded unchanged, answered by the server.
     status, answer = await post(stack, [batch[0], _req("tools/list", 3)], headers)

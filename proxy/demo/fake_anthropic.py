@@ -29,6 +29,7 @@ from aiohttp import web
 
 from .fake_anthropic_batches import FakeMessageBatches
 from .fake_flood import Flood, serve_messages
+from .fake_history import anthropic_problem as history_problem
 from .fake_openai import Call, RawReply, Reply, Turn
 from .fake_provider_tools import anthropic_problem
 
@@ -227,7 +228,7 @@ class FakeAnthropic:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        problem = anthropic_problem(body)
+        problem = anthropic_problem(body) or history_problem(body)
         if problem is not None:
             return web.json_response({"type": "error", "error": {
                 "type": "invalid_request_error", "message": problem}}, status=400)

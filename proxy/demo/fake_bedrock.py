@@ -36,6 +36,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from ..providers.eventstream import encode, event
+from .fake_history import bedrock_problem
 from .fake_openai import Call, RawReply, Reply
 
 type Body = dict[str, Any]
@@ -209,6 +210,9 @@ class FakeBedrock:
             return error(400, "ValidationException", "the request body is not JSON")
         self.requests.append(parsed)
         self.models.append(unquote(m.group(1)))
+        problem = bedrock_problem(parsed)
+        if problem is not None:
+            return error(400, "ValidationException", problem)
         turn = self._next(parsed)
         if isinstance(turn, RawReply):
             return await self._raw(request, turn)

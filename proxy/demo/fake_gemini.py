@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .fake_history import gemini_problem
 from .fake_openai import Call, RawReply, Reply, Turn, completion, stream_events
 
 __all__ = ["Call", "FakeGemini", "RawReply", "Reply", "response", "stream_chunks"]
@@ -189,6 +190,9 @@ class FakeGemini:
         alt = request.query.get("alt", "json")
         if alt not in ("json", "sse"):
             return _error(400, f"unsupported alt {alt!r}", "INVALID_ARGUMENT")
+        problem = gemini_problem(body)
+        if problem is not None:
+            return _error(400, problem, "INVALID_ARGUMENT")
         turn = self._next(body)
         if isinstance(turn, RawReply):
             return await _raw(request, turn)

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from .fake_flood import Flood, serve_chat
+from .fake_history import chat_problem
 from .fake_openai_batches import FakeBatchApi
 
 type Body = dict[str, Any]
@@ -209,6 +210,10 @@ class FakeOpenAI:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        problem = chat_problem(body)
+        if problem is not None:
+            return web.json_response({"error": {"message": problem, "type": "invalid_request_error",
+                                                "param": "messages", "code": None}}, status=400)
         turn = self._next(body)
         if self.first_delay_s:
             await asyncio.sleep(self.first_delay_s)

@@ -231,7 +231,10 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
                                             "param": None, "code": None}}, status=400)
     mcp = mcp_state(fake)
-    first, problem = mcp.answers(body)
+    first: list[Body] = []
+    problem = mcp.history_problem(body)
+    if problem is None:
+        first, problem = mcp.answers(body)
     if problem is not None:
         return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
                                             "param": "input", "code": None}}, status=400)

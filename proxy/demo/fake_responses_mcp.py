@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fake_history import responses_problem
 from .fake_openai import Call
 
 Body = dict[str, Any]
@@ -39,6 +40,13 @@ class McpCall(Call):
 def _names(value: Any) -> list[str] | None:
     names = value.get("tool_names") if isinstance(value, dict) else value
     return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _input(request: Body) -> list[Body]:
+    given = request.get("input")
+    if isinstance(given, str):
+        return [{"type": "message", "role": "user", "content": given}]
+    return [i for i in given if isinstance(i, dict)] if isinstance(given, list) else []
 
 
 def needs_approval(tool: Body, name: str) -> bool:
@@ -60,6 +68,7 @@ class McpState:
     ignore_allowed: bool = False
     ran: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     stored: dict[str, Body] = field(default_factory=dict)   # response id -> response
+    stored_items: dict[str, Body] = field(default_factory=dict)  # every stored item, by id
     answered: set[str] = field(default_factory=set)
 
     def _server(self, request: Body, label: str) -> Body | None:
@@ -96,15 +105,23 @@ class McpState:
                              "arguments": call.arguments}], None
         return [listed, self._run(call.server_label, call.name, call.arguments)], None
 
-    def _conversation(self, request: Body) -> list[Body]:
+    def conversation(self, request: Body) -> list[Body]:
+        """What the model reads: the stored chain of `previous_response_id` (each turn's
+        input, then its output), then this request's input."""
         items: list[Body] = []
         previous = request.get("previous_response_id")
         while isinstance(previous, str) and previous in self.stored:
             stored = self.stored[previous]
-            items = list(stored["output"]) + items
+            items = list(stored["_input"]) + list(stored["output"]) + items
             previous = stored.get("previous_response_id")
-        given = request.get("input")
-        return items + (given if isinstance(given, list) else [])
+        return items + _input(request)
+
+    def history_problem(self, request: Body) -> str | None:
+        """Why the API would refuse the request's history (fake_history.py), or None."""
+        previous = request.get("previous_response_id")
+        if isinstance(previous, str) and previous not in self.stored:
+            return f"Previous response with id '{previous}' not found."
+        return responses_problem(self.conversation(request), self.stored_items)
 
     def answers(self, request: Body) -> tuple[list[Body], str | None]:
         """The `mcp_call` items the request's approval responses run, or the API's 400."""
@@ -117,7 +134,7 @@ class McpState:
         if request.get("previous_response_id") and request["previous_response_id"] \
                 not in self.stored:
             return [], f"Previous response with id '{request['previous_response_id']}' not found."
-        asked = {i["id"]: i for i in self._conversation(request)
+        asked = {i["id"]: i for i in self.conversation(request)
                  if isinstance(i, dict) and i.get("type") == "mcp_approval_request"}
         out: list[Body] = []
         for answer in responses:
@@ -138,6 +155,11 @@ class McpState:
 
     def remember(self, response: Body, request: Body) -> None:
         if request.get("store", True) is not False:
-            self.stored[response["id"]] = {**response,
+            given = _input(request)
+            self.stored[response["id"]] = {**response, "_input": given,
                                            "previous_response_id":
                                                request.get("previous_response_id")}
+            for item in given + list(response["output"]):
+                if isinstance(item, dict) and isinstance(item.get("id"), str) \
+                        and item.get("type") != "item_reference":
+                    self.stored_items[item["id"]] = item

@@ -22,7 +22,8 @@ from ..providers.arguments import parse_arguments
 from ..surrogates import find, json_bytes, may_hold
 from .source import YMap
 
-MCP_KEYS = {"url", "api_key_env", "description"}
+MCP_KEYS = {"url", "api_key_env", "description", "deny_as"}
+DENY_AS = ("result", "error")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 PARSE_ERROR = -32700
@@ -42,6 +43,10 @@ class McpServer:
     name: str
     url: str                         # the server's endpoint, no trailing slash
     api_key_env: str | None = None
+    # How a denied tools/call is answered: "result", a tool result with `isError: true` whose
+    # text the model reads (the MCP spec's place for errors the model should see); "error",
+    # a JSON-RPC error (-32003), which clients such as the OpenAI Agents SDK hide from it.
+    deny_as: str = "result"
 
     @property
     def provider(self) -> str:
@@ -92,7 +97,11 @@ def parse_mcp(doc: YMap, env: Mapping[str, str]) -> McpServers:
         key_env = spec.get("api_key_env")
         if key_env is not None and not isinstance(key_env, str):
             raise _err("names an environment variable", spec, "api_key_env", where)
-        servers[name] = McpServer(name, url, key_env)
+        deny_as = spec.get("deny_as", "result")
+        if deny_as not in DENY_AS:
+            raise _err("must be result (a tool result with isError, which the model reads) or "
+                       "error (a JSON-RPC error)", spec, "deny_as", where)
+        servers[name] = McpServer(name, url, key_env, str(deny_as))
     return McpServers(servers)
 
 
@@ -214,13 +223,20 @@ def error_object(rpc_id: str | int | None, code: int, message: str,
     return {"jsonrpc": "2.0", "id": rpc_id, "error": error}
 
 
-def denied_object(message: Message, decision: Decision, rule: str | None) -> dict[str, object]:
+def denied_object(message: Message, decision: Decision, rule: str | None,
+                  as_result: bool = True) -> dict[str, object]:
+    """A denied call's answer: a tool result with `isError: true` (the text the model reads,
+    with the rules in `_meta`), or with `as_result` False a JSON-RPC error (-32003)."""
     call = message.call
     assert call is not None
     text = (f"[tether] The tool call {call.name} was denied by {rule or 'policy'}: "
             f"{decision.message or 'it is not allowed'}. It was not run.")
-    return error_object(message.rpc_id, DENIED, text,
-                        {"rule": rule, "rules": list(decision.rules), "tool": call.name})
+    data = {"rule": rule, "rules": list(decision.rules), "tool": call.name}
+    if not as_result:
+        return error_object(message.rpc_id, DENIED, text, data)
+    return {"jsonrpc": "2.0", "id": message.rpc_id, "result": {
+        "content": [{"type": "text", "text": text}], "isError": True,
+        "_meta": {"tether": data}}}
 
 
 def render(objects: list[dict[str, object]], batch: bool) -> bytes:

@@ -5,9 +5,11 @@ Every POST is read whole and judged before a byte goes upstream. Each
 `params.name`, arguments = `params.arguments`); a hold waits on the same
 approvals. If every call is allowed, the body is forwarded unchanged and the
 answer (JSON or an SSE stream) streamed back unchanged. A denied call gets a
-JSON-RPC error (HTTP 200, code -32003, `data.rule`/`data.rules`) and is never
-forwarded; a batch with any denied call is refused whole: every request in it
-gets an error, the denied ones naming their rule. Other methods (initialize,
+tool result with `isError: true` and the denial text (rule and message), which the
+model reads, the rules in `result._meta.tether` (HTTP 200); with the server's
+`deny_as: error`, a JSON-RPC error (code -32003, `data.rule`/`data.rules`). Either
+way it is never forwarded; a batch with any denied call is refused whole: the
+denied ones answered so, every other request in it gets a JSON-RPC error. Other methods (initialize,
 tools/list, notifications, resources/*, prompts/*), GET (the server-to-client
 stream) and DELETE (end of session) pass through unchanged; so do
 `Mcp-Session-Id` and `MCP-Protocol-Version`. Every method is authenticated
@@ -144,14 +146,16 @@ class McpRoutes:
             return await self._forward(request, server, target, body, who)
         denied = {id(m): d for m, d in zip(judged, decisions, strict=True) if not d.allowed}
         self.ctx.governor.metrics.requests.labels(server.provider, "200-denied").inc()
-        return rpc_reply(render([self._answer(m, denied.get(id(m)))
+        return rpc_reply(render([self._answer(m, denied.get(id(m)), server)
                                  for m in envelope.messages if m.rpc_id is not None],
                                 envelope.batch), code="tool_call_denied")
 
     @staticmethod
-    def _answer(message: Message, decision: Decision | None) -> dict[str, object]:
+    def _answer(message: Message, decision: Decision | None,
+                server: McpServer) -> dict[str, object]:
         if decision is not None:
-            return denied_object(message, decision, deciding_rule(decision))
+            return denied_object(message, decision, deciding_rule(decision),
+                                 as_result=server.deny_as == "result")
         return error_object(message.rpc_id, INVALID_REQUEST, "[tether] not forwarded: another "
                             "tool call in the same batch was denied")
 
