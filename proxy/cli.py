@@ -50,7 +50,8 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                                       reverse=(loopback, proxy_port), own_ports=(admin_bound,),
                                       egress=Egress(cfg.apis, cfg.cloud, tether.holds,
                                                     cfg.agent_keys, cfg.trust_identity_headers,
-                                                    cfg.lookups, opa=tether.opa),
+                                                    cfg.lookups, opa=tether.opa,
+                                                    linked=tether.linked),
                                       transparent_port=transparent_port,
                                       auth=tether.proxy[CONTEXT].auth)
     prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
@@ -240,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tool", required=True)
     e.add_argument("--args", default="{}", help="the call's arguments as JSON text")
     e.add_argument("--agent", default=None)
+    e.add_argument("--history", default=None, metavar="FILE",
+                   help="the session's earlier calls, a YAML or JSON list (docs/flows.md)")
     e.set_defaults(func=cmd_explain)
 
     r = sub.add_parser("replay", help="re-decide recorded calls under a new policy")

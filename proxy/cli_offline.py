@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import config as config_mod
 from .errors import ConfigError
-from .model import Exchange, ToolCall
+from .model import Exchange, PastCall, ToolCall
 from .policy.engine import PolicyEngine
 from .providers.arguments import parse_arguments
 
@@ -55,8 +56,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .opa.offline import OfflineDecider
 
     cfg = load_config(args.config)
+    history: tuple[PastCall, ...] = ()
+    if getattr(args, "history", None):
+        from .history_input import load_history_file
+
+        try:
+            text = Path(args.history).read_text(encoding="utf-8")
+            history = load_history_file(text, args.history, cfg.policy)
+        except (ConfigError, OSError, UnicodeDecodeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     with OfflineDecider(cfg) as decider:
         call, exchange = _explain_call(decider.engine, args.tool, args.args, args.agent, None)
+        exchange = replace(exchange, history=history)
         decision = decider.decide(call, exchange, explain=True)
     print(f"decision: {decision.action.value}")
     if decision.message:
@@ -101,6 +113,11 @@ def _run_cases(decider: OfflineDecider, case_file: CaseFile, verbose: bool,
         where = f"{case_file.file}:{case.line}: {case.name}"
         call, exchange = _explain_call(decider.engine, case.tool, case.raw_args, case.agent,
                                        case.declared)
+        if case.history:  # a flow: the session's earlier calls (history_input.py)
+            from .history_input import resolve
+
+            exchange = replace(exchange, history=resolve(case.history,
+                                                          decider.engine.policy))
         decision = decider.decide(call, exchange)
         if decision.action is case.expect and case.rules <= set(decision.rules):
             passed += 1

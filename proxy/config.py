@@ -27,11 +27,13 @@ from .policy.apis_config import Apis, ToolLink, parse_apis
 from .policy.cloud import CloudCatalog
 from .policy.cloud_config import parse_cloud
 from .policy.engine import AgentScope, Policy
+from .policy.flows_config import load_flows
 from .policy.mcp import McpServers, parse_mcp
 from .policy.names import normalize
 from .policy.provider_tools import ProviderTools, parse_provider_tools
 from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
+from .policy.tool_apis import ToolApis, is_cloud_ref, parse_tool_apis
 from .providers.held import DEFAULT_MAX_ARGUMENTS
 from .sessions.budgets import Budgets, parse_budgets
 from .telemetry_settings import TelemetrySettings, parse_telemetry
@@ -41,7 +43,8 @@ from .upstreams import parse_upstreams
 TOP_KEYS = {
     "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
     "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward", "mcp", "cloud", "auth", "opa", "telemetry", "provider_tools",
+    "forward", "mcp", "cloud", "auth", "opa", "telemetry", "provider_tools", "flows",
+    "egress",  # linked calls (policy/tool_apis.py)
 }
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
@@ -80,6 +83,7 @@ class Config:
     apis: Apis = field(default_factory=Apis)
     mcp: McpServers = field(default_factory=McpServers)
     provider_tools: ProviderTools = field(default_factory=ProviderTools)  # MCP allow-list
+    tool_apis: ToolApis = field(default_factory=ToolApis)  # tools carried out by API operations
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     cloud: CloudCatalog | None = None      # None: the built-in catalog
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
@@ -121,6 +125,7 @@ class _Builder:
         self.texts: list[str] = []
         self.seen: set[Path] = set()
         self.tool_links: list[ToolLink] = []
+        self.tool_api_specs: list[tuple[str, YMap]] = []  # `tools.X` with `api:` (tool_apis.py)
 
     def add_rules(self, doc: YMap) -> None:
         items = doc.get("rules")
@@ -142,12 +147,16 @@ class _Builder:
         tools = as_map(doc.get("tools"), doc, "tools")
         for name, spec in tools.items():
             spec = as_map(spec, tools, name)
-            check_keys(spec, {"effect", "description", "api"}, f"tools.{name}")
+            check_keys(spec, {"effect", "description", "api", "args"}, f"tools.{name}")
+            if "args" in spec and "api" not in spec:
+                raise err("args maps a tool's arguments to its api's; name the api too", spec,
+                          "args", f"tools.{name}")
             if "api" in spec:
                 if not isinstance(spec["api"], str):
                     raise err("api names an operation, like jira.createIssue", spec, "api")
                 self.tool_links.append(ToolLink(normalize(name), spec["api"], spec.file,
                                                 spec.line_of("api")))
+                self.tool_api_specs.append((name, spec))
             if "effect" in spec:
                 try:
                     self.effects[normalize(name)] = Effect(spec["effect"])
@@ -308,9 +317,15 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         raise err("must be memory or a redis:// URL", doc, "store")
     store_url = env.get("TETHER_STORE", store_url)
 
-    apis = parse_apis(doc, file.parent, env, _read, builder.tool_links, builder.rules)
+    # Tools linked to cloud operations (aws.ec2.DeleteVolume) are tool_apis.py's to check.
+    api_names = tuple(doc["apis"]) if isinstance(doc.get("apis"), YMap) else ()
+    apis = parse_apis(doc, file.parent, env, _read,
+                      [t for t in builder.tool_links if not is_cloud_ref(t.ref, api_names)],
+                      builder.rules)
     builder.texts.extend(apis.texts)
-    builder.effects = {**apis.effects, **builder.effects}
+    tool_apis = parse_tool_apis(doc, builder.tool_api_specs, apis,
+                                parse_cloud(doc.get("cloud"), doc))
+    builder.effects = {**tool_apis.effects, **apis.effects, **builder.effects}
     opa = parse_opa(doc.get("opa"), doc, file.parent, env)
     builder.texts.extend(opa.texts if opa else ())
     provider_tools = parse_provider_tools(doc)
@@ -325,6 +340,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         agents=builder.agents,
         effects=builder.effects,
         revision=revision,
+        flows=load_flows(doc, builder.rules),
     )
     upstreams = parse_upstreams(doc, env, file.parent)
     forward = parse_forward(doc.get("forward"), doc, file.parent)
@@ -353,6 +369,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         apis=apis,
         mcp=parse_mcp(doc, env),
         provider_tools=provider_tools,
+        tool_apis=tool_apis,
         forward=forward,
         auth=auth,
         cloud=parse_cloud(doc.get("cloud"), doc),

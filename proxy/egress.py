@@ -21,11 +21,14 @@ from .approvals.holds import TETHER, Holds, KeepAlive
 from .audit import AuditWriteError
 from .audit.outcomes import Outcome, hold_record
 from .forward.lookup_settings import LookupSettings
-from .governor import Governor
+from .governor import AUDIT_ERROR, Governor
+from .linked_calls import LinkedCalls
 from .model import Action, Decision, Effect, Exchange, HttpRequest, RuleTrace, ToolCall
 from .policy.apis_config import Apis, ToolApi
 from .policy.cloud import CloudCatalog, CloudOperation, Refused, Unclassified
 from .policy.openapi_judge import INVALID_REQUEST, METHOD_OVERRIDE, UNKNOWN_OPERATION, judge
+from .policy.tool_apis import NO_DECIDED_CALL
+from .sessions.ledger import Entry
 
 if TYPE_CHECKING:
     from .opa.client import OpaClient
@@ -38,7 +41,7 @@ AMBIGUOUS_CLOUD = "tether:ambiguous-request"
 LOOKUP_FAILED = "tether:lookup-failed"
 CODES = {UNKNOWN_OPERATION: "unknown_operation", INVALID_REQUEST: "invalid_request",
          METHOD_OVERRIDE: "method_override", UNKNOWN_CLOUD: "unknown_cloud_operation",
-         LOOKUP_FAILED: "lookup_failed"}
+         LOOKUP_FAILED: "lookup_failed", NO_DECIDED_CALL: "no_decided_call"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class Egress:
     trust_headers: bool = True
     lookups: LookupSettings = field(default_factory=LookupSettings)  # cloud.lookups
     opa: OpaClient | None = None        # None: no `opa:` section
+    linked: LinkedCalls | None = None   # None: no tool call is redeemed (linked_calls.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,7 @@ def api_for_host(apis: Apis, host: str) -> ToolApi | None:
 
 async def judge_api(governor: Governor, holds: Holds | None, api: ToolApi, http: HttpRequest,
                     who: Who, alive: KeepAlive | None, base_path: str = "", *,
-                    opa: OpaClient | None = None) -> Verdict:
+                    opa: OpaClient | None = None, linked: LinkedCalls | None = None) -> Verdict:
     """An `apis:` request: operation of the spec (else denied), its parameters and body
     checked, method overrides judged, then the rules (`api: jira.createIssue`)."""
     judged = judge(api.spec, http, base_path)
@@ -124,16 +128,20 @@ async def judge_api(governor: Governor, holds: Holds | None, api: ToolApi, http:
     what = f"{judged.method} {judged.path}" + (f" ({op.name})" if op else "")
     return await _decide(governor, holds, call, api.provider, who, judged.method, alive, what,
                          extra=(judged.denial,) if judged.denial else (),
-                         api=op.name if op else None, effect=judged.effect, opa=opa)
+                         api=op.name if op else None, effect=judged.effect, opa=opa,
+                         linked=linked)
 
 
 async def judge_cloud(governor: Governor, holds: Holds | None,
                       found: CloudOperation | Unclassified | Refused, http: HttpRequest,
                       who: Who, alive: KeepAlive | None, *, provider: str,
                       pass_unclassified: bool = False, extra: tuple[RuleTrace, ...] = (),
-                      opa: OpaClient | None = None) -> Verdict:
+                      opa: OpaClient | None = None, linked: LinkedCalls | None = None,
+                      wire_arguments: Mapping[str, object] | None = None) -> Verdict:
     """A cloud API request, as `proxy.policy.cloud.classify` read it; `extra`: verdicts
-    from outside the rules on a named operation (a failed tag lookup)."""
+    from outside the rules on a named operation (a failed tag lookup). `wire_arguments`:
+    the request's own arguments, before a tag lookup added facts (what a linked tool
+    call is compared with; default: the operation's arguments)."""
     if isinstance(found, Refused):
         message = f"[tether] The {found.cloud} request was refused: {found.reason}. It was not forwarded."
         governor.reject(provider=provider, status=403, code=AMBIGUOUS_CLOUD, message=message,
@@ -148,26 +156,77 @@ async def judge_cloud(governor: Governor, holds: Holds | None,
         call = ToolCall(id=who.rid, name=name, raw_arguments="{}", arguments={})
         return await _decide(governor, holds, call, provider, who, http.method, alive,
                              f"{http.method} {http.path}", extra=extra, api=None,
-                             effect=Effect.WRITE, opa=opa)
+                             effect=Effect.WRITE, opa=opa, linked=linked)
     args = dict(found.arguments)
     call = ToolCall(id=who.rid, name=found.operation,
                     raw_arguments=json.dumps(args, ensure_ascii=False, default=str), arguments=args)
     return await _decide(governor, holds, call, provider, who, http.method, alive, found.api,
                          extra=extra,
-                         api=found.api, effect=found.effect, opa=opa)
+                         api=found.api, effect=found.effect, opa=opa, linked=linked,
+                         wire=found.arguments if wire_arguments is None else wire_arguments)
 
 
 async def _decide(governor: Governor, holds: Holds | None, call: ToolCall, provider: str,
                   who: Who, method: str, alive: KeepAlive | None, what: str, *,
                   extra: tuple[RuleTrace, ...], api: str | None, effect: Effect,
-                  opa: OpaClient | None = None) -> Verdict:
+                  opa: OpaClient | None = None, linked: LinkedCalls | None = None,
+                  wire: Mapping[str, object] | None = None) -> Verdict:
     exchange = Exchange(provider=provider, model="", declared_tools=(call.name,),
                         session=who.session, agent=who.agent, endpoint=f"{method} {who.target}",
                         claims=who.claims)
     if opa is not None:  # OPA's verdict joins the rules': the strictest wins
         extra = (*extra, await opa.judge(call, exchange, "egress", api=api, effect=effect))
+    # The tool call this request carries out, taken from the ledger before deciding (so
+    # two requests cannot both redeem it); given back below if the request is not sent.
+    entry: Entry | None = None
+    if linked is not None:
+        redeemed = await linked.redeem(agent=who.agent, session=who.session, operation=api,
+                                       arguments=(call.arguments or {}) if wire is None else wire,
+                                       effect=effect)
+        entry = redeemed.entry
+        extra = (*extra, redeemed.trace) if redeemed.trace else extra
     decision = governor.decide(call, exchange, request_id=who.rid, extra=extra, api=api,
-                               effect=effect)
+                               effect=effect, linked=entry.decision_id if entry else None)
+    try:
+        verdict = await _resolve(governor, holds, call, exchange, decision, who, alive, what,
+                                 api, entry)
+    except BaseException:
+        if entry is not None and linked is not None:
+            await linked.give_back(entry)
+        raise
+    if entry is not None and linked is not None and not verdict.allowed:
+        await linked.give_back(entry)
+    return verdict
+
+
+def _linked_release(governor: Governor, call: ToolCall, exchange: Exchange, held: Decision,
+                    entry: Entry) -> Decision:
+    """A hold answered by the approval of the tool call this request carries out: no
+    second human, and the hold's record names the LLM-side decision."""
+    final = Decision(Action.ALLOW, held.rules,
+                     f"the tool call {entry.tool} it carries out was {entry.approved_by} "
+                     f"(decision {entry.decision_id})", held.on_deny, held.effect,
+                     decision_id=held.decision_id)
+    record = hold_record(call, exchange, held, final, Outcome.APPROVED, by=TETHER,
+                         reason=f"the approved tool call {entry.tool} "
+                                f"(decision {entry.decision_id})")
+    record["linked_decision"] = entry.decision_id
+    try:
+        governor.audit.write(record)
+    except AuditWriteError:
+        log.exception("audit write failed for the end of a hold")
+        governor.metrics.fail_closed.labels("audit").inc()
+        return Decision(Action.DENY, held.rules + (AUDIT_ERROR,),
+                        "approved, but the audit log cannot be written", held.on_deny,
+                        held.effect, decision_id=held.decision_id)
+    return final
+
+
+async def _resolve(governor: Governor, holds: Holds | None, call: ToolCall, exchange: Exchange,
+                   decision: Decision, who: Who, alive: KeepAlive | None, what: str,
+                   api: str | None, entry: Entry | None) -> Verdict:
+    if decision.action is Action.HOLD and entry is not None and entry.approved_by:
+        decision = _linked_release(governor, call, exchange, decision, entry)
     if decision.action is Action.HOLD:
         if holds is None:
             held, why = decision, "held, but no approvals are available on this front end"

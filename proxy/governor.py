@@ -50,23 +50,25 @@ class Governor:
 
     def decide(self, call: ToolCall, exchange: Exchange, *, request_id: str = "",
                extra: Sequence[RuleTrace] = (), api: str | None = None,
-               effect: Effect | None = None, stage: str | None = None) -> Decision:
+               effect: Effect | None = None, stage: str | None = None,
+               linked: str | None = None) -> Decision:
         """`extra`: verdicts from outside the rules (loop breakers, per-tool budgets,
         OpenAPI checks). `api`, `effect`: the operation a call is (`jira.createIssue`).
         `stage`: "request" for a provider-run tool judged before the request leaves, "ran"
-        for one an answer reports the provider already ran."""
+        for one an answer reports the provider already ran. `linked`: the LLM-side decision
+        an egress request redeems (docs/linked-calls.md), recorded as `linked_decision`."""
         if self.tracer is None:
-            return self._decide(call, exchange, request_id, extra, api, effect, stage)
+            return self._decide(call, exchange, request_id, extra, api, effect, stage, linked)
         name = tracing.decide_span_name(call.name, exchange.declared_tools)
         with self.tracer.start_as_current_span(name) as span:
-            decision = self._decide(call, exchange, request_id, extra, api, effect, stage)
+            decision = self._decide(call, exchange, request_id, extra, api, effect, stage, linked)
             span.set_attributes(tracing.decision_attributes(call.name, call.id, decision,
                                                             self.engine.revision))
             return decision
 
     def _decide(self, call: ToolCall, exchange: Exchange, request_id: str,
                 extra: Sequence[RuleTrace], api: str | None, effect: Effect | None,
-                stage: str | None = None) -> Decision:
+                stage: str | None = None, linked: str | None = None) -> Decision:
         started = time.perf_counter()
         policy_action: Action | None = None
         try:
@@ -104,6 +106,7 @@ class Governor:
             "policy_revision": self.engine.revision,
             "latency_ms": round(elapsed * 1000, 3),
             **({"stage": stage} if stage else {}),
+            **({"linked_decision": linked} if linked else {}),
         }
         try:
             self.audit.write(record)

@@ -61,6 +61,25 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class PastCall:
+    """One earlier tool call of the session, as tether decided it (sessions/history.py):
+    the record flow rules read, not what the agent sends back. `action` is the final
+    verdict (a hold as it ended); only an allowed call can have run. `summary` is a short
+    rendering of the call for messages (`web_fetch(url='https://...')`)."""
+
+    decision_id: str
+    tool: str                       # normal form (policy.names.normalize)
+    effect: Effect
+    action: Action
+    labels: frozenset[str] = frozenset()
+    at: float = 0.0                 # Unix time of the decision
+    args_sha256: str = ""           # of the canonical JSON arguments
+    summary: str = ""
+    call_id: str = ""
+    api: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Exchange:
     """One request to an LLM API, as far as the policy needs to know it."""
 
@@ -74,6 +93,9 @@ class Exchange:
     # Verified identity claims the config chose to expose to policy (auth.jwt.claims);
     # empty for static keys and unauthenticated requests.
     claims: Mapping[str, object] = field(default_factory=dict)
+    # The session's earlier calls, oldest first (flow rules read them); empty when the
+    # policy has no flow rules or the session has no history yet.
+    history: tuple[PastCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +140,9 @@ class RuleTrace:
     reason: str
     action: Action | None = None
     shadow: bool = False
+    # A flow rule's match: the earlier calls that made it (`after untrusted web_fetch(...)
+    # [decision d1 at ...]`), added to the decision's message so an approver sees why.
+    evidence: str = ""
 
 
 @dataclass(frozen=True, slots=True)

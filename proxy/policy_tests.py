@@ -9,6 +9,7 @@
         declared: [delete_volume]                      # the tools the request declared
         expect: deny                                   # required: allow | deny | hold
         rules: [no-prod-deletes]                       # rules the decision must name
+        history: [{tool: web_fetch, args: {url: x}}]   # the session's earlier calls
 
 A test must not pass by accident, so the file is checked whole before any case runs,
 as strictly as the config: an unknown key (a misspelt `args` would run the call with
@@ -25,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from .errors import ConfigError
+from .history_input import HistoryItem, parse_history
 from .model import Action
 from .policy.source import YMap, load_yaml
 
 FILE_KEYS = ("config", "cases")
-CASE_KEYS = ("name", "tool", "args", "agent", "declared", "expect", "rules")
+CASE_KEYS = ("name", "tool", "args", "agent", "declared", "expect", "rules", "history")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class Case:
     declared: tuple[str, ...] | None = None
     rules: frozenset[str] = frozenset()
     line: int = 0
+    history: tuple[HistoryItem, ...] = ()  # the session's earlier calls (history_input.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,17 @@ def _case(raw: object, i: int, file: str, list_line: int) -> Case:
         raise fail("agent must be text", "agent")
     declared = _names(raw, "declared", fail)
     rules = _names(raw, "rules", fail)
-    return Case(name, tool, args, expect, agent, declared, frozenset(rules or ()), raw.line)
+    history: tuple[HistoryItem, ...] = ()
+    if "history" in raw:
+        def hfail(message: str, node: YMap | None, key: str | None) -> ConfigError:
+            at = node.line_of(key) if node is not None and key else (
+                node.line if node is not None else raw.line_of("history"))
+            return ConfigError(f"case {name!r}: {message}", file=file, line=at,
+                               key=f"cases[{i}].history")
+
+        history = parse_history(raw["history"], hfail)
+    return Case(name, tool, args, expect, agent, declared, frozenset(rules or ()), raw.line,
+                history)
 
 
 def _names(raw: YMap, key: str, fail: Callable[[str, str], ConfigError]

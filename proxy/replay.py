@@ -25,10 +25,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .audit.outcomes import HOLD_KIND
 from .errors import TetherError
 from .model import Action, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import DEFAULT, MALFORMED, SCOPE, UNDECLARED, PolicyEngine, merge
 from .providers.arguments import parse_arguments
+from .replay_flows import ReplayHistory
 from .surrogates import scrub
 
 ENGINE_IDS = frozenset({MALFORMED, UNDECLARED, SCOPE, DEFAULT})
@@ -86,7 +88,7 @@ def read_records(files: Iterable[Path]) -> Iterator[tuple[str, Mapping[str, obje
                 raise ReplayInputError(f"{file}:{n}: not a JSON record: {e}") from e
             if not isinstance(record, dict):
                 raise ReplayInputError(f"{file}:{n}: not a JSON object")
-            if record.get("kind") == "decision":
+            if record.get("kind") in ("decision", HOLD_KIND):  # holds: how one ended
                 yield f"{file}:{n}", record
 
 
@@ -98,7 +100,10 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def redecide(engine: PolicyEngine, where: str, record: Mapping[str, object]) -> Outcome:
+def redecide(engine: PolicyEngine, where: str, record: Mapping[str, object],
+             history: ReplayHistory | None = None) -> Outcome:
+    """`history`: the sessions so far, for flow rules (replay_flows.py); the call is
+    added to it once decided."""
     tool, old_action = record.get("tool"), record.get("action")
     if not isinstance(tool, str) or not isinstance(old_action, str):
         raise ReplayInputError(f"{where}: a decision record needs 'tool' and 'action'")
@@ -119,7 +124,8 @@ def redecide(engine: PolicyEngine, where: str, record: Mapping[str, object]) -> 
     exchange = Exchange(provider=str(record.get("provider") or ""),
                         model=str(record.get("model") or ""), declared_tools=(tool,),
                         session=_text(record.get("session")), agent=agent,
-                        endpoint=str(record.get("endpoint") or ""))
+                        endpoint=str(record.get("endpoint") or ""),
+                        history=history.before(record) if history is not None else ())
     api = _text(record.get("api"))
     effect = None
     if api is not None:
@@ -131,6 +137,8 @@ def redecide(engine: PolicyEngine, where: str, record: Mapping[str, object]) -> 
     decision = merge(engine.decide(call, exchange, api=api, effect=effect),
                      [RuleTrace(r, True, "as recorded (not re-evaluated)", Action.DENY)
                       for r in carried])
+    if history is not None:
+        history.add(record, call)
     masked = tuple(p for p in _strings(record.get("masked"))
                    if p == "arguments" or p.startswith("arguments."))
     return Outcome(where, tool, agent, old_action, old_rules, decision.action.value,
@@ -139,7 +147,16 @@ def redecide(engine: PolicyEngine, where: str, record: Mapping[str, object]) -> 
 
 def replay(engine: PolicyEngine, records: Iterable[tuple[str, Mapping[str, object]]]
            ) -> list[Outcome]:
-    return [redecide(engine, where, record) for where, record in records]
+    """Records in order; a `hold` record ends the held call in the sessions' history."""
+    history = ReplayHistory(engine.policy) if engine.policy.reads_history else None
+    out: list[Outcome] = []
+    for where, record in records:
+        if record.get("kind") == HOLD_KIND:
+            if history is not None:
+                history.ended(record)
+            continue
+        out.append(redecide(engine, where, record, history))
+    return out
 
 
 def _rules(rules: tuple[str, ...]) -> str:

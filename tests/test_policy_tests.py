@@ -33,7 +33,7 @@ def tether(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(("text", "line", "key", "message"), [
     (MISSPELT, 5, "cases[0].agrs", "case 'production is never deleted': unknown key "
-     "(expected one of name, tool, args, agent, declared, expect, rules)"),
+     "(expected one of name, tool, args, agent, declared, expect, rules, history)"),
     (f"config: {CONFIG}\ncases: []\n", 2, "cases",
      "there are no cases: a file that tests nothing cannot pass"),
     (f"config: {CONFIG}\ncases:\n", 2, "cases", "needs 'cases: [...]'"),

@@ -95,7 +95,8 @@ class ApiJudge:
         alive = _alive(flow)
         if api is not None:
             verdict = await judge_api(self.governor, self.egress.holds, api, http_req, who, alive,
-                                      api.base_path, opa=self.egress.opa)
+                                      api.base_path, opa=self.egress.opa,
+                                      linked=self.egress.linked)
             return outcome(flow, verdict, None, rid)
         found = classify(http_req, self.egress.catalog)
         if found is None:  # cloud_host said it was one; classify disagrees: never guess
@@ -104,11 +105,14 @@ class ApiJudge:
             return False
         exact_pass = norm_host(host) in exact_pass_hosts(targets.settings)
         extra: tuple[RuleTrace, ...] = ()
+        wire = None  # the request's own arguments, before a lookup adds tags
         if isinstance(found, CloudOperation):
+            wire = found.arguments
             found, extra = await self._looked_up(found, http_req, targets, resolver)
         verdict = await judge_cloud(self.governor, self.egress.holds, found, http_req, who, alive,
                                     provider=provider, pass_unclassified=exact_pass, extra=extra,
-                                    opa=self.egress.opa)
+                                    opa=self.egress.opa, linked=self.egress.linked,
+                                    wire_arguments=wire)
         service = getattr(found, "service", None) or service
         return outcome(flow, verdict, (found.cloud, service, http_req), rid)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ..model import Action, Decision, Effect, Exchange, OnDeny, RuleTrace, ToolCall
 from ..surrogates import holds
+from .flows import Flows
 from .names import normalize
 from .provider_tools import UNLISTED, is_provider_run
 from .provider_tools import effect_of as provider_effect
@@ -63,6 +64,13 @@ class Policy:
     effects: Mapping[str, Effect] = field(default_factory=dict)
     revision: str = ""
     filter_tools: bool = True  # defaults.filter_tools
+    flows: Flows = field(default_factory=Flows)  # labels and the history's bounds
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether any rule looks at the session's earlier calls (`match.session`): only
+        then does a front end load and record the history."""
+        return any(r.session is not None for r in self.rules)
 
 
 def effect_of(name: str, effects: Mapping[str, Effect]) -> Effect:
@@ -152,7 +160,9 @@ class PolicyEngine:
                 )
             )
 
-        subject = Subject(call=call, name=name, agent=exchange.agent, effect=effect, api=api)
+        subject = Subject(call=call, name=name, agent=exchange.agent, effect=effect, api=api,
+                          labels=self.policy.flows.labels.of(name, api),
+                          history=exchange.history)
         by_id: dict[str, Rule] = {}
         for rule in self.policy.rules:
             trace = rule.evaluate(subject)
@@ -187,6 +197,8 @@ class PolicyEngine:
         for t in winners:
             found = by_id.get(t.rule_id)
             text = (found.message or found.description) if found else t.reason
+            if t.evidence:  # a flow rule: name the earlier calls that made it match
+                text = f"{text} ({t.evidence})" if text else t.evidence
             if text and text not in messages:
                 messages.append(text)
         winning_rules = [by_id[t.rule_id] for t in winners if t.rule_id in by_id]

@@ -2,8 +2,9 @@
 
 A rule matches a call when every condition it names holds: `tool` (glob or
 list of globs, on normalised names), `agent` (glob or list), `effect`, `api`,
-and `args` conditions on dotted paths. A bad rule raises `ConfigError` naming
-the file, line, rule id and key.
+`args` conditions on dotted paths, and the flow conditions (flows.py): `label`
+(the call's own labels) and `session: {after: ...}` (the session's earlier calls).
+A bad rule raises `ConfigError` naming the file, line, rule id and key.
 
 Argument paths: `tags.env` walks objects; a list on the way fans out, so
 `tags.key` reaches every element's `key`. A condition holds when *any* reached
@@ -30,14 +31,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..model import Action, Effect, OnDeny, RuleTrace, ToolCall
+from ..model import Action, Effect, OnDeny, PastCall, RuleTrace, ToolCall
+from .flows import SessionCondition, compile_session, label_names
 from .names import normalize
 from .patterns import rule_pattern
 from .source import YMap
 
 RULE_KEYS = {"id", "description", "match", "action", "message", "on_deny", "approvers", "timeout",
              "mode"}
-MATCH_KEYS = {"tool", "agent", "effect", "api", "args"}
+MATCH_KEYS = {"tool", "agent", "effect", "api", "args", "label", "session"}
 OPERATORS = {"equals", "in", "not_in", "matches", "exists", "gt", "lt"}
 BUILTIN_PREFIX = "tether:"
 _MISSING = object()
@@ -52,6 +54,8 @@ class Subject:
     agent: str | None
     effect: Effect
     api: str | None = None
+    labels: frozenset[str] = frozenset()     # the call's own (flows.labels)
+    history: tuple[PastCall, ...] = ()       # the session's earlier calls, oldest first
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -183,6 +187,8 @@ class Rule:
     args: tuple[Condition, ...] = ()
     file: str | None = None
     line: int = 0
+    labels: frozenset[str] | None = None        # match.label: the call carries one of them
+    session: SessionCondition | None = None     # match.session: flows.py
 
     def evaluate(self, subject: Subject) -> RuleTrace:
         if self.tools is not None and not any(p.fullmatch(subject.name) for p in self.tools):
@@ -196,6 +202,10 @@ class Rule:
         if self.api_pattern is not None and (
                 subject.api is None or not self.api_pattern.fullmatch(normalize(subject.api))):
             return RuleTrace(self.id, False, f"api is {subject.api!r}, not {self.api!r}")
+        if self.labels is not None and not (self.labels & subject.labels):
+            shown = ", ".join(sorted(subject.labels)) or "none"
+            return RuleTrace(self.id, False, f"labels are {shown}, not any of "
+                             f"{', '.join(sorted(self.labels))}")
         args = subject.call.arguments or {}
         reasons: list[str] = []
         for cond in self.args:
@@ -203,8 +213,14 @@ class Rule:
             if not ok:
                 return RuleTrace(self.id, False, why)
             reasons.append(why)
+        evidence = ""
+        if self.session is not None:  # last: the only condition that scans the history
+            ok, why, evidence = self.session.check(subject.history)
+            if not ok:
+                return RuleTrace(self.id, False, why)
+            reasons.append(why)
         return RuleTrace(self.id, True, "; ".join(reasons) or "all match conditions hold",
-                         self.action, self.shadow)
+                         self.action, self.shadow, evidence)
 
 
 def _patterns(value: object, key: str, where: Callable[[str], ConfigError]) -> tuple[re.Pattern[str], ...]:
@@ -293,6 +309,10 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
     api = match.get("api")
     if api is not None and not isinstance(api, str):
         raise where("api must be an operation name like jira.createIssue", "match.api")
+    labels = (frozenset(label_names(match["label"], mwhere("label")))
+              if "label" in match else None)
+    session = (compile_session(match["session"], mwhere("session"))
+               if "session" in match else None)
     conditions: list[Condition] = []
     args = match.get("args", {})
     if not isinstance(args, dict):
@@ -326,4 +346,6 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         args=tuple(conditions),
         file=file,
         line=raw.line,
+        labels=labels,
+        session=session,
     )

@@ -111,7 +111,8 @@ class ApiRoutes:
         session = (request.headers.get("x-tether-session") if trust else None) or None
         verdict = await judge_api(self.ctx.governor, self.ctx.holds, api, http,
                                   Who(rid, session, who.agent, path, claims=who.claims),
-                                  self._alive(request), opa=self.ctx.opa)
+                                  self._alive(request), opa=self.ctx.opa,
+                                  linked=self.ctx.linked)
         if not verdict.allowed:
             if verdict.status != 499:
                 self.ctx.governor.metrics.requests.labels(api.provider, str(verdict.status)).inc()

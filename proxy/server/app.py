@@ -21,15 +21,18 @@ from ..audit import AuditLog
 from ..auth.jwks_fetch import make_authenticator
 from ..config import Config
 from ..governor import Governor
+from ..linked_calls import LinkedCalls
 from ..opa.client import OpaClient
 from ..policy.engine import PolicyEngine
 from ..sessions.guard import SessionGuard
+from ..sessions.ledger import Ledger, MemoryLedger, RedisLedger
 from ..sessions.redis_store import RedisStore
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
 from .admin import build_admin
 from .context import Context
 from .errors import error_middleware
+from .flows import make_flows
 from .routes import CONTEXT, add_routes
 from .traced import client_trace_config, server_middleware
 
@@ -52,6 +55,7 @@ class Tether:
     proxy: web.Application
     admin: web.Application
     opa: OpaClient | None = None  # shared with the forward proxy's Egress
+    linked: LinkedCalls | None = None  # shared with the forward proxy's Egress
 
     async def close(self) -> None:
         """Requests waiting on this process end denied (nothing is approved by a stop); with
@@ -78,6 +82,10 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
                          config.on_store_error)
     opa = OpaClient(config.opa, metrics, config.policy.effects) if config.opa else None
+    # The ledger of decided calls lives in the session store (its Redis connection).
+    ledger: Ledger = (RedisLedger(guard.store.client) if isinstance(guard.store, RedisStore)
+                      else MemoryLedger())
+    linked = LinkedCalls(config.tool_apis, ledger, metrics)
     settings = config.approvals
     queue = make_approvals(config.store_url, settings)
     holds = Holds(queue, settings, audit, metrics, config.policy.revision)
@@ -104,6 +112,8 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
             ctx = Context(config, governor, guard, holds, client,
                           auth=make_authenticator(config, client, metrics))
             ctx.opa = opa
+            ctx.flows = make_flows(config, governor, guard.store)  # flow rules' history
+            ctx.linked = linked
             holder["ctx"] = ctx
             app[CONTEXT] = ctx
             yield
@@ -114,7 +124,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
                         slack=slack.interactions.handle if slack is not None else None)
-    return Tether(config, governor, guard, holds, proxy, admin, opa=opa)
+    return Tether(config, governor, guard, holds, proxy, admin, opa=opa, linked=linked)
 
 
 async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:

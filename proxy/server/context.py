@@ -16,8 +16,10 @@ from ..approvals.holds import Holds
 from ..auth.authenticator import Authenticator
 from ..config import Config
 from ..governor import Governor
+from ..linked_calls import LinkedCalls
 from ..opa.client import OpaClient
 from ..sessions.guard import SessionGuard
+from .flows import SessionFlows
 from .response_aliases import ResponseAliases
 
 
@@ -31,3 +33,5 @@ class Context:
     auth: Authenticator
     opa: OpaClient | None = None  # None: no `opa:` section
     aliases: ResponseAliases = field(default_factory=ResponseAliases)
+    flows: SessionFlows | None = None  # None: no rule reads the session history
+    linked: LinkedCalls | None = None  # tools carried out by API operations (linked_calls.py)

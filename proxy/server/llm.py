@@ -36,11 +36,13 @@ from ..providers.base import (
     exchange_for,
 )
 from ..sessions.identity import session_of
+from ..sessions.results import result_ids
 from . import approvals_continue, provider_gate
 from .approvals_continue import Send
 from .batches import BatchGate
 from .context import Context
 from .errors import PROVIDER_KEY, status_and_code
+from .flows import FlowState
 from .llm_answers import Answers, Call
 from .upstream import (
     forward_headers,
@@ -163,6 +165,8 @@ class LLMRoutes:
             refuse_non_utf8(body)
             if fmt.name == "openai.responses":  # a stream tether continued: chain from its end
                 body = self.ctx.aliases.rewrite(call.agent, body)
+            if self.ctx.flows is not None:  # the session history's part (flows.py)
+                call.flow = FlowState(call.agent, call.session, call.rid, result_ids(body))
             parsed = fmt.parse_request(body, call.route)
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)

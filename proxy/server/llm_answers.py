@@ -42,6 +42,7 @@ from . import approvals_continue
 from .approvals_continue import Send
 from .context import Context
 from .errors import reply
+from .flows import FlowState
 from .upstream import read_at_most, return_headers
 
 log = logging.getLogger("tether.server")
@@ -62,6 +63,7 @@ class Call:
     waited: float = 0.0  # upstream and human time, which is not tether's overhead
     who: Identity = ANONYMOUS  # the verified identity; its consumed credential is not forwarded
     inference: tracing.Span = tracing.NO_SPAN  # the call upstream, in the GenAI conventions
+    flow: FlowState = field(default_factory=FlowState)  # the session history's part (flows.py)
     # Provider-run calls that ran though the policy does not allow them (`_judge_ran`),
     # and the trace that denies the calls a stream hands out after the first of them.
     broke: set[str] = field(default_factory=set)
@@ -109,6 +111,8 @@ class Answers:
         for done in ran:
             asked = replace(exchange, declared_tools=(done.name,))
             decision = self.ctx.governor.decide(done, asked, request_id=call.rid, stage="ran")
+            if self.ctx.flows is not None:  # it ran: its content is in the model's context
+                self.ctx.flows.ran(done, decision, call.flow)
             if not decision.allowed:
                 call.broke.add(done.name)
         if not call.broke:
@@ -125,6 +129,10 @@ class Answers:
         """`out`: the agent's stream, kept alive while a human decides. `stage`: for the
         audit record ("approval": an MCP approval request)."""
         decisions = []
+        flows = self.ctx.flows if calls or call.flow.ran else None
+        if flows is not None:  # flow rules read the session's history (server/flows.py)
+            exchange, broken = await flows.before(exchange, call.flow)
+            violation = violation or broken
         opa = self.ctx.opa
         budget = await opa.budget(self.ctx.guard, call.admission) if opa and calls else None
         # A call whose arguments are over the limit is judged (and audited, held) without
@@ -143,11 +151,18 @@ class Answers:
             decisions.append(self.ctx.governor.decide(
                 c, exchange, request_id=call.rid, extra=tuple(t for t in extra if t),
                 api=op.name if op else None, stage=stage))
+        judged = list(decisions)  # before holds end: a hold that ends allowed was approved
         if any(d.action is Action.HOLD for d in decisions):
             held = time.perf_counter()
+            if self.ctx.linked is not None:  # the approver sees what else approving lets run
+                decisions = self.ctx.linked.for_approver(calls, decisions)
             decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
                                                      self._keepalive(out))
             call.waited += time.perf_counter() - held
+        if flows is not None:  # before the agent sees any of them
+            decisions = await flows.after(calls, decisions, call.flow)
+        if self.ctx.linked is not None and calls:  # filed before the agent sees them
+            await self.ctx.linked.record(calls, judged, decisions, exchange)
         return decisions
 
     @staticmethod

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 
 from aiohttp import web
 from yarl import URL
@@ -34,7 +35,7 @@ from yarl import URL
 from ..auth.authenticator import Identity
 from ..config import Upstream
 from ..errors import BadRequest, RequestError, TetherError
-from ..model import Action, Decision, Exchange, RuleTrace, ToolCall
+from ..model import Action, Decision, Exchange, PastCall, RuleTrace, ToolCall
 from ..paths import canonical_path
 from ..policy.mcp import (
     INVALID_REQUEST,
@@ -50,6 +51,7 @@ from ..policy.openapi_arguments import arguments_trace
 from .apis import ApiRoutes, deciding_rule
 from .context import Context
 from .errors import status_and_code
+from .flows import FlowState
 from .upstream import forward_headers, read_body, relay
 
 log = logging.getLogger("tether.mcp")
@@ -162,11 +164,16 @@ class McpRoutes:
     async def _decide(self, request: web.Request, server: McpServer, calls: list[ToolCall],
                       session: str | None, who: Identity, rid: str) -> list[Decision]:
         decisions = []
+        flows, flow = self.ctx.flows, FlowState(who.agent, session, rid)
+        past: tuple[PastCall, ...] = ()
+        broken: RuleTrace | None = None
+        if flows is not None:  # flow rules read the session's history (server/flows.py)
+            past, broken = await flows.load(who.agent, session)
         for call in calls:
-            exchange = self._exchange(server, call, session, who)
+            exchange = replace(self._exchange(server, call, session, who), history=past)
             op = self.ctx.config.apis.for_tool(call.name)
             trace = arguments_trace(op, call) if op else None
-            extra: tuple[RuleTrace, ...] = (trace,) if trace else ()
+            extra: tuple[RuleTrace, ...] = tuple(t for t in (trace, broken) if t)
             if self.ctx.opa is not None:  # OPA's verdict joins the rules': the strictest wins
                 extra += (await self.ctx.opa.judge(call, exchange, "mcp",
                                                    api=op.name if op else None),)
@@ -181,6 +188,8 @@ class McpRoutes:
                                 agent=who.agent, endpoint="tools/call", claims=who.claims)
             decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
                                                      ApiRoutes._alive(request))
+        if flows is not None:  # before anything is forwarded
+            decisions = await flows.after(calls, decisions, flow)
         return decisions
 
     @staticmethod

@@ -79,6 +79,11 @@ class RedisStore:
         self._observe = self._redis.register_script(OBSERVE)
         self._first_seen = self._redis.register_script(FIRST_SEEN)
 
+    @property
+    def client(self) -> Any:
+        """The connection, shared with the session history (history.py)."""
+        return self._redis
+
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
