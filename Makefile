@@ -30,13 +30,16 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Services and programs the tests run for real (Debian packages): redis-server, which the tests start
-# and stop themselves, chromium for the approvals page, and iptables for transparent mode's
-# redirect script. This only installs what is missing.
+# and stop themselves, chromium for the approvals page, iptables for transparent mode's
+# redirect script, and rsyslog (with its GnuTLS driver) that the audit sink tests receive with.
+# This only installs what is missing.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing="$$missing iptables"; \
+	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
+	[ -e /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || [ -n "$$(find /usr/lib -name lmnsd_gtls.so 2>/dev/null)" ] || missing="$$missing rsyslog-gnutls"; \
 	[ -z "$$missing" ] || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -180,6 +180,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.action == "calls":
         return _audit_calls(args)
+    if args.merged:
+        from .audit.verify_cli import verify_merged
+
+        return verify_merged(args.files, public_keys=args.public_key or (),
+                             hmac_keys=args.hmac_key_file or (),
+                             require_signed_tail=args.require_signed_tail, partial=args.partial,
+                             as_json=args.json)
+    if args.public_key or args.hmac_key_file or args.require_signed_tail:
+        print("error: signed chain heads are checked per instance: add --merged",
+              file=sys.stderr)
+        return 2
     try:
         problems = verify_targets(args.files, from_genesis=not args.partial)
     except ValueError as e:
@@ -269,7 +280,21 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--partial", action="store_true",
                     help="the oldest file may start mid-chain (older files removed on purpose)")
     au.add_argument("--json", action="store_true",
-                    help="calls: one JSON object per call and line, every value in full")
+                    help="calls: one JSON object per call and line, every value in full; "
+                         "verify --merged: the report as one JSON object")
+    au.add_argument("--merged", action="store_true",
+                    help="verify: the files are a central copy (several instances, any order, "
+                         "duplicates, NDJSON or RFC 5424 lines; - is stdin): report per instance "
+                         "(docs/audit-verify.md)")
+    au.add_argument("--public-key", action="append", metavar="PEM",
+                    help="verify --merged: an Ed25519 public key that signs chain heads "
+                         "(repeatable)")
+    au.add_argument("--hmac-key-file", action="append", metavar="FILE",
+                    help="verify --merged: an HMAC-SHA256 secret that signs chain heads "
+                         "(repeatable)")
+    au.add_argument("--require-signed-tail", action="store_true",
+                    help="verify --merged: records after an instance's last signed head are an "
+                         "error (default: a warning)")
     au.set_defaults(func=cmd_audit)
 
     ot = sub.add_parser("opa-test", help="run OPA test_* rules in .rego directories (no OPA binary)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals, parse_slack
 from .audit.settings import AuditSettings, parse_audit
+from .audit.shipping_settings import ShippingSettings, parse_shipping
 from .auth.settings import AuthSettings, load_warnings, parse_auth
 from .config_nodes import as_map, check_keys, err, port
 from .errors import ConfigError
@@ -72,6 +73,7 @@ class Config:
     upstream_timeout_s: float = 600.0
     audit_path: str | None = "audit.jsonl"
     audit: AuditSettings = field(default_factory=AuditSettings)
+    audit_shipping: ShippingSettings = field(default_factory=ShippingSettings)  # sinks, spool
     admin_token_env: str = "TETHER_ADMIN_TOKEN"
     trust_identity_headers: bool = True
     budgets: Budgets = field(default_factory=Budgets)
@@ -275,7 +277,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     check_keys(limits, {"max_body_bytes", "max_response_bytes", "max_arguments_bytes",
                         "upstream_timeout"}, "limits")
     audit = as_map(doc.get("audit"), doc, "audit")
-    check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact"}, "audit")
+    check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact",
+                       "instance", "sign", "sinks", "spool"}, "audit")
     admin = as_map(doc.get("admin"), doc, "admin")
     check_keys(admin, {"token_env"}, "admin")
     identity = as_map(doc.get("identity"), doc, "identity")
@@ -294,6 +297,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         audit_path = os.path.normpath(file.parent / audit_path) if not Path(audit_path).is_absolute() \
             else audit_path
     audit_settings = parse_audit(audit)
+    audit_shipping = parse_shipping(audit, file.parent)
     trust = identity.get("trust_headers", True)
     if not isinstance(trust, bool):
         raise err("must be true or false", identity, "trust_headers")
@@ -358,6 +362,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         upstream_timeout_s=float(timeout),
         audit_path=audit_path,
         audit=audit_settings,
+        audit_shipping=audit_shipping,
         admin_token_env=token_env,
         trust_identity_headers=trust,
         budgets=budgets,

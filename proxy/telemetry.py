@@ -156,6 +156,55 @@ class Metrics:
             "Audit records that could not be written (the call or event is denied)",
             registry=self.registry,
         )
+        # Shipping (audit/shipper.py); `sink` is a configured sink name, a bounded set.
+        self.audit_spooled = Counter(
+            "tether_audit_records_spooled",
+            "Audit records written to the local log, which is the spool the sinks ship from",
+            registry=self.registry,
+        )
+        self.audit_shipped = Counter(
+            "tether_audit_records_shipped",
+            "Audit records a sink acknowledged, by sink",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.audit_failed = Counter(
+            "tether_audit_records_failed",
+            "Audit records in batches a sink failed to deliver (each is retried), by sink",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.audit_spool_bytes = Gauge(
+            "tether_audit_spool_bytes",
+            "Bytes of the local audit files a sink has not acknowledged yet, by sink",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.audit_oldest_unshipped = Gauge(
+            "tether_audit_oldest_unshipped_seconds",
+            "Age of the oldest audit record a sink has read but not had acknowledged, by sink",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.audit_sink_up = Gauge(
+            "tether_audit_sink_up",
+            "1 when the sink's last delivery succeeded, 0 while it is failing, by sink",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.audit_refused = Counter(
+            "tether_audit_refused",
+            "Audit records refused because shipping lags (the call is denied), by cause"
+            " (spool_full, sink_down)",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.audit_chain_heads = Counter(
+            "tether_audit_chain_heads",
+            "Signed chain heads written to the audit log, by result (written, failed)",
+            ["result"],
+            registry=self.registry,
+        )
         self.shadow_matches = Counter(
             "tether_shadow_matches",
             "Tool calls a `mode: shadow` rule matched (recorded, not enforced), by rule",

@@ -97,7 +97,7 @@ def test_tampering_is_found_at_the_right_line(tmp_path: Path, capsys: pytest.Cap
 def test_rotation_keeps_the_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     write_log(path, 30, AuditSettings(max_bytes=600, fsync=Fsync.ALWAYS))
-    rotated = sorted(tmp_path.glob("audit.jsonl.*"))
+    rotated = sorted(tmp_path.glob("audit.jsonl.*"), key=lambda p: int(p.suffix[1:]))
     assert len(rotated) >= 3
     assert all(p.stat().st_size <= 600 for p in [path, *rotated])
     first_of_current = json.loads(lines(path)[0])

@@ -168,7 +168,7 @@ async def test_every_call_ends_in_the_log_and_the_cli_joins_it(make_stack: MakeS
     # The raw records: every decision has an id; allow and deny say their outcome at once,
     # a hold does not, and exactly one later `hold` record ends each held call.
     records = stack.audit()
-    assert {r["v"] for r in records} == {3}
+    assert {r["v"] for r in records} == {4}  # 4: `instance` (verify_merged.py)
     decisions = [r for r in records if r["kind"] == "decision"]
     holds = ended(stack)
     held = [d for d in decisions if d["action"] == "hold"]

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from ..config_nodes import err
 from ..policy.source import YMap
+from .instance import parse_instance
 from .redact import Path, parse_paths
+from .signing import SignSettings, parse_sign
 
 
 class Fsync(enum.StrEnum):
@@ -23,6 +25,8 @@ class AuditSettings:
     fsync: Fsync = Fsync.INTERVAL
     fsync_interval_s: float = 1.0
     redact: tuple[Path, ...] = ()              # dotted paths inside tool arguments
+    instance: str | None = None                # the instance's name; None: env or host name
+    sign: SignSettings | None = None           # signed chain heads (signing.py); None: none
 
 
 def parse_audit(node: YMap) -> AuditSettings:
@@ -46,4 +50,5 @@ def parse_audit(node: YMap) -> AuditSettings:
                    node, "redact", "audit")
     return AuditSettings(max_bytes=count("max_bytes", AuditSettings().max_bytes),
                          keep=count("keep", None), fsync=fsync, fsync_interval_s=float(interval),
-                         redact=parse_paths(paths))
+                         redact=parse_paths(paths), instance=parse_instance(node),
+                         sign=parse_sign(node))

@@ -83,6 +83,8 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
             problems.append(e.message)
         if not audit.healthy:
             problems.append(audit.last_error or "the audit log cannot be written")
+        if audit.spool is not None and (refused := audit.spool.refusal()) is not None:
+            problems.append(refused[1])  # shipping lags: records (so calls) are refused
         return web.json_response({"status": "ready" if not problems else "not ready",
                                   "problems": problems,
                                   "policy_revision": config.policy.revision},

@@ -18,6 +18,8 @@ from ..approvals.holds import Holds
 from ..approvals.redis_queue import make_approvals
 from ..approvals.slack.notifier import SlackNotifier
 from ..audit import AuditLog
+from ..audit.heads import HeadTimer
+from ..audit.shipper import Shipper
 from ..auth.jwks_fetch import make_authenticator
 from ..config import Config
 from ..governor import Governor
@@ -56,15 +58,20 @@ class Tether:
     admin: web.Application
     opa: OpaClient | None = None  # shared with the forward proxy's Egress
     linked: LinkedCalls | None = None  # shared with the forward proxy's Egress
+    shipper: Shipper | None = None  # ships the audit log to `audit.sinks`
 
     async def close(self) -> None:
         """Requests waiting on this process end denied (nothing is approved by a stop); with
-        Redis, approvals themselves stay for other replicas and expire on their timeout."""
+        Redis, approvals themselves stay for other replicas and expire on their timeout.
+        The audit spool is drained last, after the log's final record, within
+        `audit.spool.drain_timeout` (what is left ships at the next start)."""
         await self.holds.stop()
         if self.opa is not None:
             await self.opa.close()
         await self.guard.store.close()
         self.governor.audit.close()
+        if self.shipper is not None:
+            await self.shipper.drain()
 
 
 def make_store(url: str) -> Store:
@@ -77,6 +84,9 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     """`tracer_provider`: where spans go; None takes `tracing.installed()` (None: no tracing)."""
     metrics = Metrics()
     audit = AuditLog(config.audit_path, config.audit, metrics)
+    shipper = (Shipper(config.audit_path, config.audit_shipping, metrics)
+               if config.audit_path and config.audit_shipping.sinks else None)
+    audit.spool = shipper  # the log refuses records while shipping lags too far
     spans = tracer_provider or tracing.installed()
     governor = Governor(PolicyEngine(config.policy), audit, metrics, tracing.tracer_of(spans))
     guard = SessionGuard(config.budgets, make_store(config.store_url), metrics, audit,
@@ -119,12 +129,26 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
             yield
 
     proxy.cleanup_ctx.append(client_ctx)
+    heads = HeadTimer(audit)  # periodic signed chain heads; the last one is audit.close()'s
+
+    async def heads_ctx(_app: web.Application) -> AsyncIterator[None]:
+        heads.start()
+        yield
+        await heads.stop()
+
+    proxy.cleanup_ctx.append(heads_ctx)
+    if shipper is not None:
+        async def ship(_app: web.Application) -> None:
+            shipper.start()  # stopped by Tether.close, after the log's last record is shipped
+
+        proxy.on_startup.append(ship)
 
     add_routes(proxy)
 
     admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
                         slack=slack.interactions.handle if slack is not None else None)
-    return Tether(config, governor, guard, holds, proxy, admin, opa=opa, linked=linked)
+    return Tether(config, governor, guard, holds, proxy, admin, opa=opa, linked=linked,
+                  shipper=shipper)
 
 
 async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:
