@@ -16,7 +16,7 @@ PYTHON312 ?= $(shell \
 	  done; \
 	fi)
 
-.PHONY: setup system-deps run demo test lint bench clean k8s-validate k8s-rules hadolint image image-test
+.PHONY: setup system-deps node-deps run demo test lint bench clean k8s-validate k8s-rules hadolint image image-test
 
 $(STAMP): pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then \
@@ -45,13 +45,21 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "error: the tests need$$missing (apt-get install$$missing)" >&2; exit 1; fi; }
 
+# The node clients the end-to-end tests drive (tests/node: the Vercel AI SDK), from the npm
+# registry at the versions its lock file pins; again only when the lock file changed.
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+	  [ tests/node/node_modules/.package-lock.json -nt tests/node/package-lock.json ] || \
+	    npm ci --prefix tests/node --no-audit --no-fund --loglevel=error; \
+	else echo "note: no node/npm here: the Vercel AI SDK tests (tests/test_e2e_ai_sdk.py) are skipped" >&2; fi
+
 run: $(STAMP)
 	$(BIN)/tether serve --config rules/tether.yaml
 
 demo: $(STAMP)
 	$(BIN)/tether demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps node-deps
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -162,8 +162,10 @@ def test_tools_the_agent_runs_but_tether_cannot_read_are_refused(kind: str) -> N
     (OpenAIProvider(), "POST", "v1/Responses", RouteKind.REFUSE, 404),
     (OpenAIProvider(), "POST", "responses", RouteKind.REFUSE, 404),
     (OpenAIProvider(), "POST", "v1/responses/resp_1/cancel", RouteKind.REFUSE, 501),
-    (OpenAIProvider(), "GET", "v1/responses/resp_1", RouteKind.REFUSE, 501),
-    (OpenAIProvider(), "GET", "v1/responses/resp_1/input_items", RouteKind.REFUSE, 501),
+    # Stored reads, shown as tether rewrote them (openai_stored.py).
+    (OpenAIProvider(), "GET", "v1/responses/resp_1", RouteKind.RETRIEVE, 404),
+    (OpenAIProvider(), "GET", "v1/responses/resp_1/input_items", RouteKind.RETRIEVE, 404),
+    (OpenAIProvider(), "DELETE", "v1/responses/resp_1", RouteKind.REFUSE, 501),
     (OpenAIProvider(), "POST", "v1/threads/t/runs", RouteKind.REFUSE, 501),
     (OpenAIProvider(), "POST", "v1/chat/completions", RouteKind.GOVERNED, 404),
     (AzureProvider(), "POST", "openai/responses", RouteKind.GOVERNED, 404),

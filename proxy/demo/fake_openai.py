@@ -17,7 +17,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,12 @@ class FakeOpenAI:
         # The Responses API, and Azure's spellings of it (fake_responses serves them).
         for path in ("/v1/responses", "/openai/v1/responses", "/openai/responses"):
             app.router.add_post(path, self._responses)
+        # Stored responses and conversations (fake_responses), read back as stored.
+        for route, what in (("/v1/responses/{id}", "get_response"),
+                            ("/v1/responses/{id}/input_items", "input_items"),
+                            ("/v1/conversations/{id}/items", "conversation_items")):
+            app.router.add_get(route, self._stored(what))
+        app.router.add_post("/v1/conversations", self._stored("create_conversation"))
         self.batch_api.add_routes(app)
         return app
 
@@ -187,6 +193,15 @@ class FakeOpenAI:
         from .fake_responses import serve  # it builds on this module's Reply and Call
 
         return await serve(self, request)
+
+    def _stored(self, what: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            from . import fake_responses  # it builds on this module's Reply and Call
+
+            handler: Callable[[FakeOpenAI, web.Request], Awaitable[web.StreamResponse]] = \
+                getattr(fake_responses, what)
+            return await handler(self, request)
+        return handle
 
     async def _azure(self, request: web.Request) -> web.StreamResponse:
         if "api-version" not in request.query:

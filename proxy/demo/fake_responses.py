@@ -264,3 +264,70 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(fake.delay_s)
     await resp.write_eof()
     return resp
+
+
+# --- stored responses and conversations --------------------------------------------------
+
+_conversation_ids = itertools.count(1)
+
+
+def _not_found(what: str) -> web.Response:
+    return web.json_response({"error": {"type": "invalid_request_error", "message": what,
+                                        "param": None, "code": None}}, status=404)
+
+
+def _public(response: Body) -> Body:
+    return {k: v for k, v in response.items() if not k.startswith("_")}
+
+
+async def get_response(fake: FakeOpenAI, request: web.Request) -> web.Response:
+    """`GET /v1/responses/{id}`: the response as stored (as the model made it)."""
+    fake.headers.append(dict(request.headers))
+    found = mcp_state(fake).stored.get(request.match_info["id"])
+    if found is None:
+        return _not_found(f"Response with id '{request.match_info['id']}' not found.")
+    return web.json_response(_public(found))
+
+
+def _listed(item: Body, default_id: str) -> Body:
+    """An item as the API lists it: an id, a type, a message's text as content parts."""
+    out = {"id": default_id, "type": "message", **item}
+    if out["type"] == "message" and isinstance(out.get("content"), str):
+        out["content"] = [{"type": "input_text", "text": out["content"]}]
+    return out
+
+
+def _page(items: list[Body]) -> Body:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": False}
+
+
+async def input_items(fake: FakeOpenAI, request: web.Request) -> web.Response:
+    """`GET /v1/responses/{id}/input_items`: the request's input, newest first."""
+    fake.headers.append(dict(request.headers))
+    found = mcp_state(fake).stored.get(request.match_info["id"])
+    if found is None:
+        return _not_found(f"Response with id '{request.match_info['id']}' not found.")
+    items = [_listed(item, f"in_{i}") for i, item in enumerate(found["_input"])]
+    return web.json_response(_page(list(reversed(items))))
+
+
+async def create_conversation(fake: FakeOpenAI, request: web.Request) -> web.Response:
+    """`POST /v1/conversations`: a new conversation, with the items given."""
+    body = await request.json() if request.can_read_body else {}
+    cid = f"conv_fake{next(_conversation_ids)}"
+    items = body.get("items") if isinstance(body, dict) else None
+    mcp_state(fake).conversations[cid] = [i for i in items or [] if isinstance(i, dict)]
+    return web.json_response({"id": cid, "object": "conversation",
+                              "created_at": int(time.time()), "metadata": {}})
+
+
+async def conversation_items(fake: FakeOpenAI, request: web.Request) -> web.Response:
+    """`GET /v1/conversations/{id}/items`: its items, oldest first (`order=asc`)."""
+    fake.headers.append(dict(request.headers))
+    items = mcp_state(fake).conversations.get(request.match_info["id"])
+    if items is None:
+        return _not_found(f"Conversation with id '{request.match_info['id']}' not found.")
+    numbered = [_listed(item, f"ci_{i}") for i, item in enumerate(items)]
+    return web.json_response(_page(numbered if request.query.get("order") == "asc"
+                                   else list(reversed(numbered))))

@@ -49,6 +49,13 @@ def _input(request: Body) -> list[Body]:
     return [i for i in given if isinstance(i, dict)] if isinstance(given, list) else []
 
 
+def conversation_id(request: Body) -> str | None:
+    conversation = request.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    return conversation if isinstance(conversation, str) else None
+
+
 def needs_approval(tool: Body, name: str) -> bool:
     rule = tool.get("require_approval", "always")
     if rule == "never":
@@ -70,6 +77,7 @@ class McpState:
     stored: dict[str, Body] = field(default_factory=dict)   # response id -> response
     stored_items: dict[str, Body] = field(default_factory=dict)  # every stored item, by id
     answered: set[str] = field(default_factory=set)
+    conversations: dict[str, list[Body]] = field(default_factory=dict)  # id -> its items
 
     def _server(self, request: Body, label: str) -> Body | None:
         for tool in request.get("tools") or []:
@@ -108,6 +116,9 @@ class McpState:
     def conversation(self, request: Body) -> list[Body]:
         """What the model reads: the stored chain of `previous_response_id` (each turn's
         input, then its output), then this request's input."""
+        conversation = conversation_id(request)
+        if conversation is not None:
+            return list(self.conversations.get(conversation, [])) + _input(request)
         items: list[Body] = []
         previous = request.get("previous_response_id")
         while isinstance(previous, str) and previous in self.stored:
@@ -121,6 +132,9 @@ class McpState:
         previous = request.get("previous_response_id")
         if isinstance(previous, str) and previous not in self.stored:
             return f"Previous response with id '{previous}' not found."
+        conversation = conversation_id(request)
+        if conversation is not None and conversation not in self.conversations:
+            return f"Conversation with id '{conversation}' not found."
         return responses_problem(self.conversation(request), self.stored_items)
 
     def answers(self, request: Body) -> tuple[list[Body], str | None]:
@@ -154,6 +168,10 @@ class McpState:
         return out, None
 
     def remember(self, response: Body, request: Body) -> None:
+        conversation = conversation_id(request)
+        if conversation is not None:  # the Conversations API keeps the turn's items
+            self.conversations.setdefault(conversation, []).extend(
+                [*_input(request), *response["output"]])
         if request.get("store", True) is not False:
             given = _input(request)
             self.stored[response["id"]] = {**response, "_input": given,

@@ -132,6 +132,7 @@ class RouteKind(enum.Enum):
     PASS = "pass"          # forwarded unchanged (models list, embeddings ...)
     REFUSE = "refuse"      # answered with an error, nothing forwarded
     BATCH = "batch"        # a batch API step: judged by `upstreams.NAME.batches`, then passed
+    RETRIEVE = "retrieve"  # a stored answer read back: shown as tether rewrote it, or refused
 
 
 class BatchStep(enum.Enum):

@@ -15,6 +15,7 @@ from .base import ErrorReply, Route, RouteKind
 from .batch_routes import openai_batches
 from .openai_chat import CHAT, error_reply
 from .openai_responses import RESPONSES
+from .openai_stored import stored_route
 
 CHAT_PATH = "v1/chat/completions"
 RESPONSES_PATH = "v1/responses"
@@ -34,6 +35,9 @@ class OpenAIProvider:
         batch = openai_batches(self.name, method, path, ("v1",))
         if batch is not None:
             return batch
+        stored = stored_route(method, path)  # read back as tether rewrote it (openai_stored)
+        if stored is not None:
+            return stored
         if segments[-1:] == ["responses"]:
             if method != "POST" or path != RESPONSES_PATH:
                 return Route(RouteKind.REFUSE, status=404, message=(

@@ -82,6 +82,11 @@ class ApprovingStream:
         self._agents = 0
         self._other_calls = False
 
+    @property
+    def inner(self) -> ResponsesStream:
+        """The filter of the current (at the end: the last) round."""
+        return self._inner
+
     # --- the StreamFilter protocol ------------------------------------------------------
 
     @property

@@ -77,6 +77,12 @@ class ResponsesStream:
         self._final = b""
         self._usage: Usage | None = None
         self._failed: str | None = None
+        # What the client was given in place of the upstream's answer, for the next
+        # turn (responses_history.py): the response id, the calls decided, and each
+        # denied call's id with the message that replaced it.
+        self.response_id: str | None = None
+        self.decided: list[str] = []  # call ids
+        self.replaced: list[tuple[str, JSONObject]] = []
 
     @property
     def usage(self) -> Usage | None:
@@ -113,6 +119,7 @@ class ResponsesStream:
         out = bytearray()
         refused: list[tuple[ToolCall, Decision]] = []
         for (held, call), decision in zip(self._waiting, decisions, strict=True):
+            self.decided.append(call.id)
             self._open.pop(held.index, None)
             self._closed.add(held.index)
             if self._ended:
@@ -187,6 +194,7 @@ class ResponsesStream:
             decision = Decision(Action.DENY, (MALFORMED,), call.problem or "the call is incomplete")
         item, events = held.replaced(denial_text(call, decision))
         self._released[held.index] = item
+        self.replaced.append((call.id, item))
         return b"".join(self._new(e) for e in events)
 
     # --- failure ------------------------------------------------------------------------
@@ -303,6 +311,8 @@ class ResponsesStream:
         response = obj.get("response")
         if not isinstance(response, dict):
             raise ProtocolError(f"{kind} event has no response object")
+        if isinstance(response.get("id"), str):
+            self.response_id = str(response["id"])
         output = response.get("output")
         changed = False
         if output is not None:

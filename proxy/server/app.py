@@ -29,6 +29,7 @@ from ..policy.engine import PolicyEngine
 from ..sessions.guard import SessionGuard
 from ..sessions.ledger import Ledger, MemoryLedger, RedisLedger
 from ..sessions.redis_store import RedisStore
+from ..sessions.rewrites import rewrites_for
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
 from .admin import build_admin
@@ -123,6 +124,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
                           auth=make_authenticator(config, client, metrics))
             ctx.opa = opa
             ctx.flows = make_flows(config, governor, guard.store)  # flow rules' history
+            ctx.rewrites = rewrites_for(guard.store)  # Responses answers tether rewrote
             ctx.linked = linked
             holder["ctx"] = ctx
             app[CONTEXT] = ctx

@@ -25,6 +25,7 @@ from ..providers.base import ParsedResponse, WireFormat
 from ..providers.openai_responses_approving import ApprovingStream
 from ..providers.openai_responses_stream import ResponsesStream
 from ..surrogates import json_text
+from . import responses_turns
 from .upstream import read_at_most
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
                         break
                 await answers.drive(stream, stream.close(), out, exchange, call)
                 if stream.rounds_ids is not None:
-                    answers.ctx.aliases.put(call.agent, *stream.rounds_ids)
+                    await responses_turns.alias(answers.ctx.rewrites, call.agent,
+                                                *stream.rounds_ids)
         except (aiohttp.ClientError, TimeoutError) as e:
             await out.write(stream.give_up(f"the upstream could not be reached to answer an "
                                            f"MCP approval request: {type(e).__name__}"))

@@ -19,8 +19,8 @@ from ..governor import Governor
 from ..linked_calls import LinkedCalls
 from ..opa.client import OpaClient
 from ..sessions.guard import SessionGuard
+from ..sessions.rewrites import MemoryRewrites, Rewrites
 from .flows import SessionFlows
-from .response_aliases import ResponseAliases
 
 
 @dataclass(slots=True)
@@ -32,6 +32,7 @@ class Context:
     client: aiohttp.ClientSession
     auth: Authenticator
     opa: OpaClient | None = None  # None: no `opa:` section
-    aliases: ResponseAliases = field(default_factory=ResponseAliases)
+    # What tether changed in Responses answers, and the ids continued streams stand for.
+    rewrites: Rewrites = field(default_factory=MemoryRewrites)
     flows: SessionFlows | None = None  # None: no rule reads the session history
     linked: LinkedCalls | None = None  # tools carried out by API operations (linked_calls.py)

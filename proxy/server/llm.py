@@ -36,8 +36,7 @@ from ..providers.base import (
     exchange_for,
 )
 from ..sessions.identity import session_of
-from ..sessions.results import result_ids
-from . import approvals_continue, provider_gate
+from . import approvals_continue, provider_gate, responses_turns, retrieval
 from .approvals_continue import Send
 from .batches import BatchGate
 from .context import Context
@@ -128,6 +127,12 @@ class LLMRoutes:
             raise
         if route.kind is RouteKind.PASS:
             return await self._pass_through(request, upstream, route, who)
+        if route.kind is RouteKind.RETRIEVE:  # a stored answer, as tether rewrote it
+            return await retrieval.retrieve(
+                self.ctx.client, self.ctx.rewrites, self._url(upstream, route, request, who),
+                forward_headers(request.headers, upstream, drop=who.drop_headers),
+                self._ssl(upstream), self.ctx.config.max_response_bytes, who.agent,
+                route.params)
         if route.kind is RouteKind.BATCH:
             return await BatchGate(self.ctx).handle(
                 request, provider, upstream, route, who, self._ssl(upstream),
@@ -163,13 +168,15 @@ class LLMRoutes:
             body = await read_body(request, self.ctx.config.max_body_bytes)
             refuse_lone_surrogates(body)
             refuse_non_utf8(body)
-            if fmt.name == "openai.responses":  # a stream tether continued: chain from its end
-                body = self.ctx.aliases.rewrite(call.agent, body)
-            if self.ctx.flows is not None:  # the session history's part (flows.py)
-                call.flow = FlowState(call.agent, call.session, call.rid, result_ids(body))
+            if fmt.name == "openai.responses":  # fit what tether changed earlier (rewrites)
+                body, call.turn = await responses_turns.before(self.ctx.rewrites, call.agent,
+                                                               body)
             parsed = fmt.parse_request(body, call.route)
             call.session = session_of(request.headers, parsed, call.agent,
                                       self.ctx.config.trust_identity_headers)
+            if self.ctx.flows is not None:  # the session history's part (flows.py)
+                call.flow = FlowState(call.agent, call.session, call.rid,
+                                      responses_turns.results(body, call.turn))
             body, parsed = self._restrict(fmt, body, parsed, call)
             body, parsed, call.agent_approves = provider_gate.apply(  # provider-run tools
                 self.ctx.governor, self.ctx.config.provider_tools, fmt, body, parsed, call.route,

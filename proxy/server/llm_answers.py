@@ -38,7 +38,7 @@ from ..providers.held import over_limit
 from ..providers.openai_responses_approving import ApprovingStream
 from ..providers.provider_ran import VIOLATION
 from ..sessions.guard import Admission
-from . import approvals_continue
+from . import approvals_continue, responses_turns
 from .approvals_continue import Send
 from .context import Context
 from .errors import reply
@@ -75,6 +75,8 @@ class Call:
     send: Send | None = None
     rounds: int = 0
     agent_approves: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # A Responses turn: what it continued, for recording its answer (responses_turns.py).
+    turn: responses_turns.Turn | None = None
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -98,6 +100,8 @@ class Answers:
                                  request_id=call.rid, session=exchange.session,
                                  agent=exchange.agent, endpoint=exchange.endpoint)
         self.ctx.governor.metrics.requests.labels(call.provider.name, str(resp.status)).inc()
+        if call.turn is not None and resp.status == 400:  # a call tether denied, unanswered?
+            body = responses_turns.explain_refusal(body)
         return web.Response(status=resp.status, body=body, headers=return_headers(resp.headers))
 
     def _judge_ran(self, ran: Sequence[ToolCall], exchange: Exchange, call: Call
@@ -205,6 +209,9 @@ class Answers:
             return reply(fmt.denied_error(parsed.calls, decisions), retry=False,
                          code="tool_call_denied")
         out = fmt.render_response(parsed, decisions)
+        if call.turn is not None:  # a Responses answer: what tether changed, for the next turn
+            await responses_turns.after_whole(self.ctx.rewrites, call.agent, call.turn, out,
+                                              parsed.calls, decisions)
         return web.Response(status=200, body=out, headers=return_headers(resp.headers))
 
     async def stream(self, request: web.Request, resp: aiohttp.ClientResponse, call: Call,
@@ -231,6 +238,9 @@ class Answers:
             await self.drive(stream, stream.close(), out, exchange, call)
             if isinstance(stream, ApprovingStream):  # tether answers MCP approvals upstream
                 await approvals_continue.rounds(self, stream, out, call, exchange)
+            if call.turn is not None:  # a Responses answer: recorded for the next turn
+                await responses_turns.after_stream(self.ctx.rewrites, call.agent, call.turn,
+                                                   stream)
         except ConnectionResetError:
             # The agent went away: stop reading upstream (which stops its generation),
             # charge what was used so far. Decided calls are already audited.
