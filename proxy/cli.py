@@ -63,6 +63,9 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
         + (f"transparent on {host}:{forward.transparent_port}, "
            if forward and forward.transparent_port is not None else "")
         + f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
+        # With a stdout sink, stdout is the audit stream and nothing else.
+        file=sys.stderr if any(s.type == "stdout" for s in cfg.audit_shipping.sinks)
+        else sys.stdout,
         flush=True,
     )
     stop = asyncio.Event()

@@ -48,10 +48,13 @@ BANNER = re.compile(r"proxy on http://[^:]+:(\d+) .*admin on http://[^:]+:(\d+)"
                     r"(?:.*HTTP_PROXY on http://[^:]+:(\d+))?")
 
 
-def read_banner(proc: subprocess.Popen[str], deadline: float = TIMEOUT) -> Ports:
-    """The ports `tether serve` printed on its first line (it prints nothing before)."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
+def read_banner(proc: subprocess.Popen[str], deadline: float = TIMEOUT,
+                stderr: bool = False) -> Ports:
+    """The ports `tether serve` printed on its first line (it prints nothing before), on
+    stdout, or on stderr when an audit sink is stdout."""
+    stream = proc.stderr if stderr else proc.stdout
+    assert stream is not None
+    line = stream.readline()
     match = BANNER.search(line)
     if not match:
         proc.kill()

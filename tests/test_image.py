@@ -15,12 +15,14 @@ Deselected from `make test` (`-m "not image"`); `make image-test` runs them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -249,14 +251,16 @@ def test_the_sidecar_serves_governs_and_stops_cleanly(pod: Pod) -> None:
     with ThreadedServer(fake.app()) as upstream:
         env = {"TETHER_ADMIN_TOKEN": "image-test-token",
                "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{upstream}",
-               "TETHER_UPSTREAM_ANTHROPIC": f"http://127.0.0.1:{upstream}"}
+               "TETHER_UPSTREAM_ANTHROPIC": f"http://127.0.0.1:{upstream}",
+               "POD_NAME": "agent-7d9f8-x2k4p"}   # the downward API's metadata.name
         name = pod.container()
         checked = buildah(*pod.run_args(tether, env), name, "--", "tether", "check",
                           "/etc/tether/tether.yaml", check=False)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         log = (pod.root / "tether.log").open("w")
+        shipped = (pod.root / "stdout.jsonl").open("w")   # what the node's log collector reads
         proc = subprocess.Popen(["buildah", *pod.run_args(tether, env), name, "--", "tether",
-                                 *args], stdout=log, stderr=subprocess.STDOUT)
+                                 *args], stdout=shipped, stderr=log)
         try:
             admin = f"http://127.0.0.1:{ports['admin']}"
             wait_ready(admin, deadline=60)
@@ -281,12 +285,23 @@ def test_the_sidecar_serves_governs_and_stops_cleanly(pod: Pod) -> None:
                 proc.kill()
                 proc.wait(10)
             log.close()
+            shipped.close()
         output = (pod.root / "tether.log").read_text()
         assert code == 0, output
         assert took < GRACE_S, took
     check_upstream_saw(fake, 2, key=UPSTREAM_KEY)
     audit = pod.binds["/var/lib/tether/audit"] / "audit.jsonl"
     assert audit_actions(audit) == ["allow", "deny", "allow", "deny"]
+    # The overlay's sink: the container's stdout is the spool's records, in order, nothing
+    # else, one chain named after the pod, and the central copy's check accepts it.
+    stdout = (pod.root / "stdout.jsonl").read_text(encoding="utf-8")
+    assert stdout == audit.read_text(encoding="utf-8"), stdout
+    assert {json.loads(line)["instance"].rsplit("-", 1)[0] for line in stdout.splitlines()} \
+        == {"agent-7d9f8-x2k4p"}, stdout
+    checked = subprocess.run([sys.executable, "-m", "proxy", "audit", "verify", "--merged", "-"],
+                             input=stdout, capture_output=True, text=True, check=False,
+                             cwd=ROOT, timeout=60)
+    assert checked.returncode == 0 and "1 instance(s)" in checked.stdout, checked
     # Debian's /var/tmp (1777) is all a read-only root would take away, and tether left it empty.
     assert writable <= {"/var/tmp"} and left == "", (writable, left)
 

@@ -308,6 +308,34 @@ def test_the_configmap_loads_and_its_paths_are_mounted(overlay: str, tmp_path: P
         assert store == "memory"
 
 
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_audit_ships_from_an_emptydir_spool_on_stdout(overlay: str, tmp_path: Path) -> None:
+    """Every overlay ships its decisions by default (stdout, for the node's log collector);
+    the emptyDir holds only the spool, sized for it; the chain is named after the pod; the
+    drain at SIGTERM fits the pod's grace period."""
+    docs = rendered(overlay)
+    pod, tether = tether_pod(docs)
+    cfg = load_config(docs, pod, tether, tmp_path)
+    assert [(s.name, s.type) for s in cfg.audit_shipping.sinks] == [("stdout", "stdout")]
+    assert cfg.audit_path is not None
+    audit_dir = unroot(str(Path(cfg.audit_path).parent), tmp_path)
+    volume = volumes(pod)[mounts(tether)[audit_dir]]
+    assert "emptyDir" in volume, volume
+    number, unit = re.fullmatch(r"(\d+)(\w+)", volume["emptyDir"]["sizeLimit"]).groups()  # type: ignore[union-attr]
+    size_limit = int(number) * QUANTITY[unit]
+    audit = cfg.audit
+    assert audit.max_bytes is not None and audit.keep is not None
+    # Unshipped bytes are bounded by the spool; shipped ones by rotation (keep + the live file).
+    assert cfg.audit_shipping.spool.max_bytes + (audit.keep + 1) * audit.max_bytes <= size_limit
+    grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+    assert cfg.audit_shipping.spool.drain_timeout_s <= grace / 2, grace
+    env = {e["name"]: e for e in tether["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
 def test_the_gateway_config_differs_from_the_base_only_in_the_store() -> None:
     base = yaml.safe_load((K8S / "base" / "config" / "tether.yaml").read_text())
     gateway = yaml.safe_load((K8S / "overlays" / "gateway" / "tether.yaml").read_text())

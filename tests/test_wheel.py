@@ -7,6 +7,7 @@ that does not start.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -188,14 +189,14 @@ def test_serve_governs_through_base_url_and_forward_proxy(install: Install) -> N
     fake = janitor_upstream()
     with ThreadedServer(fake.app()) as upstream:
         env = {**clean_env(), "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{upstream}",
-               "TETHER_ADMIN_TOKEN": "admin-token"}
+               "TETHER_ADMIN_TOKEN": "admin-token", "POD_NAME": "agent-7d9f8-x2k4p"}
         proc = subprocess.Popen(
             [install.tether, "serve", "--config", str(config), "--host", "127.0.0.1",
              "--port", "0", "--admin-port", "0", "--forward-port", "0"],
             cwd=install.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         try:
-            ports = read_banner(proc)
+            ports = read_banner(proc, stderr=True)  # stdout is the audit stream
             assert ports.forward is not None
             admin = f"http://127.0.0.1:{ports.admin}"
             wait_ready(admin)
@@ -206,8 +207,19 @@ def test_serve_governs_through_base_url_and_forward_proxy(install: Install) -> N
             check_admin(admin)
         finally:
             proc.terminate()
-            _, err = proc.communicate(timeout=30)
+            shipped, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
     check_upstream_saw(fake, 2, key="sk-openai-from-the-secret")
-    actions = audit_actions(install.workdir / "state" / "audit" / "audit.jsonl")
+    spool = install.workdir / "state" / "audit" / "audit.jsonl"
+    actions = audit_actions(spool)
     assert actions == ["allow", "deny", "allow", "deny"], actions
+    # The shipped default: every record of the spool on stdout, in order, nothing else, one
+    # chain named after the pod, which the central copy's check accepts.
+    assert shipped == spool.read_text(encoding="utf-8"), shipped
+    instances = {json.loads(line)["instance"] for line in shipped.splitlines()}
+    assert len(instances) == 1 and instances.pop().startswith("agent-7d9f8-x2k4p"), shipped
+    checked = subprocess.run([install.tether, "audit", "verify", "--merged", "-"],
+                             input=shipped, capture_output=True, text=True, cwd=install.workdir,
+                             env=clean_env(), timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "1 instance(s)" in checked.stdout, checked.stdout
