@@ -35,6 +35,7 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
     spans = tracing.from_env()
     tracing.install(spans)
     tether = build(cfg)
+    _open_files(cfg.connections.max_connections)
     runners = await start(tether, host=host, port=port, admin_port=admin_port)
     from .providers import PROVIDERS
 
@@ -53,7 +54,8 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                                                     cfg.lookups, opa=tether.opa,
                                                     linked=tether.linked),
                                       transparent_port=transparent_port,
-                                      auth=tether.proxy[CONTEXT].auth)
+                                      auth=tether.proxy[CONTEXT].auth,
+                                      limits=cfg.connections)
     prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
     print(
         f"tether: proxy on http://{host}:{proxy_port} "
@@ -72,14 +74,32 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if tether.reloader is not None:  # policy changes without a restart (docs/reload.md)
+        tether.reloader.forward = forward
+        tether.reloader.start_watching()
+        loop.add_signal_handler(signal.SIGHUP, tether.reloader.request, "SIGHUP")
     await stop.wait()
-    if forward is not None:
-        await forward.stop()
-    for runner in reversed(runners):
-        await runner.cleanup()
-    await tether.close()
+    # Stop accepting, answer held calls, drain, then close the audit log and ship it.
+    from .server.lifecycle import shutdown
+
+    await shutdown(tether, runners, forward)
     if spans is not None:
         spans.shutdown()  # flushes the last batch
+
+
+def _open_files(max_connections: int) -> None:
+    """Raise the soft open-files limit toward the hard one: each port may hold
+    `server.max_connections` clients, each proxied one an upstream socket as well."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 6 * max_connections + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (
+                want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    except (ImportError, ValueError, OSError) as e:
+        log.warning("could not raise the open-files limit: %s", e)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ def _run_cases(decider: OfflineDecider, case_file: CaseFile, verbose: bool,
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from .audit.chain import chain_files
-    from .replay import ReplayInputError, read_records, render_json, render_text, replay
+    from .replay import Reload, ReplayInputError, read_records, render_json, render_text, replay
 
     cfg = load_config(args.config)
     files: list[Path] = []
@@ -141,12 +141,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for target in map(Path, args.files):
             rotated = target.is_dir() or any(target.parent.glob(target.name + ".[0-9]*"))
             files += chain_files(target) if rotated else [target]
-        outcomes = replay(PolicyEngine(cfg.policy), read_records(files))
+        reloads: list[Reload] = []
+        outcomes = replay(PolicyEngine(cfg.policy), read_records(files), reloads)
     except (ReplayInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     render = render_json if args.json else render_text
-    print(render(outcomes, args.config, cfg.policy.revision))
+    print(render(outcomes, args.config, cfg.policy.revision, reloads))
     return 0
 
 

@@ -22,12 +22,12 @@ from .config_nodes import as_map, check_keys, err, port
 from .errors import ConfigError
 from .forward.lookup_settings import LookupSettings, parse_lookups
 from .forward.settings import ForwardSettings, parse_forward
-from .model import Action, Effect
+from .model import Action, Effect, OnDeny
 from .opa.settings import OpaSettings, parse_opa
 from .policy.apis_config import Apis, ToolLink, parse_apis
 from .policy.cloud import CloudCatalog
 from .policy.cloud_config import parse_cloud
-from .policy.engine import AgentScope, Policy
+from .policy.engine import DEFAULT_CONTINUATIONS, DEFAULT_ON_DENY, AgentScope, Policy
 from .policy.flows_config import load_flows
 from .policy.mcp import McpServers, parse_mcp
 from .policy.names import normalize
@@ -36,6 +36,8 @@ from .policy.rules import Rule, _glob, compile_rule
 from .policy.source import YMap, load_yaml
 from .policy.tool_apis import ToolApis, is_cloud_ref, parse_tool_apis
 from .providers.held import DEFAULT_MAX_ARGUMENTS
+from .server_settings import KEYS as SERVER_LIMIT_KEYS
+from .server_settings import ServerLimits, parse_server_limits
 from .sessions.budgets import Budgets, parse_budgets
 from .telemetry_settings import TelemetrySettings, parse_telemetry
 from .upstreams import Upstream as Upstream
@@ -71,6 +73,8 @@ class Config:
     # One tool call's arguments; in a stream, what is held back for the client at once.
     max_arguments_bytes: int = DEFAULT_MAX_ARGUMENTS
     upstream_timeout_s: float = 600.0
+    # Connection timeouts and limits, and the SIGTERM drain (`server:`, server_settings.py).
+    connections: ServerLimits = field(default_factory=ServerLimits)
     audit_path: str | None = "audit.jsonl"
     audit: AuditSettings = field(default_factory=AuditSettings)
     audit_shipping: ShippingSettings = field(default_factory=ShippingSettings)  # sinks, spool
@@ -94,6 +98,12 @@ class Config:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     source: str | None = None
     warnings: tuple[str, ...] = ()
+    # Every file the policy was read from, as named (not resolved: a kubelet `..data`
+    # swap changes what they point at); the reload watcher polls them (proxy/reload.py).
+    files: tuple[str, ...] = ()
+    # No rule and no written `defaults.action`: every call is allowed. A reload to such a
+    # config is refused (an emptied ConfigMap must not open the gate); check/serve warn.
+    open_gate: bool = False
 
 
 def _read(path: Path) -> str:
@@ -128,6 +138,7 @@ class _Builder:
         self.seen: set[Path] = set()
         self.tool_links: list[ToolLink] = []
         self.tool_api_specs: list[tuple[str, YMap]] = []  # `tools.X` with `api:` (tool_apis.py)
+        self.files: list[str] = []  # as named, for the reload watcher (Config.files)
 
     def add_rules(self, doc: YMap) -> None:
         items = doc.get("rules")
@@ -193,7 +204,9 @@ class _Builder:
                 self.agents[name] = AgentScope(tuple(_glob(g) for g in globs), tuple(globs),
                                                filter_tools)
 
-    def include(self, doc: YMap, base: Path) -> None:
+    def include(self, doc: YMap, base: Path, named: Path | None = None) -> None:
+        """`named`: `base` as the includer named it (symlinks unresolved), for Config.files."""
+        named = base if named is None else named
         items = doc.get("include", [])
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise err("include must be a list of file paths", doc, "include")
@@ -202,13 +215,14 @@ class _Builder:
             if path in self.seen:
                 raise err(f"{item} is included twice (or includes itself)", doc, "include")
             self.seen.add(path)
+            self.files.append(str(named / item))
             sub, text = _load_doc(path)
             self.texts.append(text)
             check_keys(sub, INCLUDE_KEYS | {"include"}, "an included file")
             self.add_tools(sub)
             self.add_agents(sub)
             self.add_rules(sub)
-            self.include(sub, path.parent)
+            self.include(sub, path.parent, (named / item).parent)
 
 
 def _policy_text(doc: YMap) -> str:
@@ -230,6 +244,22 @@ def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) ->
     return action
 
 
+def _on_deny(defaults: YMap) -> tuple[OnDeny, int]:
+    """`defaults.on_deny` (continue | rewrite | error; a rule's own `on_deny` wins) and
+    `defaults.max_continuations`, the bound on the answers tether asks the model for after
+    a denial, per answer the agent gets (0: never continue). docs/continuations.md."""
+    try:
+        on_deny = OnDeny(str(defaults.get("on_deny", DEFAULT_ON_DENY.value)))
+    except ValueError:
+        raise err("must be one of continue, rewrite, error", defaults, "on_deny",
+                  "defaults") from None
+    bound = defaults.get("max_continuations", DEFAULT_CONTINUATIONS)
+    if not isinstance(bound, int) or isinstance(bound, bool) or not 0 <= bound <= 10:
+        raise err("must be a whole number from 0 to 10", defaults, "max_continuations",
+                  "defaults")
+    return on_deny, bound
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     file = Path(path)
@@ -245,6 +275,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
                        f"{', '.join(sorted(TOP_KEYS | NOT_YET))})", doc, key)
 
     builder = _Builder()
+    builder.files.append(str(file))
     builder.seen.add(file.resolve())
     builder.texts.append(_policy_text(doc))
     builder.add_tools(doc)
@@ -254,7 +285,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
     defaults = as_map(doc.get("defaults"), doc, "defaults")
     check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error",
-                          "filter_tools"}, "defaults")
+                          "filter_tools", "on_deny", "max_continuations"}, "defaults")
     filter_tools = defaults.get("filter_tools", True)
     if not isinstance(filter_tools, bool):
         raise err("must be true or false", defaults, "filter_tools", "defaults")
@@ -270,9 +301,17 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
                         "when the session store is down")
     if on_error is Action.ALLOW:
         warnings.append(f"{doc.file}: defaults.on_error is allow: internal errors fail OPEN")
+    on_deny, max_continuations = _on_deny(defaults)
+    # Nothing that could refuse a call: no rule, no written default, no OPA, no tool scope.
+    open_gate = (not builder.rules and "action" not in defaults and "opa" not in doc
+                 and not builder.agents)
+    if open_gate:
+        warnings.append(f"{doc.file}: no rules and no defaults.action: every tool call is "
+                        "allowed (write `defaults: {action: allow}` if that is meant; a reload "
+                        "to such a config is refused)")
 
     server = as_map(doc.get("server"), doc, "server")
-    check_keys(server, {"host", "port", "admin_port"}, "server")
+    check_keys(server, {"host", "port", "admin_port", *SERVER_LIMIT_KEYS}, "server")
     limits = as_map(doc.get("limits"), doc, "limits")
     check_keys(limits, {"max_body_bytes", "max_response_bytes", "max_arguments_bytes",
                         "upstream_timeout"}, "limits")
@@ -323,7 +362,11 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
     # Tools linked to cloud operations (aws.ec2.DeleteVolume) are tool_apis.py's to check.
     api_names = tuple(doc["apis"]) if isinstance(doc.get("apis"), YMap) else ()
-    apis = parse_apis(doc, file.parent, env, _read,
+    def read_spec(spec: Path) -> str:
+        builder.files.append(str(spec))
+        return _read(spec)
+
+    apis = parse_apis(doc, file.parent, env, read_spec,
                       [t for t in builder.tool_links if not is_cloud_ref(t.ref, api_names)],
                       builder.rules)
     builder.texts.extend(apis.texts)
@@ -345,6 +388,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         effects=builder.effects,
         revision=revision,
         flows=load_flows(doc, builder.rules),
+        on_deny=on_deny,
+        max_continuations=max_continuations,
     )
     upstreams = parse_upstreams(doc, env, file.parent)
     forward = parse_forward(doc.get("forward"), doc, file.parent)
@@ -360,6 +405,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         max_response_bytes=positive_int(limits, "max_response_bytes", 64 * 1024 * 1024),
         max_arguments_bytes=positive_int(limits, "max_arguments_bytes", DEFAULT_MAX_ARGUMENTS),
         upstream_timeout_s=float(timeout),
+        connections=parse_server_limits(server),
         audit_path=audit_path,
         audit=audit_settings,
         audit_shipping=audit_shipping,
@@ -383,4 +429,6 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         telemetry=parse_telemetry(doc.get("telemetry"), doc),
         source=str(file),
         warnings=tuple(warnings),
+        files=tuple(dict.fromkeys(builder.files)),
+        open_gate=open_gate,
     )

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from opentelemetry.trace import Tracer, get_current_span
 
@@ -30,19 +31,40 @@ log = logging.getLogger("tether.governor")
 
 INTERNAL_ERROR = "tether:internal-error"
 AUDIT_ERROR = "tether:audit-unavailable"
+HELD_KEPT = 4096  # held calls remembered for re-judging after a reload (approvals.max_pending: 100)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a `hold` was decided on, so a reload can judge the same call again under the
+    new policy (server/reload.py): the verdicts from outside the rules (`extra`: OPA,
+    OpenAPI, loops) are carried as they were, not asked again."""
+
+    call: ToolCall
+    exchange: Exchange
+    api: str | None
+    effect: Effect | None
+    extra: tuple[RuleTrace, ...]
+    revision: str
 
 
 class Governor:
     def __init__(self, engine: PolicyEngine, audit: AuditLog, metrics: Metrics,
                  tracer: Tracer | None = None) -> None:
-        self.engine = engine
         self.tracer = tracer  # None: tracing is off, no span is made
         self.audit = audit
         self.metrics = metrics
+        self.held: OrderedDict[str, Held] = OrderedDict()  # by decision id, the newest last
+        self.use(engine)
+
+    def use(self, engine: PolicyEngine) -> None:
+        """Make `engine` the one every later decision reads (a reload swaps it whole; a
+        decision reads it once, so it is judged by one revision from start to end)."""
+        self.engine = engine
         # Tool labels: the `tools:` map and the exact (glob-free) names in rules and agent
         # scopes; a glob like `delete_*` names no tool, so its matches count as `other`.
         policy = engine.policy
-        labels = metrics.labels
+        labels = self.metrics.labels
         labels.tools |= set(policy.effects)
         labels.tools |= exact_names(p for r in policy.rules for p in (r.tools or ()))
         labels.tools |= exact_names(p for a in policy.agents.values() for p in a.tools)
@@ -70,13 +92,15 @@ class Governor:
                 extra: Sequence[RuleTrace], api: str | None, effect: Effect | None,
                 stage: str | None = None, linked: str | None = None) -> Decision:
         started = time.perf_counter()
+        engine = self.engine  # once: a reload in between must not mix two revisions
         policy_action: Action | None = None
         try:
-            decision = merge(self.engine.decide(call, exchange, api=api, effect=effect), extra)
+            decision = merge(engine.decide(call, exchange, api=api, effect=effect), extra)
             policy_action = decision.action
         except Exception as e:  # noqa: BLE001 - any failure here must fail closed
             log.exception("deciding a tool call failed")
-            decision = self._on_error(f"internal error while deciding: {type(e).__name__}")
+            decision = self._on_error(f"internal error while deciding: {type(e).__name__}",
+                                      engine)
         elapsed = time.perf_counter() - started
         span = get_current_span().get_span_context()
         decision = replace(decision, decision_id=uuid.uuid4().hex)
@@ -103,7 +127,7 @@ class Governor:
             "shadow_rules": list(decision.shadow),
             "message": decision.message,
             "effect": decision.effect.value,
-            "policy_revision": self.engine.revision,
+            "policy_revision": engine.revision,
             "latency_ms": round(elapsed * 1000, 3),
             **({"stage": stage} if stage else {}),
             **({"linked_decision": linked} if linked else {}),
@@ -122,10 +146,15 @@ class Governor:
                                           decision.action.value, rule).inc()
         for rule in decision.shadow:
             self.metrics.shadow_matches.labels(rule).inc()
+        if decision.action is Action.HOLD:
+            self.held[decision.decision_id] = Held(call, exchange, api, effect, tuple(extra),
+                                                   engine.revision)
+            while len(self.held) > HELD_KEPT:
+                self.held.popitem(last=False)
         return decision
 
-    def _on_error(self, reason: str) -> Decision:
-        if self.engine.policy.on_error is Action.ALLOW:
+    def _on_error(self, reason: str, engine: PolicyEngine) -> Decision:
+        if engine.policy.on_error is Action.ALLOW:
             self.metrics.fail_open.labels("decide").inc()
             return Decision(Action.ALLOW, (INTERNAL_ERROR,), reason)
         self.metrics.fail_closed.labels("decide").inc()

@@ -33,10 +33,14 @@ class Effect(enum.StrEnum):
 
 
 class OnDeny(enum.StrEnum):
-    """How a deny reaches the agent: the call rewritten into text, or an HTTP 403."""
+    """How a deny reaches the agent: the call rewritten into text, or an HTTP 403; or
+    (`continue`) rewritten, and when nothing else in the answer is left for the agent to
+    run, the denial sent back to the model as the call's result and its next answer
+    handed to the agent instead (docs/continuations.md)."""
 
     REWRITE = "rewrite"
     ERROR = "error"
+    CONTINUE = "continue"
 
 
 @dataclass(frozen=True, slots=True)

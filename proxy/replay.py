@@ -12,6 +12,10 @@ What a replay cannot know, it says:
   - verdicts from outside the rules (loop breakers, budgets, OpenAPI checks,
     lookups: `tether:` ids the engine does not produce) are not re-evaluated;
     they are carried over as recorded denies and named.
+A log may cross policy revisions (a reload writes a `kind: reload` record between the
+last decision of one revision and the first of the next): each call is set beside the
+verdict of the revision that made it (`policy_revision`), and the report names the
+revisions and the reloads it crossed.
 The effect is re-derived from the new config for LLM tool calls (the `tools:`
 table may have changed); for egress calls (`api` set) the recorded effect is
 kept, since it came from the API spec or cloud catalog, not the rules.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +38,17 @@ from .replay_flows import ReplayHistory
 from .surrogates import scrub
 
 ENGINE_IDS = frozenset({MALFORMED, UNDECLARED, SCOPE, DEFAULT})
+RELOAD_KIND = "reload"
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """A reload the log crossed: `where`, from `old` to `new` revision, rules changed."""
+
+    where: str
+    old: str
+    new: str
+    rules: Mapping[str, object]
 
 
 class ReplayInputError(TetherError):
@@ -52,6 +67,7 @@ class Outcome:
     new_shadow: tuple[str, ...]
     masked: tuple[str, ...]     # redacted argument paths: re-decided on the masked values
     carried: tuple[str, ...]    # verdicts from outside the rules, kept as recorded
+    old_revision: str | None = None  # the policy revision that made the recorded verdict
 
     @property
     def changed(self) -> bool:
@@ -63,7 +79,8 @@ class Outcome:
 
     def as_json(self) -> dict[str, object]:
         return {"where": self.where, "tool": self.tool, "agent": self.agent,
-                "old": {"action": self.old_action, "rules": list(self.old_rules)},
+                "old": {"action": self.old_action, "rules": list(self.old_rules),
+                        "revision": self.old_revision},
                 "new": {"action": self.new_action, "rules": list(self.new_rules),
                         "shadow_rules": list(self.new_shadow)},
                 "changed": self.changed, "masked": list(self.masked),
@@ -71,7 +88,8 @@ class Outcome:
 
 
 def read_records(files: Iterable[Path]) -> Iterator[tuple[str, Mapping[str, object]]]:
-    """Every decision record, with where it is; other kinds are skipped."""
+    """Every decision record (and the hold and reload records between them), with where
+    it is; other kinds are skipped."""
     for file in files:
         try:
             text = file.read_text(encoding="utf-8")
@@ -88,7 +106,7 @@ def read_records(files: Iterable[Path]) -> Iterator[tuple[str, Mapping[str, obje
                 raise ReplayInputError(f"{file}:{n}: not a JSON record: {e}") from e
             if not isinstance(record, dict):
                 raise ReplayInputError(f"{file}:{n}: not a JSON object")
-            if record.get("kind") in ("decision", HOLD_KIND):  # holds: how one ended
+            if record.get("kind") in ("decision", HOLD_KIND, RELOAD_KIND):
                 yield f"{file}:{n}", record
 
 
@@ -142,15 +160,24 @@ def redecide(engine: PolicyEngine, where: str, record: Mapping[str, object],
     masked = tuple(p for p in _strings(record.get("masked"))
                    if p == "arguments" or p.startswith("arguments."))
     return Outcome(where, tool, agent, old_action, old_rules, decision.action.value,
-                   decision.rules, decision.shadow, masked, carried)
+                   decision.rules, decision.shadow, masked, carried,
+                   _text(record.get("policy_revision")))
 
 
-def replay(engine: PolicyEngine, records: Iterable[tuple[str, Mapping[str, object]]]
-           ) -> list[Outcome]:
-    """Records in order; a `hold` record ends the held call in the sessions' history."""
+def replay(engine: PolicyEngine, records: Iterable[tuple[str, Mapping[str, object]]],
+           reloads: list[Reload] | None = None) -> list[Outcome]:
+    """Records in order; a `hold` record ends the held call in the sessions' history; a
+    reload that took effect is added to `reloads`."""
     history = ReplayHistory(engine.policy) if engine.policy.reads_history else None
     out: list[Outcome] = []
     for where, record in records:
+        if record.get("kind") == RELOAD_KIND:
+            rules = record.get("rules")
+            if reloads is not None and record.get("result") == "ok":
+                reloads.append(Reload(where, str(record.get("old_revision")),
+                                      str(record.get("revision")),
+                                      rules if isinstance(rules, dict) else {}))
+            continue
         if record.get("kind") == HOLD_KIND:
             if history is not None:
                 history.ended(record)
@@ -163,8 +190,21 @@ def _rules(rules: tuple[str, ...]) -> str:
     return f"[{', '.join(rules)}]" if rules else "[]"
 
 
-def render_text(outcomes: list[Outcome], config: str, revision: str) -> str:
+def _revisions(outcomes: list[Outcome]) -> dict[str, int]:
+    return dict(Counter(o.old_revision or "unknown" for o in outcomes))
+
+
+def render_text(outcomes: list[Outcome], config: str, revision: str,
+                reloads: Sequence[Reload] = ()) -> str:
     lines = [f"replayed {len(outcomes)} decision records under {config} (revision {revision})"]
+    recorded = _revisions(outcomes)
+    if len(recorded) > 1:
+        lines.append(f"recorded under {len(recorded)} revisions: "
+                     + ", ".join(f"{r} ({n})" for r, n in recorded.items()))
+    for r in reloads:
+        what = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in r.rules.items()
+                         if isinstance(v, list) and v)
+        lines.append(f"reload at {r.where}: {r.old} -> {r.new}" + (f" ({what})" if what else ""))
     for o in outcomes:
         notes = []
         if o.masked:
@@ -192,11 +232,15 @@ def render_text(outcomes: list[Outcome], config: str, revision: str) -> str:
     return scrub("\n".join(lines))  # a recorded name may hold a lone surrogate: printable
 
 
-def render_json(outcomes: list[Outcome], config: str, revision: str) -> str:
+def render_json(outcomes: list[Outcome], config: str, revision: str,
+                reloads: Sequence[Reload] = ()) -> str:
     changed = [o for o in outcomes if o.changed]
     return json.dumps({
         "config": config,
         "revision": revision,
+        "recorded_revisions": _revisions(outcomes),
+        "reloads": [{"where": r.where, "old_revision": r.old, "revision": r.new,
+                     "rules": dict(r.rules)} for r in reloads],
         "records": len(outcomes),
         "unchanged": len(outcomes) - len(changed),
         "changed": len(changed),

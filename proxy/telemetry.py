@@ -108,6 +108,13 @@ class Metrics:
             ["provider", "status"],
             registry=self.registry,
         )
+        self.continuations = Counter(
+            "tether_continuations",
+            "Upstream calls tether made to continue an answer whose calls it denied "
+            "(outcome: sent, bound, budget, failed, unsupported)",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
         self.provider_tool_violations = Counter(
             "tether_provider_tool_violations",
             "Answers reporting a provider-run tool call the policy does not allow",
@@ -233,6 +240,32 @@ class Metrics:
             "Time from a hold to its decision",
             registry=self.registry,
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+        )
+        self.holds_abandoned = Counter(
+            "tether_holds_abandoned",
+            "Held calls ended abandoned, by why: caller_gone (it disconnected), shutdown "
+            "(tether stopped), replica_gone (the replica waiting on it died), request_ended",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections_open = Gauge(
+            "tether_connections_open",
+            "Client connections open, by port (proxy, admin, forward)",
+            ["port"],
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "tether_connections_refused",
+            "Client connections refused at once because server.max_connections were open",
+            ["port"],
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "tether_connections_timed_out",
+            "Client connections tether closed, by timeout: header (server.header_timeout), "
+            "idle (server.idle_timeout), body (server.body_timeout)",
+            ["port", "timeout"],
+            registry=self.registry,
         )
         self.decision_seconds = Histogram(
             "tether_decision_seconds",

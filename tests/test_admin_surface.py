@@ -55,6 +55,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/approvals/{id}/{verb}"): "token",
     ("GET", "/v1/sessions/{id}"): "token", ("HEAD", "/v1/sessions/{id}"): "token",
     ("POST", "/v1/sessions/{id}/reset"): "token",
+    ("POST", "/v1/reload"): "token",  # docs/reload.md
 }
 
 

@@ -270,7 +270,8 @@ async def test_abandoned_when_the_agent_leaves_or_tether_stops(make_stack: MakeS
                                                                    approval["id"])
     status, late = await admin(stack, "POST", f"/v1/approvals/{approval['id']}/approve",
                                {"by": "late"})
-    assert status == 409 and late["approval"]["state"] == "denied"
+    assert status == 409 and late["approval"]["state"] == "abandoned"
+    assert "the caller is gone" in late["error"]["message"]
     # tether stops while a call waits: it ends denied, and the log says it was abandoned.
     stack.fake.push(Reply(calls=(resize("vol-2"),)))
     task = asyncio.create_task(stack.client().chat.completions.create(

@@ -45,7 +45,8 @@ def test_good_config_loads(tmp_path: Path) -> None:
     assert k8s.audiences == ("tether",) and k8s.jwks_url and k8s.token_file
     assert not any("not enforced" in w for w in cfg.warnings)
     # The default upstreams hold no key: the consumed credential leaves them keyless.
-    assert [w.split(": ", 1)[1] for w in cfg.warnings] == [
+    # (It has no rules: the open-gate warning of docs/reload.md is not this test's concern.)
+    assert [w.split(": ", 1)[1] for w in cfg.warnings if "no rules" not in w] == [
         "auth.mode is required, and upstreams anthropic, gemini, openai have neither "
         "api_key_env/api_key_file nor agent_credentials: pass: the agent's tether credential "
         "is consumed, so their requests go upstream with no API key"]

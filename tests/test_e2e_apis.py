@@ -328,7 +328,7 @@ async def test_agent_that_leaves_while_held_gets_nothing_run(
         if body["state"] != "pending":
             break
         await asyncio.sleep(0.02)
-    assert body["state"] == "denied" and "ended while it waited" in body["reason"]
+    assert body["state"] == "abandoned" and "disconnected while it waited" in body["reason"]
     status, _ = await admin(stack, "POST", f"/v1/approvals/{approval['id']}/approve",
                             {"by": "late"})
     assert status == 409

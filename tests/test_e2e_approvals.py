@@ -253,7 +253,7 @@ async def test_approval_api_needs_the_token(held: Stack) -> None:
             assert resp.status == 401
 
 
-async def test_a_disconnected_agent_denies_its_pending_approval(held: Stack) -> None:
+async def test_a_disconnected_agent_abandons_its_pending_approval(held: Stack) -> None:
     held.fake.push(Reply(content="x", calls=(HELD,)))
     body = {"model": "m", "messages": MESSAGES, "tools": TOOLS, "stream": True}
 
@@ -270,7 +270,7 @@ async def test_a_disconnected_agent_denies_its_pending_approval(held: Stack) -> 
         if current["state"] != "pending":
             break
         await asyncio.sleep(0.05)
-    assert current["state"] == "denied" and current["decided_by"] == "tether"
+    assert current["state"] == "abandoned" and current["decided_by"] == "tether"
 
 
 async def test_stopping_tether_denies_what_is_pending(held: Stack) -> None:
@@ -282,7 +282,8 @@ async def test_stopping_tether_denies_what_is_pending(held: Stack) -> None:
     r = await asyncio.wait_for(task, 10)
     assert r.choices[0].message.tool_calls is None
     records = [r for r in held.audit() if r["kind"] == "approval"]
-    assert records[-1]["event"] == "denied" and records[-1]["decided_by"] == "tether"
+    assert records[-1]["event"] == "abandoned" and records[-1]["decided_by"] == "tether"
+    assert "tether is restarting" in records[-1]["reason"]
 
 
 async def test_cli_lists_and_approves(held: Stack) -> None:

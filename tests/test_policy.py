@@ -247,10 +247,11 @@ def test_included_rule_errors_name_the_included_file(tmp_path: Path) -> None:
 
 
 def test_telemetry_section_is_checked(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("telemetry: {legacy_gen_ai_system: true}\n")
+    (tmp_path / "c.yaml").write_text("defaults: {action: allow}\n"
+                                     "telemetry: {legacy_gen_ai_system: true}\n")
     cfg = config_mod.load(tmp_path / "c.yaml", env={})
     assert cfg.telemetry.legacy_gen_ai_system and not cfg.warnings
-    (tmp_path / "c.yaml").write_text("telemetry: {}\n")
+    (tmp_path / "c.yaml").write_text("defaults: {action: allow}\ntelemetry: {}\n")
     cfg = config_mod.load(tmp_path / "c.yaml", env={})
     assert not cfg.telemetry.legacy_gen_ai_system and not cfg.warnings
     (tmp_path / "c.yaml").write_text("server: {}\ntelemetry:\n  legacy_gen_ai_system: yes!\n")

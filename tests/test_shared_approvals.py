@@ -273,7 +273,7 @@ async def test_stopping_a_replica_ends_only_its_own_waits(make_stack: MakeStack,
     assert calls == []
     mine = {x["session"]: x["id"] for x in listed if x["mode"] == "wait"}
     status, ended = await admin(b, "GET", f"/v1/approvals/{mine['sa']}")
-    assert ended["state"] == "denied" and ended["decided_by"] == "tether"
+    assert ended["state"] == "abandoned" and ended["decided_by"] == "tether"
     still = {x["id"] for x in await pending(b, 2)}
     assert mine["sb"] in still and len(still) == 2   # B's wait and the ticket live on
     await admin(b, "POST", f"/v1/approvals/{mine['sb']}/approve", {"by": "bob"})

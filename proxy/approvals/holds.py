@@ -32,15 +32,25 @@ from ..errors import StoreUnavailable
 from ..governor import AUDIT_ERROR
 from ..model import Action, Decision, Exchange, ToolCall
 from ..telemetry import Metrics
+from . import caller
+from .caller import CallerGone
 from .queue import Approval, Approvals, Mode, State, TooManyPending, binding_of
 from .settings import ApprovalSettings
 
 log = logging.getLogger("tether.approvals")
 
 KeepAlive = Callable[[str], Awaitable[None]]
+# A held call a person approved, judged again when the policy changed while it waited
+# (server/reload.py): the verdict to release instead of the approval's allow, or None.
+Rejudge = Callable[[Decision, Approval], Decision | None]
 LIMIT_RULE = "tether:approval-limit"
 STORE_RULE = "tether:approval-store"
 TETHER = "tether"   # `by` of what tether ended itself
+# Why a hold ended `abandoned`, as the agent and the approver read it.
+RESTARTING = ("tether is restarting, so the call was not executed; it was not approved "
+              "or denied by anyone")
+LEFT = "the caller disconnected while it waited, so the call was not executed"
+ENDED = "the caller's request ended while it waited, so the call was not executed"
 
 
 def _human(seconds: float) -> str:
@@ -59,23 +69,42 @@ class Holds:
         self.audit = audit
         self.metrics = metrics
         self.revision = revision
-        self._abandoned: set[str] = set()  # approvals this process ended as it stopped
+        self._why: dict[str, str] = {}  # approval id -> why this process abandons it (metric)
+        self._stopping = False
+        self.rejudge: Rejudge | None = None  # set when the config can be reloaded
         queue.on_created(self._created)
         queue.on_decided(self._decided)
 
+    async def start(self) -> None:
+        await self.queue.start()
+
     async def stop(self) -> None:
-        """tether is stopping: what ends with it (everything, in memory; what its own
-        requests wait on, in Redis) ends denied and audited, so a held call can never be
-        approved by a click that arrives after a restart."""
+        """tether is stopping (SIGTERM): what ends with it (everything, in memory; what
+        its own requests wait on, in Redis) ends `abandoned` and audited, and each
+        waiting request is answered at once with a denial saying tether is restarting;
+        a hold that starts from now on ends the same way. So a held call can never be
+        approved by a click that arrives after a restart. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
         try:
             for approval in await self.queue.orphans():
-                self._abandoned.add(approval.id)
-                await self.queue.decide(approval.id, approve=False, by=TETHER,
-                                        reason="tether stopped before anyone decided")
+                await self._abandon(approval, RESTARTING, "shutdown")
         except StoreUnavailable as e:
             log.error("approvals: could not end pending approvals at shutdown: %s", e.message)
+
+    async def close(self) -> None:
+        """After the last request: stop (if not yet) and let the store go."""
+        try:
+            await self.stop()
         finally:
             await self.queue.close()
+
+    async def _abandon(self, approval: Approval, reason: str, why: str) -> None:
+        self._why[approval.id] = why
+        _, changed = await self.queue.abandon(approval.id, reason=reason)
+        if not changed:
+            self._why.pop(approval.id, None)
 
     def _record(self, event: str, approval: Approval) -> None:
         try:
@@ -88,6 +117,8 @@ class Holds:
         self._record("created", approval)
 
     def _decided(self, approval: Approval) -> None:
+        if approval.state is State.ABANDONED:  # ended here; otherwise by a replica's sweep
+            self.metrics.holds_abandoned.labels(self._why.pop(approval.id, "replica_gone")).inc()
         self.metrics.approvals_pending.dec()
         self.metrics.approvals_decided.labels(approval.state.value).inc()
         self.metrics.approval_wait_seconds.observe((approval.decided_at or time.time())
@@ -102,6 +133,12 @@ class Holds:
         started = time.monotonic()
         for i, (call, decision) in enumerate(zip(calls, decisions, strict=True)):
             if decision.action is not Action.HOLD:
+                continue
+            if self._stopping:  # nobody will be here to release it
+                self.metrics.holds_abandoned.labels("shutdown").inc()
+                out[i] = self._end(call, exchange, decision, Decision(
+                    Action.DENY, decision.rules, RESTARTING, decision.on_deny, decision.effect),
+                    Outcome.ABANDONED, by=TETHER, reason=RESTARTING)
                 continue
             try:
                 if decision.ticket:
@@ -120,7 +157,7 @@ class Holds:
         try:
             finals = await self._wait([a for _, a in waiting], keepalive)
         except BaseException as e:
-            why = f"the agent's request ended while it waited ({type(e).__name__})"
+            why = LEFT if isinstance(e, CallerGone) else f"{ENDED} ({type(e).__name__})"
             for i, approval in waiting:
                 gone = Decision(Action.DENY, decisions[i].rules, why, decisions[i].on_deny,
                                 decisions[i].effect)
@@ -213,26 +250,41 @@ class Holds:
 
     async def _wait(self, approvals: list[Approval], keepalive: KeepAlive | None
                     ) -> list[Approval | StoreUnavailable]:
+        """Every `caller.PRESENCE_S` it looks whether the caller is still there (the
+        front end's `caller.watching`), every `keepalive` it sends a keep-alive."""
         tasks = [asyncio.ensure_future(self.queue.wait(a.id)) for a in approvals]
         names = ", ".join(a.id for a in approvals)
+        gone = caller.current()
+        loop = asyncio.get_running_loop()
+        next_keepalive = loop.time() + self.settings.keepalive_s
         try:
             while True:
-                done, pending = await asyncio.wait(tasks, timeout=self.settings.keepalive_s)
+                if self._stopping:  # opened as tether began to stop: it ends like the rest
+                    for a in approvals:
+                        await self._abandon(a, RESTARTING, "shutdown")
+                tick = min(caller.PRESENCE_S, max(0.0, next_keepalive - loop.time()))
+                done, pending = await asyncio.wait(tasks, timeout=tick)
+                if gone is not None and gone():
+                    # Even when just decided: a call whose caller is gone is not released
+                    # (nor an egress request sent); its hold ends abandoned.
+                    raise CallerGone(f"the caller of {names} disconnected")
                 if not pending:
                     break
-                if keepalive is not None:
+                if keepalive is not None and loop.time() >= next_keepalive:
+                    next_keepalive = loop.time() + self.settings.keepalive_s
                     await keepalive(f"tether: waiting for approval {names}")
-        except BaseException:
-            # The agent went away (or we are shutting down): nobody should approve a
-            # call whose request is gone.
+        except BaseException as e:
+            # The agent went away (or its request was cancelled): nobody may approve a
+            # call whose request is gone; a late click is told so.
             for task in tasks:
                 task.cancel()
+            left = isinstance(e, CallerGone | ConnectionResetError)
             try:
                 for a in approvals:
-                    await self.queue.decide(a.id, approve=False, by=TETHER,
-                                            reason="the agent's request ended while it waited")
-            except StoreUnavailable as e:
-                log.error("approvals: could not end %s: %s", names, e.message)
+                    await self._abandon(a, LEFT if left else ENDED,
+                                        "caller_gone" if left else "request_ended")
+            except StoreUnavailable as unavailable:
+                log.error("approvals: could not end %s: %s", names, unavailable.message)
             raise
         finals: list[Approval | StoreUnavailable] = []
         for task in tasks:
@@ -252,17 +304,21 @@ class Holds:
                              reason=final.reason, approval=final, waited_s=waited_s)
 
         if final.state is State.APPROVED:
+            again = self.rejudge(decision, final) if self.rejudge is not None else None
+            if again is not None and not again.allowed:
+                return end(again, Outcome.DENIED)
             return end(Decision(Action.ALLOW, decision.rules,
                                 f"approved by {final.decided_by} (approval {final.id})",
                                 decision.on_deny, decision.effect), Outcome.APPROVED)
         outcome = Outcome.DENIED
-        if final.state is State.EXPIRED:
+        if final.state is State.ABANDONED:
+            outcome = Outcome.ABANDONED
+            message = f"{final.reason or 'the caller is gone'} (approval {final.id})"
+        elif final.state is State.EXPIRED:
             outcome = Outcome.EXPIRED
             message = (f"no one approved it within "
                        f"{_human(final.expires - final.created)} (approval {final.id})")
         else:
-            if final.id in self._abandoned:
-                outcome = Outcome.ABANDONED
             reason = f": {final.reason}" if final.reason else ""
             message = f"denied by {final.decided_by} (approval {final.id}){reason}"
         why = f"{decision.message}; " if decision.message else "approval required; "

@@ -41,6 +41,11 @@ class State(enum.StrEnum):
     DENIED = "denied"
     EXPIRED = "expired"
     USED = "used"
+    ABANDONED = "abandoned"   # the caller left, tether stopped, or its replica died
+
+
+# What a late approve or deny is told about an abandoned approval.
+CALLER_GONE = "the caller is gone: nothing will run, and nothing can be approved"
 
 
 class Mode(enum.StrEnum):
@@ -69,6 +74,7 @@ class Approval:
     reason: str | None = None
     decided_at: float | None = None
     valid_until: float | None = None   # tickets: approved calls may be re-issued until then
+    waiter: str | None = None          # store: redis: the replica whose request waits on it
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -79,7 +85,7 @@ class Approval:
             "policy_revision": self.policy_revision, "approvers": list(self.approvers),
             "created": self.created, "expires": self.expires, "decided_by": self.decided_by,
             "reason": self.reason, "decided_at": self.decided_at,
-            "valid_until": self.valid_until,
+            "valid_until": self.valid_until, "waiter": self.waiter,
         }
 
 
@@ -139,6 +145,11 @@ class Approvals(Protocol):
         message edit can mention who clicked, whichever replica makes it."""
         ...
 
+    async def abandon(self, approval_id: str, *, reason: str) -> tuple[Approval | None, bool]:
+        """End a pending approval as `abandoned` (its caller is gone): (the approval,
+        whether this call ended it). Never approves; a decided one is left as it is."""
+        ...
+
     async def wait(self, approval_id: str) -> Approval:
         """Until decided or expired; an expired approval is final (a timeout is a deny)."""
         ...
@@ -154,6 +165,10 @@ class Approvals(Protocol):
 
     async def orphans(self) -> list[Approval]:
         """The pending approvals that end with this process (it is stopping)."""
+        ...
+
+    async def start(self) -> None:
+        """Background work the store needs while the process runs (Redis: the lease)."""
         ...
 
     async def set_message(self, approval_id: str, channel: str, ts: str) -> None: ...
@@ -231,15 +246,25 @@ class ApprovalQueue:
             return current, False
         decided = decided_as(current, approve=approve, by=by, reason=reason,
                              ticket_validity_s=ticket_validity_s, now=time.time())
-        self._items[approval_id] = decided
         if slack_user is not None:
             self._slack_users[approval_id] = slack_user
-        event = self._events.pop(approval_id, None)
+        return self._finish(decided), True
+
+    async def abandon(self, approval_id: str, *, reason: str) -> tuple[Approval | None, bool]:
+        self._expire()
+        current = self._items.get(approval_id)
+        if current is None or current.state is not State.PENDING:
+            return current, False
+        return self._finish(abandoned_as(current, reason, time.time())), True
+
+    def _finish(self, ended: Approval) -> Approval:
+        self._items[ended.id] = ended
+        event = self._events.pop(ended.id, None)
         if event is not None:
             event.set()
         for listener in self._decided:
-            listener(decided)
-        return decided, True
+            listener(ended)
+        return ended
 
     async def wait(self, approval_id: str) -> Approval:
         approval = self._items[approval_id]
@@ -268,6 +293,9 @@ class ApprovalQueue:
 
     async def orphans(self) -> list[Approval]:
         return self._pending()  # nothing outlives this process
+
+    async def start(self) -> None:
+        return None
 
     async def set_message(self, approval_id: str, channel: str, ts: str) -> None:
         if approval_id in self._items:
@@ -328,3 +356,8 @@ def decided_as(current: Approval, *, approve: bool, by: str, reason: str | None,
 
 def expired_as(current: Approval, now: float) -> Approval:
     return replace(current, state=State.EXPIRED, decided_at=now, decided_by="timeout")
+
+
+def abandoned_as(current: Approval, reason: str, now: float) -> Approval:
+    return replace(current, state=State.ABANDONED, decided_at=now, decided_by="tether",
+                   reason=reason)

@@ -9,6 +9,13 @@ Keys (the same `tether:` prefix as the budgets):
     tether:approvals:decided          zset: ended ids, scored by decision time (for `recent`)
     tether:approvals:binding:<sha256> set: ids bound to one exact call (tickets)
     tether:approvals:events           pub/sub channel: the id of each ended approval
+    tether:approvals:lease:<instance> string with a TTL: the replica is alive (its heartbeat)
+
+A `wait` approval names its `waiter`, the replica whose request waits on it. That
+replica renews its lease every third of `approvals.lease`; once the lease has
+lapsed (the replica was killed, or lost Redis for that long), any replica's sweep
+ends the approval `abandoned` (the `orphan` verb: only while the lease is missing,
+checked in the same script), so no one approves a call whose caller is gone.
 
 Nothing grows without bound: an approval's hash lives until its timeout plus
 `keep_decided_for` (24 h by default; an approved ticket also its validity),
@@ -29,6 +36,7 @@ PENDING = "tether:approvals:pending"
 DECIDED = "tether:approvals:decided"
 BINDING = "tether:approvals:binding:"
 CHANNEL = "tether:approvals:events"
+LEASE = "tether:approvals:lease:"
 
 CREATE = """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
@@ -49,14 +57,19 @@ if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
 return {0, 0}
 """
 
-# verb: approve | deny | expire. A pending approval past its expiry expires whatever
-# the verb; 'expire' on one not yet due changes nothing.
+# verb: approve | deny | expire | abandon | orphan. A pending approval past its expiry
+# expires whatever the verb; 'expire' on one not yet due changes nothing; 'orphan' is
+# 'abandon' only while the lease key KEYS[4] (its waiter's) does not exist.
 TRANSITION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, {}} end
 if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then
   return {1, redis.call('HGETALL', KEYS[1])}
 end
 local verb = ARGV[2]
+if verb == 'orphan' then
+  if redis.call('EXISTS', KEYS[4]) == 1 then return {1, redis.call('HGETALL', KEYS[1])} end
+  verb = 'abandon'
+end
 if tonumber(redis.call('HGET', KEYS[1], 'expires')) <= tonumber(ARGV[1]) then verb = 'expire'
 elseif verb == 'expire' then return {1, redis.call('HGETALL', KEYS[1])} end
 local ttl = tonumber(ARGV[8])
@@ -64,7 +77,7 @@ if verb == 'expire' then
   redis.call('HSET', KEYS[1], 'state', 'expired', 'decided_by', 'timeout', 'decided_at', ARGV[1])
 else
   local state = 'denied'
-  if verb == 'approve' then state = 'approved' end
+  if verb == 'approve' then state = 'approved' elseif verb == 'abandon' then state = 'abandoned' end
   redis.call('HSET', KEYS[1], 'state', state, 'decided_by', ARGV[3], 'decided_at', ARGV[1])
   if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
   if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'slack_user', ARGV[13]) end
@@ -123,7 +136,8 @@ def to_fields(a: Approval) -> dict[str, str]:
               "expires": repr(a.expires), "state": a.state.value,
               "owner": owner(a.agent, a.session)}
     for key, value in (("session", a.session), ("agent", a.agent),
-                       ("decided_by", a.decided_by), ("reason", a.reason)):
+                       ("decided_by", a.decided_by), ("reason", a.reason),
+                       ("waiter", a.waiter)):
         if value is not None:
             fields[key] = value
     for key, number in (("decided_at", a.decided_at), ("valid_until", a.valid_until)):
@@ -143,7 +157,7 @@ def from_fields(f: Mapping[str, str]) -> Approval:
         policy_revision=f["policy_revision"], approvers=tuple(json.loads(f["approvers"])),
         created=float(f["created"]), expires=float(f["expires"]), state=State(f["state"]),
         decided_by=f.get("decided_by"), reason=f.get("reason"), decided_at=number("decided_at"),
-        valid_until=number("valid_until"))
+        valid_until=number("valid_until"), waiter=f.get("waiter"))
 
 
 def pairs(flat: list[Any]) -> dict[str, str]:

@@ -9,6 +9,10 @@ while the subscription was down delays it by one poll, never past its timeout.
 
 Keys, fields and scripts: redis_layout.py.
 
+A waiting replica holds a lease (`approvals.lease`, renewed every third of it); when
+it dies, any replica's sweep ends what it waited on `abandoned` within about the
+lease plus a third, so nothing whose caller is gone stays approvable.
+
 Scripts touch keys they build from ids, so this needs a single Redis (or a
 Sentinel-managed primary), as the budgets do; not Redis Cluster. Expiry uses
 the replicas' clocks (keep them in NTP sync). Any Redis failure raises
@@ -21,8 +25,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -48,6 +56,7 @@ from .redis_layout import (
     CREATE,
     DECIDED,
     ITEM,
+    LEASE,
     PENDING,
     REDEEM,
     SET_MESSAGE,
@@ -70,8 +79,13 @@ class RedisApprovals:
     def __init__(self, url: str, *, max_pending: int = 100, max_pending_per_session: int = 5,
                  keep_decided: int = 500, keep_decided_for_s: float = 86400.0,
                  ticket_validity_s: float = 3600.0, poll_s: float = 1.0,
-                 timeout_s: float = 0.5) -> None:
+                 timeout_s: float = 0.5, lease_s: float = 15.0,
+                 instance: str | None = None) -> None:
         self.url = url
+        # Who waits: unique per process, readable (the pod name when it is set).
+        self.instance = instance or (f"{os.environ.get('POD_NAME') or socket.gethostname()}"
+                                     f"-{os.getpid()}-{secrets.token_hex(3)}")
+        self.lease_s = lease_s
         self.max_pending = max_pending
         self.max_pending_per_session = max_pending_per_session
         self.keep_decided = keep_decided
@@ -97,6 +111,7 @@ class RedisApprovals:
         self._watched: dict[str, asyncio.Event] = {}   # ids this process waits on
         self._outcomes: dict[str, Approval] = {}       # ... that this process ended
         self._listener: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
 
     def on_created(self, listener: Listener) -> None:
@@ -174,6 +189,9 @@ class RedisApprovals:
         await self.pending()  # ends what is overdue, so it neither counts nor lingers
         approval = new_approval(call, exchange, mode=mode, rules=rules, message=message,
                                 revision=revision, approvers=approvers, timeout_s=timeout_s)
+        if mode is Mode.WAIT:  # this replica's request waits on it: its lease covers it
+            await self.start()
+            approval = replace(approval, waiter=self.instance)
         ttl = math.ceil(timeout_s + self.ticket_validity_s + self.keep_decided_for_s)
         args: list[str | int] = [repr(time.time()), self.max_pending,
                                  self.max_pending_per_session,
@@ -195,15 +213,17 @@ class RedisApprovals:
 
     async def _end(self, approval_id: str, verb: str, *, now: float, by: str = "",
                    reason: str | None = None, ticket_validity_s: float = 0.0,
-                   slack_user: str | None = None) -> tuple[Approval | None, bool]:
-        """(the approval, whether this call ended it); the listeners run when it did."""
+                   slack_user: str | None = None, lease: str = ""
+                   ) -> tuple[Approval | None, bool]:
+        """(the approval, whether this call ended it); the listeners run when it did.
+        `lease`: the waiter's lease key, for the `orphan` verb."""
         args = [repr(now), verb, by, reason or "", "1" if reason is not None else "0",
                 repr(now + ticket_validity_s), self.keep_decided,
                 math.ceil(self.keep_decided_for_s), approval_id, CHANNEL,
                 math.ceil(ticket_validity_s), repr(now - self.keep_decided_for_s),
                 slack_user or ""]
-        code, flat = await self._call("decide", lambda: self._transition(
-            keys=[ITEM + approval_id, PENDING, DECIDED], args=args))
+        keys = [ITEM + approval_id, PENDING, DECIDED] + ([lease] if lease else [])
+        code, flat = await self._call("decide", lambda: self._transition(keys=keys, args=args))
         if int(code) == 0:
             return None, False
         approval = from_fields(pairs(flat))
@@ -225,6 +245,11 @@ class RedisApprovals:
                                           slack_user=slack_user)
         # Ended here, but by its expiry: that is not the decision asked for.
         return approval, ended and approval is not None and approval.state is not State.EXPIRED
+
+    async def abandon(self, approval_id: str, *, reason: str) -> tuple[Approval | None, bool]:
+        approval, ended = await self._end(approval_id, "abandon", now=time.time(), by="tether",
+                                          reason=reason)
+        return approval, ended and approval is not None and approval.state is State.ABANDONED
 
     async def redeem(self, binding: str) -> Approval | None:
         flat = await self._call("redeem", lambda: self._redeem(
@@ -294,6 +319,50 @@ class RedisApprovals:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await pubsub.aclose()
 
+    # -- the lease -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._heartbeat is None and not self._closed:
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._beat(), name="approvals-lease")
+            with contextlib.suppress(StoreUnavailable):
+                await self._renew()  # before the first wait is created, not a third later
+
+    async def _renew(self) -> None:
+        await self._call("lease", lambda: self._redis.set(
+            LEASE + self.instance, "1", px=max(1, int(self.lease_s * 1000))))
+
+    async def _beat(self) -> None:
+        """Renew this replica's lease, then end what dead replicas waited on."""
+        while not self._closed:
+            try:
+                await self._renew()
+                await self.sweep()
+            except StoreUnavailable as e:
+                log.warning("approvals: lease or sweep failed: %s", e.message)
+            except Exception:  # noqa: BLE001 - the lease must outlive one bad record
+                log.exception("approvals: the lease and sweep hit an error; going on")
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def sweep(self) -> list[Approval]:
+        """Pending `wait` approvals whose waiter's lease lapsed, ended `abandoned` here
+        (one script each: only while that lease is still missing)."""
+        ended = []
+        for approval in await self.pending():
+            if approval.waiter is None or approval.waiter == self.instance:
+                continue
+            lease = LEASE + approval.waiter
+            if await self._call("sweep", lambda k=lease: self._redis.exists(k)):  # type: ignore[misc]
+                continue
+            reason = (f"the replica waiting on it ({approval.waiter}) stopped renewing its "
+                      f"lease: it died, so its caller is gone")
+            done, changed = await self._end(approval.id, "orphan", now=time.time(), by="tether",
+                                            reason=reason, lease=lease)
+            if changed and done is not None and done.state is State.ABANDONED:
+                log.warning("approvals: %s abandoned: %s", done.id, reason)
+                ended.append(done)
+        return ended
+
     async def orphans(self) -> list[Approval]:
         """What this process waits on: its requests end with it. Tickets, and approvals
         other replicas wait on, stay for whoever decides them."""
@@ -320,10 +389,14 @@ class RedisApprovals:
 
     async def close(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # What this replica waited on has ended (Holds.stop): its lease can go at once.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self._redis.delete(LEASE + self.instance)
         await self._redis.aclose()
         await self._sub.aclose()
 
@@ -337,4 +410,5 @@ def make_approvals(store_url: str, settings: ApprovalSettings) -> Approvals:
                           max_pending_per_session=settings.max_pending_per_session,
                           keep_decided=settings.keep_decided,
                           keep_decided_for_s=settings.keep_decided_for_s,
-                          ticket_validity_s=settings.ticket_validity_s)
+                          ticket_validity_s=settings.ticket_validity_s,
+                          lease_s=settings.lease_s)

@@ -8,6 +8,8 @@
       keepalive: 15s               # SSE comment interval while a stream waits
       keep_decided: 500            # ended approvals listed by GET /v1/approvals (recent)
       keep_decided_for: 24h        # and how long they stay readable (store: redis)
+      lease: 15s                   # store: redis: a replica that has not renewed its lease
+                                   # this long is dead; what it waited on ends abandoned
     slack:
       channel: C0123456789
       approvers: [U0123ABCD]       # Slack user ids whose clicks count
@@ -35,6 +37,7 @@ class ApprovalSettings:
     keepalive_s: float = 15.0
     keep_decided: int = 500
     keep_decided_for_s: float = 86400.0
+    lease_s: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +68,19 @@ def parse_approvals(node: object, parent: YMap) -> ApprovalSettings:
                           key="approvals")
     where = "approvals"
     _keys(node, {"timeout", "ticket_validity", "max_pending", "max_pending_per_session",
-                 "keepalive", "keep_decided", "keep_decided_for"}, where)
+                 "keepalive", "keep_decided", "keep_decided_for", "lease"}, where)
 
     def duration(key: str, default: float) -> float:
         if key not in node:
             return default
         return parse_duration(node[key], lambda m: _err(m, node, key, where))
+
+    def lease() -> float:
+        value = duration("lease", 15)
+        if value < 1:
+            raise _err("must be at least 1s (the lease is renewed every third of it)", node,
+                       "lease", where)
+        return value
 
     def count(key: str, default: int) -> int:
         value = node.get(key, default)
@@ -81,7 +91,7 @@ def parse_approvals(node: object, parent: YMap) -> ApprovalSettings:
     return ApprovalSettings(duration("timeout", 600), duration("ticket_validity", 3600),
                             count("max_pending", 100), count("max_pending_per_session", 5),
                             duration("keepalive", 15), count("keep_decided", 500),
-                            duration("keep_decided_for", 86400))
+                            duration("keep_decided_for", 86400), lease())
 
 
 def parse_slack(node: object, parent: YMap, env: Mapping[str, str]) -> SlackSettings | None:

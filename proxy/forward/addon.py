@@ -50,6 +50,7 @@ import uuid
 from mitmproxy import connection, http, tcp, udp
 from mitmproxy.proxy import server_hooks
 
+from ..approvals import caller
 from ..auth.authenticator import Authenticator
 from ..auth.handoff import HEADER as HANDOFF_HEADER
 from ..auth.settings import AuthSettings, JwtIssuer
@@ -58,7 +59,7 @@ from ..errors import Unauthorized
 from ..governor import Governor
 from ..telemetry import Metrics
 from .identity import PROXY_AUTHORIZATION, ForwardIdentity, Found
-from .judge import ApiJudge
+from .judge import ApiJudge, client_gone
 from .lookups import TagLookup
 from .refusals import IDENTITY, PROVIDER, Refusals, kill
 from .resolve import Resolver, check_all, preferred, resolve, resolve_check
@@ -119,7 +120,11 @@ class ForwardAddon:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         try:
-            await self._request(flow)
+            # A hold on this request ends `abandoned` once its client has gone.
+            with caller.watching(lambda: client_gone(flow)):
+                await self._request(flow)
+        except ConnectionResetError:  # the client left while held: nothing goes upstream
+            kill(flow)
         except Exception:  # noqa: BLE001
             self.refusals.crash(flow, "request")
 

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import replace
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 
 from ..approvals.holds import KeepAlive
 from ..egress import (
@@ -144,11 +145,19 @@ def exact_pass_hosts(settings: ForwardSettings) -> frozenset[str]:
     return frozenset(h for h in settings.pass_hosts if "*" not in h)
 
 
+def client_gone(flow: http.HTTPFlow) -> bool:
+    """The client closed (or half-closed: mitmproxy keeps the task open to write, but an
+    HTTP client that sent FIN will not read an answer it no longer waits for)."""
+    client = flow.client_conn
+    return (client.timestamp_end is not None or flow.error is not None
+            or not (client.state & ConnectionState.CAN_READ))
+
+
 def _alive(flow: http.HTTPFlow) -> KeepAlive:
     """A held request whose client has gone must not run when approved."""
 
     async def check(_: str) -> None:
-        if flow.client_conn.timestamp_end is not None or flow.error is not None:
+        if client_gone(flow):
             raise ConnectionResetError("the client's connection closed")
 
     return check

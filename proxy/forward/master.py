@@ -32,9 +32,11 @@ with warnings.catch_warnings():
 from ..auth.authenticator import Authenticator
 from ..egress import Egress
 from ..governor import Governor
+from ..server_settings import ServerLimits
 from ..telemetry import Metrics
 from .addon import ForwardAddon
 from .ca import ensure_ca
+from .limits import ConnectionLimits
 from .resolve import Resolver
 from .settings import ForwardSettings
 from .targets import Targets
@@ -54,6 +56,10 @@ class ForwardProxy:
     host: str
     port: int                        # the HTTP_PROXY listener; 0 when only the transparent one runs
     transparent_port: int | None = None
+
+    async def stop_listening(self) -> None:
+        """Accept no new connection (SIGTERM); those open go on (server/lifecycle.py)."""
+        await self.server.servers.update([])
 
     async def stop(self) -> None:
         """Close the listener, then end the connections still open (a client that
@@ -76,7 +82,8 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
                         own_ports: Iterable[int], egress: Egress | None = None,
                         resolver: Resolver | None = None,
                         transparent_port: int | None = None,
-                        auth: Authenticator | None = None) -> ForwardProxy:
+                        auth: Authenticator | None = None,
+                        limits: ServerLimits | None = None) -> ForwardProxy:
     """Open the HTTP_PROXY listener on `host:port` (0: any free port; None: none) and,
     with `transparent_port`, the transparent listener on `host:transparent_port`
     (0 is allowed for one of the two only: mitmproxy refuses two servers on one address).
@@ -86,7 +93,9 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     `egress`: what tool and cloud API requests are judged by (none: only LLM and
     pass hosts); `resolver`: replaces the system's DNS (split-horizon, tests);
     `auth`: the reverse route's Authenticator (`auth:`), shared so that the identity
-    the forward proxy established reaches the reverse route (proxy/auth/handoff.py).
+    the forward proxy established reaches the reverse route (proxy/auth/handoff.py);
+    `limits`: `server:` timeouts and connection cap (forward/limits.py; default: the
+    defaults).
     One per process: mitmproxy keeps its master and options in a module global."""
     modes = ([] if port is None else [f"regular@{port}"]) + (
         [] if transparent_port is None else [f"transparent@{transparent_port}"])
@@ -100,10 +109,15 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     server = proxyserver.Proxyserver()  # type: ignore[no-untyped-call]
     egress = egress or Egress()
     targets = Targets(settings, (*own_ports, reverse[1]),
-                      named=lambda host: any(a.names(host) for a in egress.apis.apis.values()))
+                      # the addon's egress, read at use: a config reload replaces it
+                      named=lambda host: any(a.names(host)
+                                             for a in addon.egress.apis.apis.values()))
     addon = ForwardAddon(governor, metrics, targets, reverse, egress, resolver, auth)
+    limits = limits or ServerLimits()
     master.addons.add(core.Core(), server, next_layer.NextLayer(), tlsconfig.TlsConfig(),
-                      block.Block(), disable_h2c.DisableH2C(), addon)  # type: ignore[no-untyped-call]
+                      block.Block(), disable_h2c.DisableH2C(), addon,
+                      # Last: its 503 to a connection over the limit is the answer.
+                      ConnectionLimits(limits, metrics, server))  # type: ignore[no-untyped-call]
     opts.update(  # type: ignore[no-untyped-call]
         mode=modes,
         listen_host=host,
@@ -112,6 +126,7 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
         connection_strategy="lazy",
         ssl_verify_upstream_trusted_ca=settings.upstream_ca,
         ssl_insecure=False,
+        tcp_timeout=max(1, round(limits.idle_timeout_s)),  # mitmproxy's inactivity timeout
     )
     if not await server.setup_servers() or not server.listen_addrs():
         await master.done()

@@ -31,6 +31,11 @@ from .provider_tools import UNLISTED, is_provider_run
 from .provider_tools import effect_of as provider_effect
 from .rules import Rule, Subject
 
+DEFAULT_CONTINUATIONS = 3
+# `continue` is the intended default (docs/continuations.md, "The default"); this version
+# keeps `rewrite` until the suites that script a denied answer's next turn are updated.
+DEFAULT_ON_DENY = OnDeny.REWRITE
+
 READ_PREFIXES = ("get_", "list_", "describe_")
 
 MALFORMED = "tether:malformed-call"
@@ -65,6 +70,9 @@ class Policy:
     revision: str = ""
     filter_tools: bool = True  # defaults.filter_tools
     flows: Flows = field(default_factory=Flows)  # labels and the history's bounds
+    on_deny: OnDeny = DEFAULT_ON_DENY  # defaults.on_deny: a rule's that names none
+    # defaults.max_continuations: answers asked for after denials, per answer the agent gets
+    max_continuations: int = DEFAULT_CONTINUATIONS
 
     @property
     def reads_history(self) -> bool:
@@ -98,6 +106,17 @@ def merge(decision: Decision, extra: Sequence[RuleTrace]) -> Decision:
     return Decision(action, decision.rules + tuple(t.rule_id for t in matched),
                     "; ".join(m for m in messages if m), decision.on_deny, decision.effect,
                     decision.timeout_s, decision.trace + tuple(matched), shadow=decision.shadow)
+
+
+def on_deny_of(rules: Sequence[Rule], default: OnDeny) -> OnDeny:
+    """How a deny by these rules reaches the agent: the strictest any of them names
+    (error, then rewrite, then continue), else the config's default. A rule that says
+    `rewrite` keeps the denial from being sent back to the model."""
+    named = {r.on_deny for r in rules if r.on_deny is not None}
+    for mode in (OnDeny.ERROR, OnDeny.REWRITE, OnDeny.CONTINUE):
+        if mode in named:
+            return mode
+    return default
 
 
 class PolicyEngine:
@@ -180,13 +199,14 @@ class PolicyEngine:
             unlisted = RuleTrace(UNLISTED, True, f"no rule allows the provider-run tool "
                                  f"{call.name!r} (defaults.undeclared_tools is deny)",
                                  Action.DENY)
-            return Decision(Action.DENY, (UNLISTED,), unlisted.reason, effect=effect,
-                            trace=(*traces, unlisted), shadow=shadow)
+            return Decision(Action.DENY, (UNLISTED,), unlisted.reason, self.policy.on_deny,
+                            effect=effect, trace=(*traces, unlisted), shadow=shadow)
         if not matched:
             return Decision(
                 action=self.policy.default_action,
                 rules=(),
                 message=f"no rule matched; defaults.action is {self.policy.default_action}",
+                on_deny=self.policy.on_deny,
                 effect=effect,
                 trace=tuple(traces),
                 shadow=shadow,
@@ -202,11 +222,7 @@ class PolicyEngine:
             if text and text not in messages:
                 messages.append(text)
         winning_rules = [by_id[t.rule_id] for t in winners if t.rule_id in by_id]
-        on_deny = (
-            OnDeny.ERROR
-            if any(r.on_deny is OnDeny.ERROR for r in winning_rules)
-            else OnDeny.REWRITE
-        )
+        on_deny = on_deny_of(winning_rules, self.policy.on_deny)
         timeouts = [r.timeout_s for r in winning_rules if r.timeout_s is not None]
         # Several hold rules: the stricter "wait" wins over "ticket", and an approver
         # must be allowed by every rule that names approvers.

@@ -28,7 +28,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..model import Action, Effect, OnDeny, PastCall, RuleTrace, ToolCall
@@ -115,7 +115,8 @@ class Condition:
     path: tuple[str, ...]
     op: str
     operand: object
-    test: Callable[[list[object]], bool]
+    # Made from (path, op, operand), so not compared: two loads of one rule are equal.
+    test: Callable[[list[object]], bool] = field(compare=False)
 
     def check(self, args: Mapping[str, object]) -> tuple[bool, str]:
         values = list(resolve(args, self.path))
@@ -174,7 +175,7 @@ class Rule:
     action: Action
     description: str = ""
     message: str = ""
-    on_deny: OnDeny = OnDeny.REWRITE
+    on_deny: OnDeny | None = None       # None: the config's defaults.on_deny
     timeout_s: float | None = None
     approvers: tuple[str, ...] = ()
     ticket: bool = False
@@ -271,9 +272,9 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         raise where("message must be text", "message")
     description = raw.get("description", "")
     try:
-        on_deny = OnDeny(raw.get("on_deny", "rewrite"))
+        on_deny = OnDeny(raw["on_deny"]) if "on_deny" in raw else None
     except ValueError:
-        raise where("on_deny must be rewrite or error", "on_deny") from None
+        raise where("on_deny must be continue, rewrite or error", "on_deny") from None
     timeout = None
     if "timeout" in raw:
         timeout = parse_duration(raw["timeout"], lambda m: where(m, "timeout"))

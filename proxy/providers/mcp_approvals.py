@@ -70,13 +70,19 @@ def approval_calls(output: Iterable[object]) -> tuple[ToolCall, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """tether's answer to one approval request, sent upstream as an input item."""
+    """tether's answer to one approval request, sent upstream as an input item; or
+    (`output`) to a function call it denied with `on_deny: continue`: its output, the
+    denial text (providers/continuation.py)."""
 
     request_id: str
     approve: bool
     reason: str = ""
+    output: bool = False
 
     def item(self) -> JSONObject:
+        if self.output:
+            return {"type": "function_call_output", "call_id": self.request_id,
+                    "output": self.reason}
         item: JSONObject = {"type": "mcp_approval_response",
                             "approval_request_id": self.request_id, "approve": self.approve}
         if self.reason:
@@ -131,12 +137,14 @@ def hide(response: JSONObject, ids: frozenset[str]) -> JSONObject:
     return {**response, "output": kept}
 
 
-def follow_up(request: bytes, response: Mapping[str, object], answers: Sequence[Answer]) -> bytes:
+def follow_up(request: bytes, response: Mapping[str, object], answers: Sequence[Answer],
+              output: Sequence[object] | None = None) -> bytes:
     """The request that continues `response` with tether's answers: chained to it by
     `previous_response_id` when it is stored, within its `conversation` when it has one,
     and otherwise (`store: false`) carrying the whole turn again: the agent's input, the
-    answer's output items, the approval responses. Every other field is the agent's (its
-    tools, as narrowed; its instructions, which a chained request does not inherit)."""
+    answer's output items (`output`, where the response's own are not as the model made
+    them), the approval responses. Every other field is the agent's (its tools, as
+    narrowed; its instructions, which a chained request does not inherit)."""
     body = json.loads(request)
     items: list[object] = [a.item() for a in answers]
     if body.get("conversation") is not None:
@@ -148,8 +156,10 @@ def follow_up(request: bytes, response: Mapping[str, object], answers: Sequence[
         prior = body.get("input")
         turn: list[object] = ([{"type": "message", "role": "user", "content": prior}]
                               if isinstance(prior, str) else list(prior or []))
-        output = response.get("output")
-        body["input"] = turn + (list(output) if isinstance(output, list) else []) + items
+        if output is None:  # the answer's items as the model made them
+            made = response.get("output")
+            output = list(made) if isinstance(made, list) else []
+        body["input"] = turn + list(output) + items
     return json_text(body).encode("utf-8")
 
 

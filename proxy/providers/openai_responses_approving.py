@@ -32,9 +32,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ProtocolError, UpstreamError
-from ..model import Decision, ToolCall, Usage
+from ..model import Decision, OnDeny, ToolCall, Usage
 from ..surrogates import json_text
 from .base import Step, denial_text
+from .continuation import Denied
 from .mcp_approvals import APPROVAL, MAX_ROUNDS, Answer, agent_asked, approval_call, merge
 from .openai_responses import JSONObject, error_event, usage_of
 from .openai_responses_events import TERMINAL, output_index, read_event
@@ -48,6 +49,8 @@ _OPENING = frozenset({"response.created", "response.queued", "response.in_progre
 class FollowUp:
     response: JSONObject        # the round's response, as the upstream ended it
     answers: tuple[Answer, ...]
+    # Function calls denied with `on_deny: continue`, answered by outputs in `answers`.
+    denied: tuple[Denied, ...] = ()
 
 
 class ApprovingStream:
@@ -55,8 +58,15 @@ class ApprovingStream:
     `approve`, `follow` and `resume`."""
 
     def __init__(self, make: Callable[[], ResponsesStream],
-                 agent_approves: Mapping[str, frozenset[str]]) -> None:
+                 agent_approves: Mapping[str, frozenset[str]], max_continuations: int = 0
+                 ) -> None:
+        """`max_continuations`: rounds that answer denied function calls, at most
+        (defaults.max_continuations; 0: such calls end the answer as the rewrite)."""
         self._make = make
+        self._max_continuations = max_continuations
+        self._denial_rounds = 0
+        self.bounded = False                  # denied calls ended a round at the bound
+        self.denied: tuple[Denied, ...] = ()  # those calls, for the record
         self._inner = make()
         self._agent_approves = agent_approves
         self._decoder = SSEDecoder()
@@ -81,6 +91,13 @@ class ApprovingStream:
         self._answers: list[Answer] = []
         self._agents = 0
         self._other_calls = False
+        self._deciding: tuple[ToolCall, ...] = ()
+        self._denied: list[Denied] = []
+
+    @property
+    def denial_rounds(self) -> int:
+        """Continuations made to answer denied function calls."""
+        return self._denial_rounds
 
     @property
     def inner(self) -> ResponsesStream:
@@ -116,7 +133,17 @@ class ApprovingStream:
         return step
 
     def decide(self, decisions: Sequence[Decision]) -> Step:
-        self._other_calls = self._other_calls or any(d.allowed for d in decisions)
+        calls, self._deciding = self._deciding, ()
+        for call, decision in zip(calls, decisions, strict=False):
+            if decision.on_deny is OnDeny.CONTINUE and not decision.allowed and call.id \
+                    and self._max_continuations:
+                self._denied.append(Denied(call, decision))
+                self._answers.append(Answer(call.id, False, denial_text(call, decision),
+                                            output=True))
+            else:  # the agent's to run, or a denial that ends the answer as it is
+                self._other_calls = True
+        if len(calls) != len(decisions):
+            self._other_calls = True
         return self._absorb(self._inner.decide(decisions))
 
     def approve(self, decisions: Sequence[Decision]) -> Step:
@@ -141,6 +168,8 @@ class ApprovingStream:
     def resume(self) -> None:
         """The continuation's stream follows: fed from here on like the first."""
         self._units += self._inner.output_units
+        if self.follow is not None and self.follow.denied:
+            self._denial_rounds += 1
         self._inner = self._make()
         self._decoder = SSEDecoder()
         self._events.clear()
@@ -183,6 +212,7 @@ class ApprovingStream:
             self._events.popleft()
             out += self._out(event, obj)
         pending, self._pending = self._pending, ()
+        self._deciding += pending
         return Step(bytes(out), pending)
 
     def _take_approval(self, index: int | None) -> ToolCall | None:
@@ -239,9 +269,14 @@ class ApprovingStream:
         whole = merge(shown, {**response, "output": mine})
         if self._first_id is None and isinstance(response.get("id"), str):
             self._first_id = str(response["id"])
-        if (kind == "response.completed" and self._answers and not self._agents
-                and not self._other_calls and self._rounds < MAX_ROUNDS):
-            self.follow = FollowUp(response, tuple(self._answers))
+        within = self._denial_rounds < self._max_continuations if self._denied \
+            else self._rounds < MAX_ROUNDS
+        go_on = (kind == "response.completed" and self._answers and not self._agents
+                 and not self._other_calls)
+        if go_on and not within and self._denied:
+            self.bounded, self.denied = True, tuple(self._denied)
+        if go_on and within:
+            self.follow = FollowUp(response, tuple(self._answers), tuple(self._denied))
             self._shown = list(whole["output"]) if isinstance(whole["output"], list) else []
             self._usage_sum = whole.get("usage")
             return obj

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..approvals.holds import Holds
+from ..approvals.queue import CALLER_GONE, State
 from ..approvals.slack.interactions import INTERACTIONS_PATH
 from ..approvals.ui import OPEN_PATHS as UI_PATHS
 from ..approvals.ui import ui_routes
@@ -66,7 +67,9 @@ def token_middleware(token_env: str, *, slack: bool) -> Middleware:
 
 
 def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Holds,
-                ready: Callable[[], bool], slack: Handler | None = None) -> web.Application:
+                ready: Callable[[], bool], slack: Handler | None = None,
+                details: Callable[[], Mapping[str, object]] | None = None) -> web.Application:
+    """`details`: what /readyz adds (the running policy revision, the last reloads)."""
     app = web.Application(middlewares=[token_middleware(config.admin_token_env,
                                                         slack=slack is not None)])
     audit = guard.audit
@@ -76,7 +79,7 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        problems = [] if ready() else ["starting"]
+        problems = [] if ready() else ["starting or stopping"]
         try:
             await guard.store.ping()
         except StoreUnavailable as e:
@@ -87,7 +90,8 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
             problems.append(refused[1])  # shipping lags: records (so calls) are refused
         return web.json_response({"status": "ready" if not problems else "not ready",
                                   "problems": problems,
-                                  "policy_revision": config.policy.revision},
+                                  **(details() if details is not None else
+                                     {"policy_revision": config.policy.revision})},
                                  status=200 if not problems else 503)
 
     async def metrics_route(request: web.Request) -> web.Response:
@@ -156,8 +160,11 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
         if decided is None:  # gone between the read and the decision (its TTL ran out)
             return _problem(404, "no such approval")
         if not changed:
-            return web.json_response({"error": {"message": f"approval {decided.id} is already "
-                                                           f"{decided.state.value}"},
+            message = f"approval {decided.id} is already {decided.state.value}"
+            if decided.state is State.ABANDONED:  # the caller left, tether or its replica stopped
+                message = (f"approval {decided.id} was abandoned: {CALLER_GONE}"
+                           + (f" ({decided.reason})" if decided.reason else ""))
+            return web.json_response({"error": {"message": message, "code": decided.state.value},
                                       "approval": decided.as_json()}, status=409)
         return web.json_response(decided.as_json())
 

@@ -33,9 +33,12 @@ from ..sessions.rewrites import rewrites_for
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
 from .admin import build_admin
+from .connections import GuardedRunner, Port, guard_middleware
 from .context import Context
 from .errors import error_middleware
 from .flows import make_flows
+from .lifecycle import InFlight, UpstreamReads, caller_middleware
+from .reload import Reloader
 from .routes import CONTEXT, add_routes
 from .traced import client_trace_config, server_middleware
 
@@ -60,19 +63,41 @@ class Tether:
     opa: OpaClient | None = None  # shared with the forward proxy's Egress
     linked: LinkedCalls | None = None  # shared with the forward proxy's Egress
     shipper: Shipper | None = None  # ships the audit log to `audit.sinks`
+    reloader: Reloader | None = None  # swaps in a changed config (server/reload.py)
 
     async def close(self) -> None:
         """Requests waiting on this process end denied (nothing is approved by a stop); with
         Redis, approvals themselves stay for other replicas and expire on their timeout.
         The audit spool is drained last, after the log's final record, within
         `audit.spool.drain_timeout` (what is left ships at the next start)."""
-        await self.holds.stop()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        await self.holds.close()
         if self.opa is not None:
             await self.opa.close()
         await self.guard.store.close()
         self.governor.audit.close()
         if self.shipper is not None:
             await self.shipper.drain()
+
+
+    @property
+    def inflight(self) -> InFlight:
+        """The proxy port's requests in flight (server/lifecycle.py drains them)."""
+        return self.proxy[INFLIGHT]
+
+    async def cut_upstreams(self) -> None:
+        """Close every upstream connection under a request still running (the end of the
+        SIGTERM drain): each ends with an error in its provider's shape."""
+        cut = self.proxy[UPSTREAM_READS].cut()   # bodies being read: failed, so they end
+        log.info("shutdown: %d upstream answer(s) cut", cut)
+        ctx = self.proxy.get(CONTEXT)
+        if ctx is not None and ctx.client.connector is not None:
+            await ctx.client.connector.close()   # those still waiting for headers
+
+
+INFLIGHT = web.AppKey("tether.inflight", InFlight)
+UPSTREAM_READS = web.AppKey("tether.upstream_reads", UpstreamReads)
 
 
 def make_store(url: str) -> Store:
@@ -102,8 +127,18 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     holds = Holds(queue, settings, audit, metrics, config.policy.revision)
     # The server span is outermost, so it sees the status the error middleware renders.
     middlewares = [server_middleware(spans)] if spans is not None else []
-    proxy = web.Application(middlewares=[*middlewares, error_middleware],
+    inflight = InFlight()
+    # Innermost: a hold sees whether its caller is still there (server/lifecycle.py).
+    proxy = web.Application(middlewares=[*middlewares, error_middleware,
+                                         caller_middleware(inflight)],
                             client_max_size=config.max_body_bytes)
+    proxy[INFLIGHT] = inflight
+    proxy[UPSTREAM_READS] = UpstreamReads()
+
+    async def start_holds(_app: web.Application) -> None:
+        await holds.start()  # Redis: this replica's lease, and the sweep of dead ones'
+
+    proxy.on_startup.append(start_holds)
     slack: SlackNotifier | None = None
     if config.slack is not None:
         slack = notifier = SlackNotifier(config.slack, queue, audit=audit, metrics=metrics,
@@ -117,6 +152,7 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
                                         sock_read=config.upstream_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
         traces = [client_trace_config(spans)] if spans is not None else []
+        traces.append(app[UPSTREAM_READS].trace_config())  # what a stop cuts (lifecycle.py)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
                                          auto_decompress=True, trust_env=False,
                                          trace_configs=traces) as client:
@@ -147,17 +183,31 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
 
     add_routes(proxy)
 
-    admin = build_admin(config, metrics, guard, holds, lambda: "ctx" in holder,
-                        slack=slack.interactions.handle if slack is not None else None)
-    return Tether(config, governor, guard, holds, proxy, admin, opa=opa, linked=linked,
-                  shipper=shipper)
+    reloader = Reloader(config, metrics)
+    admin = build_admin(config, metrics, guard, holds,
+                        lambda: "ctx" in holder and not inflight.draining,
+                        slack=slack.interactions.handle if slack is not None else None,
+                        details=reloader.details)
+    admin.router.add_post("/v1/reload", reloader.handle)
+    tether = Tether(config, governor, guard, holds, proxy, admin, opa=opa, linked=linked,
+                    shipper=shipper, reloader=reloader)
+    reloader.attach(tether)
+    return tether
 
 
 async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:
-    """Start both apps; returns the runners (stop them with `runner.cleanup()`)."""
+    """Start both apps; returns the runners (stop them with `runner.cleanup()`, or
+    server/lifecycle.py's `shutdown`). Each port's connections are bounded by
+    `server:` (server/connections.py)."""
     runners: list[web.AppRunner] = []
-    for app, p in ((tether.proxy, port), (tether.admin, admin_port)):
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    limits = tether.config.connections
+    for app, p, name in ((tether.proxy, port, "proxy"), (tether.admin, admin_port, "admin")):
+        guarded = Port(name, limits, tether.governor.metrics)
+        app.middlewares.insert(0, guard_middleware(guarded))  # outermost: sees each start
+        # What is still running once a stop has answered the holds and drained (or cut)
+        # the rest is cancelled after `shutdown_timeout`.
+        runner = GuardedRunner(app, guarded, access_log=None, handle_signals=False,
+                               shutdown_timeout=2.0)
         await runner.setup()
         await web.TCPSite(runner, host, p).start()
         runners.append(runner)

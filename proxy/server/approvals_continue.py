@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ..errors import UpstreamError
-from ..model import Decision, Exchange, ToolCall
-from ..providers import mcp_approvals
+from ..model import Decision, Exchange, ToolCall, Usage
+from ..providers import mcp_approvals, openai_responses_continue
+from ..providers import responses_history as history
 from ..providers.base import ParsedResponse, WireFormat
 from ..providers.openai_responses_approving import ApprovingStream
 from ..providers.openai_responses_stream import ResponsesStream
+from ..sessions.rewrites import Rewrites
 from ..surrogates import json_text
-from . import responses_turns
+from . import continuation, responses_turns
 from .upstream import read_at_most
 
 if TYPE_CHECKING:
@@ -45,13 +47,15 @@ async def judge(answers: Answers, approvals: tuple[ToolCall, ...], exchange: Exc
     return await answers.decide_calls(approvals, asked, call, out, stage="approval")
 
 
-def approving(fmt: WireFormat, call: Call, max_arguments: int) -> ApprovingStream:
-    """The stream filter of a Responses request that declares MCP servers."""
+def approving(fmt: WireFormat, call: Call, max_arguments: int, max_continuations: int = 0
+              ) -> ApprovingStream:
+    """The stream filter of a Responses request that declares MCP servers, or whose
+    denied calls tether may continue (`max_continuations`, server/continuation.py)."""
     def make() -> ResponsesStream:
         inner = fmt.stream(call.route, max_arguments=max_arguments)
         assert isinstance(inner, ResponsesStream)
         return inner
-    return ApprovingStream(make, call.agent_approves)
+    return ApprovingStream(make, call.agent_approves, max_continuations)
 
 
 async def whole(answers: Answers, body: bytes, parsed: ParsedResponse, call: Call,
@@ -112,8 +116,23 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
     answer: each sent upstream (streamed, like the agent's), and fed through the same
     filter to the same client. One that fails ends the client's stream with an error."""
     while (follow := stream.follow) is not None and call.send is not None:
-        call.rounds += 1
-        request = mcp_approvals.follow_up(call.sent, follow.response, follow.answers)
+        output = openai_responses_continue.made(follow.response.get("output"), follow.denied) \
+            if follow.denied else None
+        request = mcp_approvals.follow_up(call.sent, follow.response, follow.answers, output)
+        if follow.denied:  # denied calls answered: admitted, charged and recorded as such
+            admission = await continuation.admit(
+                answers.ctx, call, exchange, request, call.parsed,
+                stream.denial_rounds + 1, follow.denied)
+            if admission is None:
+                await out.write(stream.give_up("a budget of this session is spent: tether "
+                                               "could not send the model its denied calls' "
+                                               "results"))
+                return
+            # Its tokens are in the stream's usage, which adds every round up.
+            await answers.ctx.guard.settle(admission, Usage(0, 0))
+            await record_round(answers.ctx.rewrites, call, stream)
+        else:
+            call.rounds += 1
         sent = time.perf_counter()
         try:
             resp = await call.send(request)
@@ -137,7 +156,22 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
                 if stream.rounds_ids is not None:
                     await responses_turns.alias(answers.ctx.rewrites, call.agent,
                                                 *stream.rounds_ids)
+                if stream.bounded:
+                    continuation.bound(answers.ctx, call, exchange, stream.denial_rounds,
+                                       stream.denied)
         except (aiohttp.ClientError, TimeoutError) as e:
             await out.write(stream.give_up(f"the upstream could not be reached to answer an "
                                            f"MCP approval request: {type(e).__name__}"))
             return
+
+
+async def record_round(rewrites: Rewrites, call: Call, stream: ApprovingStream) -> None:
+    """A round tether continues past: what it replaced is recorded under that round's id
+    (an `item_reference` to tether's message must resolve), and settled at once: its
+    denied calls are answered upstream by the continuation, not owed by the next turn."""
+    inner = stream.inner
+    if call.turn is None or not inner.replaced:
+        return
+    record = history.from_stream(inner.response_id, inner.decided, inner.replaced, call.agent,
+                                 call.turn.conversation)
+    await responses_turns.put_answered(rewrites, record)

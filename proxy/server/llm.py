@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import aiohttp
@@ -36,7 +37,7 @@ from ..providers.base import (
     exchange_for,
 )
 from ..sessions.identity import session_of
-from . import approvals_continue, provider_gate, responses_turns, retrieval
+from . import approvals_continue, continuation, provider_gate, responses_turns, retrieval
 from .approvals_continue import Send
 from .batches import BatchGate
 from .context import Context
@@ -195,11 +196,20 @@ class LLMRoutes:
         if parsed.stream and isinstance(fmt, ReportsUsage):
             body, stream = fmt.stream_with_usage(
                 body, parsed, max_arguments=self.ctx.config.max_arguments_bytes)
-        if parsed.stream and call.agent_approves and fmt.name == "openai.responses":
-            # MCP servers declared: approval requests may come, and tether answer them.
-            stream = approvals_continue.approving(fmt, call, self.ctx.config.max_arguments_bytes)
+        if parsed.stream and fmt.name == "openai.responses" and (
+                call.agent_approves or continuation.enabled(self.ctx)):
+            # MCP servers declared, or denials to continue: tether may answer upstream.
+            stream = approvals_continue.approving(
+                fmt, call, self.ctx.config.max_arguments_bytes,
+                self.ctx.governor.engine.policy.max_continuations
+                if continuation.enabled(self.ctx) else 0)
+        elif parsed.stream:  # the answer may go on after a denial (server/continuation.py)
+            stream = continuation.continuing(
+                self.ctx, fmt, stream or fmt.stream(
+                    call.route, max_arguments=self.ctx.config.max_arguments_bytes),
+                self._remake(fmt, body, parsed, call), body)
         url = self._url(call.upstream, call.route, request, call.who)
-        call.sent, call.send = body, self._sender(request, call, url)
+        call.sent, call.send, call.parsed = body, self._sender(request, call, url), parsed
         call.inference = tracing.start_inference(
             self.ctx.governor.tracer, exchange, fmt.name, server=(url.host, url.port),
             max_tokens=parsed.max_output_tokens,
@@ -243,6 +253,14 @@ class LLMRoutes:
             raise err from e
         finally:
             tracing.finish(call.inference)
+
+    def _remake(self, fmt: WireFormat, body: bytes, parsed: ParsedRequest, call: Call
+                ) -> Callable[[], StreamFilter]:
+        """A fresh stream filter like the first, for each continuation's stream."""
+        limit = self.ctx.config.max_arguments_bytes
+        if isinstance(fmt, ReportsUsage):
+            return lambda: fmt.stream_with_usage(body, parsed, max_arguments=limit)[1]
+        return lambda: fmt.stream(call.route, max_arguments=limit)
 
     def _sender(self, request: web.Request, call: Call, url: URL) -> Send:
         """Another request to the same upstream URL with the agent's headers (signed anew),

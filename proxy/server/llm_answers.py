@@ -33,12 +33,13 @@ from ..errors import UpstreamError
 from ..model import Action, Decision, Exchange, OnDeny, RuleTrace, ToolCall
 from ..policy.openapi_arguments import arguments_trace
 from ..providers import sse
-from ..providers.base import Provider, Route, Step, StreamFilter
+from ..providers.base import ErrorReply, ParsedRequest, Provider, Route, Step, StreamFilter
+from ..providers.continuation import ContinuingStream
 from ..providers.held import over_limit
 from ..providers.openai_responses_approving import ApprovingStream
 from ..providers.provider_ran import VIOLATION
 from ..sessions.guard import Admission
-from . import approvals_continue, responses_turns
+from . import approvals_continue, continuation, responses_turns
 from .approvals_continue import Send
 from .context import Context
 from .errors import reply
@@ -77,6 +78,8 @@ class Call:
     agent_approves: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # A Responses turn: what it continued, for recording its answer (responses_turns.py).
     turn: responses_turns.Turn | None = None
+    # The agent's request as parsed (a continuation is admitted by its max output tokens).
+    parsed: ParsedRequest | None = None
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -209,9 +212,15 @@ class Answers:
             return reply(fmt.denied_error(parsed.calls, decisions), retry=False,
                          code="tool_call_denied")
         out = fmt.render_response(parsed, decisions)
+        # Its calls all denied: the model reads why and goes on (server/continuation.py).
+        went_on = await continuation.whole(self, out, body, parsed.calls, decisions, call,
+                                           exchange, call.parsed)
+        if isinstance(went_on, ErrorReply):
+            return reply(went_on, retry=False, code="tool_call_denied")
+        out, last_out, last_calls, last_decisions = went_on
         if call.turn is not None:  # a Responses answer: what tether changed, for the next turn
-            await responses_turns.after_whole(self.ctx.rewrites, call.agent, call.turn, out,
-                                              parsed.calls, decisions)
+            await responses_turns.after_whole(self.ctx.rewrites, call.agent, call.turn,
+                                              last_out, last_calls, last_decisions)
         return web.Response(status=200, body=out, headers=return_headers(resp.headers))
 
     async def stream(self, request: web.Request, resp: aiohttp.ClientResponse, call: Call,
@@ -238,6 +247,8 @@ class Answers:
             await self.drive(stream, stream.close(), out, exchange, call)
             if isinstance(stream, ApprovingStream):  # tether answers MCP approvals upstream
                 await approvals_continue.rounds(self, stream, out, call, exchange)
+            elif isinstance(stream, ContinuingStream):  # its calls all denied: it goes on
+                await continuation.rounds(self, stream, out, call, exchange, call.parsed)
             if call.turn is not None:  # a Responses answer: recorded for the next turn
                 await responses_turns.after_stream(self.ctx.rewrites, call.agent, call.turn,
                                                    stream)

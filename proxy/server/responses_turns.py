@@ -131,6 +131,20 @@ async def _put(rewrites: Rewrites, record: history.Rewrite | None, turn: Turn) -
         log.exception("could not record what tether changed in a Responses answer")
 
 
+async def put_answered(rewrites: Rewrites, record: history.Rewrite | None) -> None:
+    """The record of a round tether continued past (server/continuation.py): kept, so a
+    reference to its replacement message resolves, and settled at once in its
+    conversation, since tether answered its denied calls upstream itself."""
+    if record is None:
+        return
+    try:
+        await rewrites.put(record)
+        if record.conversation is not None:
+            await rewrites.settle(record.conversation, (record.response_id,))
+    except StoreUnavailable:
+        log.exception("could not record a Responses round tether continued past")
+
+
 async def after_whole(rewrites: Rewrites, agent: str | None, turn: Turn, out: bytes,
                       calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> None:
     await _put(rewrites, history.from_whole(out, calls, decisions, agent, turn.conversation),

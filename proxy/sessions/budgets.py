@@ -20,6 +20,7 @@ Every block takes `mode: shadow` to count and report without enforcing.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
@@ -243,8 +244,15 @@ def shipped_prices() -> YMap:
     return doc
 
 
+@functools.cache
+def _shipped_table() -> PriceTable:
+    """The packaged price table, parsed once: it cannot change while tether runs, and a
+    config reload (proxy/reload.py) would otherwise spend most of its time on it."""
+    return _prices(shipped_prices(), YMap())
+
+
 def parse_budgets(node: YMap | None, agents: Mapping[str, object]) -> Budgets:
-    shipped = _prices(shipped_prices(), YMap())
+    shipped = _shipped_table()
     if node is None:
         return Budgets(prices=shipped)
     allowed = {"session", "agent", "global", "max_output_tokens", "session_ttl", "prices"}

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from ...errors import StoreUnavailable
-from ..queue import Approval, Approvals
+from ..queue import CALLER_GONE, Approval, Approvals, State
 from ..settings import SlackSettings
 from .messages import APPROVE, DENY, Json, escape, plain
 
@@ -187,6 +187,11 @@ class Interactions:
         if decided is None:  # gone from the store since it was read
             self.outcomes.labels("unknown").inc()
             return f"Approval {escape(click.approval_id)} is no longer known; nothing was changed."
+        if not changed and decided.state is State.ABANDONED:
+            self.outcomes.labels("repeated").inc()
+            return (f"Approval {decided.id} was abandoned: {CALLER_GONE}"
+                    f"{f' ({escape(decided.reason)})' if decided.reason else ''}. "
+                    f"Nothing was changed.")
         if not changed:
             self.outcomes.labels("repeated").inc()
             return (f"Approval {decided.id} is already {decided.state.value}"

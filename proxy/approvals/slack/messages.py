@@ -158,6 +158,10 @@ def decided_message(a: Approval, slack_user: str | None = None) -> Json:
     if a.state is State.EXPIRED:
         outcome = (f":hourglass: *Expired*: no one decided within "
                    f"{_duration(a.expires - a.created)}, so the call was denied")
+    elif a.state is State.ABANDONED:
+        outcome = (f":ghost: *Abandoned* at {_when(a.decided_at or time.time())}: the caller "
+                   f"is gone, so nothing will run and nothing can be approved"
+                   + (f" ({clip(a.reason, 500)[0]})" if a.reason else ""))
     else:
         verdict = (":white_check_mark: *Approved*" if a.state in (State.APPROVED, State.USED)
                    else ":no_entry: *Denied*")
