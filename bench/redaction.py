@@ -122,8 +122,7 @@ audit: {{path: "{audit}"}}
 
 async def serve_fake() -> None:
     """The fake upstream: `kind=<k>` in the last message picks 1 MB arguments of that kind."""
-    from aiohttp import web
-
+    from proxy.demo.fake_base import serve_until_stopped
     from proxy.demo.fake_openai import Body, Call, FakeOpenAI, Reply
 
     rnd = random.Random(11)
@@ -140,11 +139,7 @@ async def serve_fake() -> None:
         return Reply(calls=(calls[str(body["messages"][-1]["content"]).split("=")[1]],))
 
     fake.script = script
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    print(f"fake on {runner.addresses[0][1]}", flush=True)
-    await asyncio.Event().wait()
+    await serve_until_stopped(fake.app())
 
 
 async def poll(http: aiohttp.ClientSession, url: str, until: float) -> list[float]:

@@ -51,8 +51,7 @@ rules:
 # --- the fake upstream (runs in its own process: run.py --serve-fake)
 
 async def serve_fake(first_delay_s: float, delay_s: float) -> None:
-    from aiohttp import web
-
+    from proxy.demo.fake_base import serve_until_stopped
     from proxy.demo.fake_openai import Body, Call, FakeOpenAI, Reply
 
     fake = FakeOpenAI(first_delay_s=first_delay_s, delay_s=delay_s)
@@ -67,16 +66,7 @@ async def serve_fake(first_delay_s: float, delay_s: float) -> None:
         return Reply(content=TEXT if body.get("stream") else None, calls=(call,))
 
     fake.script = script
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    print(f"fake on {runner.addresses[0][1]}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_stopped(fake.app())
 
 
 # --- child processes

@@ -25,6 +25,10 @@ Case is never folded: upstream paths are case-sensitive, and each provider
 refuses (404) a case variant of an endpoint it governs rather than passing it.
 What passes is returned still percent-encoded, so the upstream receives exactly
 the bytes that were judged.
+
+The forward and transparent proxies (HTTP_PROXY mode) read whole cloud paths
+through the laxer `canonical_tail` instead: S3 keys and other cloud paths
+legitimately hold spaces and non-ASCII text.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ _NEVER_ESCAPED = {"\\": "a backslash", ";": "';'", "?": "'?'", "#": "'#'",
                   "%": "'%' (double encoding)"}
 _RAW_PROBLEMS = {"\\": "a backslash", ";": "';' parameters"}
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_ANY_ESCAPE = re.compile(r"%(.{0,2})")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _REFUSED_CATEGORIES = {
     "Cc": "a control character", "Cf": "an invisible format character",
@@ -152,3 +157,32 @@ def _code(ch: str) -> str:
 
 def _refused(reason: str) -> BadRequest:
     return BadRequest(f"the request path is ambiguous: {reason}; it was not forwarded")
+
+
+def canonical_tail(raw_tail: str) -> str:
+    """The forward and transparent proxies' laxer check of a whole request path.
+
+    Cloud paths (S3 keys ...) legitimately hold spaces and non-ASCII text, so only
+    what upstreams read two ways is refused: `%2F`, `..`, `;params`, doubled
+    slashes, backslashes, NUL and needless escapes (`complet%69ons`). The path is
+    returned still percent-encoded, so the upstream receives exactly the bytes that
+    were judged."""
+    if "\\" in raw_tail or "\x00" in raw_tail or ";" in raw_tail or "//" in raw_tail:
+        raise _ambiguous_tail()
+    for m in _ANY_ESCAPE.finditer(raw_tail):
+        code = m.group(1)
+        if len(code) != 2 or any(c not in string.hexdigits for c in code):
+            raise _ambiguous_tail()
+        char = chr(int(code, 16))
+        if char in _UNRESERVED and char != ".":
+            raise _ambiguous_tail()
+        if char in "/\\.\x00;":
+            raise _ambiguous_tail()
+    if any(seg in (".", "..") for seg in raw_tail.split("/")):
+        raise _ambiguous_tail()
+    return raw_tail
+
+
+def _ambiguous_tail() -> BadRequest:
+    return BadRequest("the request path is ambiguous (needless or reserved escapes, dot "
+                      "segments, doubled slashes, ';' or backslashes); it was not forwarded")

@@ -2,7 +2,7 @@
 authenticates there. TETHER_UPSTREAM_<NAME> overrides a URL (tests, air gaps).
 
 Keys are only *named* here (an environment variable, a file such as a mounted
-Kubernetes Secret); they are read per request by server/credentials.py, so a
+Kubernetes Secret); they are read per request by upstream_auth/keys.py, so a
 rotated key takes effect without a restart and no key ever sits in the config,
 its repr, or an error message.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .config_nodes import as_map, check_keys, err
+from .config_tables_run import UPSTREAM
 from .policy.source import YMap
 
 # Every provider's upstream, by name. Azure has no default: its URL names the
@@ -27,8 +28,7 @@ DEFAULT_UPSTREAMS = {
     "gemini": "https://generativelanguage.googleapis.com",
 }
 KNOWN_UPSTREAMS = {*DEFAULT_UPSTREAMS, "azure"}
-KEYS = {"url", "api_key_env", "api_key_file", "agent_credentials", "region", "ca_file",
-        "aws_credentials_file", "aws_profile", "batches"}
+KEYS = UPSTREAM.names  # documented in config_tables_run.py
 AGENT_CREDENTIALS = ("strip", "pass")
 
 

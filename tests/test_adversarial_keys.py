@@ -17,7 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.server.credentials import MAX_KEY_FILE, read_small_file
+from proxy.small_file import read_small_file
+from proxy.upstream_auth.keys import MAX_KEY_FILE
 from tests.conftest import MakeStack, Stack
 from tests.fakes import Reply
 
@@ -159,7 +160,7 @@ def test_aws_credentials_file_swapped_for_a_fifo_keeps_the_last_good(tmp_path: P
     skips non-regular files itself; tether also refuses them before botocore looks)."""
     import threading
 
-    from proxy.server.sigv4 import _CredentialsFile
+    from proxy.upstream_auth.sigv4 import _CredentialsFile
 
     creds = tmp_path / "aws"
     creds.write_text("[tether]\naws_access_key_id = AKIAFIRST\naws_secret_access_key = s1\n")

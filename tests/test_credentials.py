@@ -19,8 +19,8 @@ from proxy.demo.fake_anthropic import FakeAnthropic
 from proxy.demo.fake_bedrock import FakeBedrock
 from proxy.demo.fake_gemini import FakeGemini
 from proxy.errors import ConfigError
-from proxy.server.credentials import CredentialsUnavailable, KeyFile, usable
 from proxy.server.upstream import forward_headers, forward_query
+from proxy.upstream_auth.keys import CredentialsUnavailable, KeyFile, usable
 from proxy.upstreams import Upstream
 from tests.conftest import MakeStack, Stack
 from tests.fakes import Reply

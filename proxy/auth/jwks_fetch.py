@@ -17,7 +17,7 @@ import ssl
 import aiohttp
 
 from ..config import Config
-from ..server.credentials import read_small_file
+from ..small_file import read_small_file
 from ..telemetry import Metrics
 from .authenticator import Authenticator, JwksUnavailable
 from .settings import JwtIssuer, fetch_url_ok

@@ -17,23 +17,30 @@ kind: thinking, server tools and their results), or a `RawReply` (any bytes).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
 from .fake_anthropic_batches import FakeMessageBatches
+from .fake_base import (
+    SSE,
+    Body,
+    Call,
+    RawReply,
+    Reply,
+    ScriptedFake,
+    Turn,
+    pieces,
+    send_raw,
+    sse_event,
+    write_stream,
+)
 from .fake_flood import Flood, serve_messages
 from .fake_history import anthropic_problem as history_problem
-from .fake_openai import Call, RawReply, Reply, Turn
 from .fake_provider_tools import anthropic_problem
-
-type Body = dict[str, Any]
 
 __all__ = ["Call", "FakeAnthropic", "Message", "RawReply", "Reply", "ServerCall", "Thinking",
            "message", "stream_events"]
@@ -129,12 +136,8 @@ def message(turn: Reply | Message, model: str) -> bytes:
     return text.encode()
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), size)]
-
-
 def _sse(kind: str, body: Body) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+    return sse_event(kind, json.dumps(body, ensure_ascii=False))
 
 
 def stream_events(turn: Reply | Message, model: str, *, fragment: int = 3) -> list[bytes]:
@@ -161,17 +164,17 @@ def stream_events(turn: Reply | Message, model: str, *, fragment: int = 3) -> li
     for n, b in enumerate(msg.blocks):
         if isinstance(b, str):
             block({"type": "text", "text": ""},
-                  [{"type": "text_delta", "text": p} for p in _pieces(b, 4)])
+                  [{"type": "text_delta", "text": p} for p in pieces(b, 4)])
         elif isinstance(b, Thinking):
             block({"type": "thinking", "thinking": "", "signature": ""},
-                  [{"type": "thinking_delta", "thinking": p} for p in _pieces(b.text, 5)]
+                  [{"type": "thinking_delta", "thinking": p} for p in pieces(b.text, 5)]
                   + [{"type": "signature_delta", "signature": b.signature}])
         else:
             kind = "server_tool_use" if isinstance(b, ServerCall) else "tool_use"
-            pieces = [""] + _pieces(b.arguments, fragment)
+            deltas = [""] + pieces(b.arguments, fragment)
             block({"type": kind, "id": _tool_id(b, n), "name": b.name, "input": {}},
-                  [{"type": "input_json_delta", "partial_json": p} for p in pieces],
-                  pings_at=len(pieces) // 2)
+                  [{"type": "input_json_delta", "partial_json": p} for p in deltas],
+                  pings_at=len(deltas) // 2)
             if isinstance(b, ServerCall):
                 block(_results(b, n), [])
     out.append(_sse("message_delta", {
@@ -182,19 +185,12 @@ def stream_events(turn: Reply | Message, model: str, *, fragment: int = 3) -> li
 
 
 @dataclass
-class FakeAnthropic:
+class FakeAnthropic(ScriptedFake[AnthropicTurn]):
     """The fake server. Push turns with `push`, or give a `script`."""
 
-    script: Script | None = None
     fragment: int = 3
     delay_s: float = 0.0
-    turns: deque[AnthropicTurn] = field(default_factory=deque)
-    requests: list[Body] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
     batches: FakeMessageBatches = field(default_factory=FakeMessageBatches)
-
-    def push(self, *turns: AnthropicTurn) -> None:
-        self.turns.extend(turns)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -204,17 +200,9 @@ class FakeAnthropic:
         self.batches.add_routes(app)
         return app
 
-    def _next(self, body: Body) -> AnthropicTurn:
-        if self.turns:
-            return self.turns.popleft()
-        if self.script is not None:
-            return self.script(body)
-        return Reply(content="Nothing else to do.")
-
     async def _count_tokens(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.requests.append(body)
-        self.headers.append(dict(request.headers))
+        self._record(request, body)
         return web.json_response({"input_tokens": 7 * len(body.get("messages") or [])})
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -226,15 +214,14 @@ class FakeAnthropic:
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(body)
-        self.headers.append(dict(request.headers))
+        self._record(request, body)
         problem = anthropic_problem(body) or history_problem(body)
         if problem is not None:
             return web.json_response({"type": "error", "error": {
                 "type": "invalid_request_error", "message": problem}}, status=400)
         turn = self._next(body)
         if isinstance(turn, RawReply):
-            return await self._raw(request, turn)
+            return await send_raw(request, turn)
         if isinstance(turn, tuple):
             raise TypeError("the Messages API answers with one message, not several choices")
         model = str(body.get("model") or "claude-fake")
@@ -242,24 +229,5 @@ class FakeAnthropic:
             return await serve_messages(request, turn, model)
         if not body.get("stream"):
             return web.Response(body=message(turn, model), content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
-        for event in stream_events(turn, model, fragment=self.fragment):
-            await resp.write(event)
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-        await resp.write_eof()
-        return resp
-
-    async def _raw(self, request: web.Request, raw: RawReply) -> web.StreamResponse:
-        if not raw.cut:
-            return web.Response(status=raw.status, body=b"".join(raw.chunks),
-                                headers={"Content-Type": raw.content_type})
-        resp = web.StreamResponse(status=raw.status, headers={"Content-Type": raw.content_type})
-        await resp.prepare(request)
-        for piece in raw.chunks:
-            await resp.write(piece)
-        await asyncio.sleep(0.01)
-        assert request.transport is not None
-        request.transport.close()
-        return resp
+        return await write_stream(request, stream_events(turn, model, fragment=self.fragment),
+                                  SSE, delay_s=self.delay_s)

@@ -8,7 +8,7 @@ the one key pair the fake was given; the fake recomputes it with botocore from
 the bytes it received, so a test through tether proves tether signed the
 request itself, with its own credentials, over exactly what it forwarded.
 
-Answers reuse fake_openai's `Reply` / `Call` / `RawReply`: a Reply's
+Answers use fake_base's `Reply` / `Call` / `RawReply`: a Reply's
 `finish_reason`, when set, is sent verbatim as the `stopReason`. Tool inputs
 are written into the JSON body as the Call's argument text, byte for byte, so
 tests can send odd spacing or duplicate keys. Streams are written one frame
@@ -18,16 +18,13 @@ padding field the real service adds to every event.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import hmac
 import json
 import re
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -36,10 +33,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from ..providers.eventstream import encode, event
+from .fake_base import Body, Call, RawReply, Reply, ScriptedFake, pieces, send_raw, write_stream
 from .fake_history import bedrock_problem
-from .fake_openai import Call, RawReply, Reply
 
-type Body = dict[str, Any]
 type Turn = Reply | RawReply
 type Script = Callable[[Body], Turn]
 
@@ -78,10 +74,6 @@ def converse_body(reply: Reply, usage: tuple[int, int] = (24, 12)) -> bytes:
     return body.encode("utf-8")
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), size)]
-
-
 def stream_frames(reply: Reply, *, fragment: int = 3, usage: tuple[int, int] = (24, 12)
                   ) -> list[bytes]:
     """The frames of a streamed answer, one encoded message per element."""
@@ -95,14 +87,14 @@ def stream_frames(reply: Reply, *, fragment: int = 3, usage: tuple[int, int] = (
     emit("messageStart", {"role": "assistant"})
     index = 0
     if reply.content:
-        for piece in _pieces(reply.content, 4):
+        for piece in pieces(reply.content, 4):
             emit("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}})
         emit("contentBlockStop", {"contentBlockIndex": 0})
         index = 1
     for i, call in enumerate(reply.calls):
         emit("contentBlockStart", {"contentBlockIndex": index, "start": {
             "toolUse": {"toolUseId": tool_use_id(call, i), "name": call.name}}})
-        for piece in _pieces(call.arguments, fragment):
+        for piece in pieces(call.arguments, fragment):
             emit("contentBlockDelta", {"contentBlockIndex": index,
                                        "delta": {"toolUse": {"input": piece}}})
         emit("contentBlockStop", {"contentBlockIndex": index})
@@ -162,34 +154,20 @@ def error(status: int, kind: str, message: str) -> web.Response:
 
 
 @dataclass
-class FakeBedrock:
+class FakeBedrock(ScriptedFake[Turn]):
     """The fake server. Push turns onto `turns`, or give a `script`."""
 
     access_key: str = "AKIDTETHERFAKE"
     secret_key: str = "tether-fake-secret"
     region: str = "us-east-1"
-    script: Script | None = None
     fragment: int = 3
-    turns: deque[Turn] = field(default_factory=deque)
-    requests: list[Body] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
-
-    def push(self, *turns: Turn) -> None:
-        self.turns.extend(turns)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
-
-    def _next(self, body: Body) -> Turn:
-        if self.turns:
-            return self.turns.popleft()
-        if self.script is not None:
-            return self.script(body)
-        return Reply(content="Nothing else to do.")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -215,28 +193,10 @@ class FakeBedrock:
             return error(400, "ValidationException", problem)
         turn = self._next(parsed)
         if isinstance(turn, RawReply):
-            return await self._raw(request, turn)
+            return await send_raw(request, turn)
         rid = {"x-amzn-RequestId": str(uuid.uuid4())}
         if m.group(2) == "converse":
             return web.Response(body=converse_body(turn),
                                 headers={**rid, "Content-Type": "application/json"})
-        resp = web.StreamResponse(headers={
-            **rid, "Content-Type": "application/vnd.amazon.eventstream"})
-        await resp.prepare(request)
-        for frame in stream_frames(turn, fragment=self.fragment):
-            await resp.write(frame)
-        await resp.write_eof()
-        return resp
-
-    async def _raw(self, request: web.Request, raw: RawReply) -> web.StreamResponse:
-        headers = {"Content-Type": raw.content_type}
-        if not raw.cut:
-            return web.Response(status=raw.status, body=b"".join(raw.chunks), headers=headers)
-        resp = web.StreamResponse(status=raw.status, headers=headers)
-        await resp.prepare(request)
-        for piece in raw.chunks:
-            await resp.write(piece)
-        await asyncio.sleep(0.01)
-        assert request.transport is not None
-        request.transport.close()
-        return resp
+        return await write_stream(request, stream_frames(turn, fragment=self.fragment),
+                                  {**rid, "Content-Type": "application/vnd.amazon.eventstream"})

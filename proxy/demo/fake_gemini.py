@@ -18,22 +18,29 @@ last chunk (`finish_apart`: in a chunk of its own, as Gemini sometimes does).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
+from .fake_base import (
+    Body,
+    Call,
+    RawReply,
+    Reply,
+    ScriptedFake,
+    Turn,
+    replies,
+    send_raw,
+    write_stream,
+)
 from .fake_history import gemini_problem
-from .fake_openai import Call, RawReply, Reply, Turn, completion, stream_events
+from .fake_openai import completion, stream_events
 
 __all__ = ["Call", "FakeGemini", "RawReply", "Reply", "response", "stream_chunks"]
 
-type Body = dict[str, Any]
 type Script = Callable[[Body], Turn]
 
 SIGNATURE = "c2lnbmF0dXJlLW9mLXRoZS1maXJzdC1jYWxs"  # base64, as Gemini 3 sends them
@@ -69,10 +76,6 @@ def _usage(usage: tuple[int, int], final: bool) -> Body:
             "totalTokenCount": usage[0] + usage[1]}
 
 
-def _replies(turn: Reply | tuple[Reply, ...]) -> tuple[Reply, ...]:
-    return turn if isinstance(turn, tuple) else (turn,)
-
-
 def _finish(reply: Reply) -> str:
     return reply.finish_reason or "STOP"
 
@@ -82,7 +85,7 @@ def response(turn: Reply | tuple[Reply, ...], model: str, *, usage: tuple[int, i
     """A whole generateContent answer, pretty-printed as Gemini sends it."""
     raws: list[str] = []
     candidates = []
-    for ci, reply in enumerate(_replies(turn)):
+    for ci, reply in enumerate(replies(turn)):
         parts: list[Body] = [{"text": reply.content}] if reply.content else []
         parts += _call_parts(reply, raws, signatures)
         candidates.append({"content": {"parts": parts, "role": "model"},
@@ -98,9 +101,9 @@ def stream_chunks(turn: Reply | tuple[Reply, ...], model: str, *, sse: bool,
                   piece: int = 4) -> list[bytes]:
     """A streamed answer as the writes Gemini makes: SSE events, or array pieces."""
     rid = f"fake-{next(_ids)}"
-    replies = _replies(turn)
+    choices = replies(turn)
     elements: list[str] = []
-    for ci, reply in enumerate(replies):
+    for ci, reply in enumerate(choices):
         text = reply.content or ""
         groups: list[tuple[list[Body], list[str]]] = [
             ([{"text": text[i:i + piece]}], []) for i in range(0, len(text), piece)]
@@ -120,7 +123,7 @@ def stream_chunks(turn: Reply | tuple[Reply, ...], model: str, *, sse: bool,
                 cand["finishReason"] = _finish(reply)
             cand["index"] = ci
             body = {"candidates": [cand],
-                    "usageMetadata": _usage(usage, last and ci == len(replies) - 1),
+                    "usageMetadata": _usage(usage, last and ci == len(choices) - 1),
                     "modelVersion": model, "responseId": rid}
             elements.append(_dumps(body, group_raws, None if sse else 2))
     if sse:
@@ -139,20 +142,13 @@ def _error(status: int, message: str, kind: str) -> web.Response:
 
 
 @dataclass
-class FakeGemini:
+class FakeGemini(ScriptedFake[Turn]):
     """The fake server. Push turns onto `turns`, or give a `script`."""
 
-    script: Script | None = None
     signatures: bool = False
     split_calls: bool = False
     finish_apart: bool = False
-    turns: deque[Turn] = field(default_factory=deque)
-    requests: list[Body] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
-
-    def push(self, *turns: Turn) -> None:
-        self.turns.extend(turns)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -161,16 +157,8 @@ class FakeGemini:
         app.router.add_post("/{version}/openai/chat/completions", self._openai_chat)
         return app
 
-    def _next(self, body: Body) -> Turn:
-        if self.turns:
-            return self.turns.popleft()
-        if self.script is not None:
-            return self.script(body)
-        return Reply(content="Nothing else to do.")
-
     def _record(self, request: web.Request, body: Body) -> None:
-        self.requests.append(body)
-        self.headers.append(dict(request.headers))
+        super()._record(request, body)
         self.paths.append(request.raw_path)
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -195,7 +183,7 @@ class FakeGemini:
             return _error(400, problem, "INVALID_ARGUMENT")
         turn = self._next(body)
         if isinstance(turn, RawReply):
-            return await _raw(request, turn)
+            return await send_raw(request, turn)
         if method == "generateContent":
             return web.Response(body=response(turn, model, signatures=self.signatures),
                                 content_type="application/json", charset="UTF-8")
@@ -203,39 +191,16 @@ class FakeGemini:
         pieces = stream_chunks(turn, model, sse=sse, signatures=self.signatures,
                                split_calls=self.split_calls, finish_apart=self.finish_apart)
         ctype = "text/event-stream" if sse else "application/json; charset=UTF-8"
-        resp = web.StreamResponse(headers={"Content-Type": ctype})
-        await resp.prepare(request)
-        for p in pieces:
-            await resp.write(p)
-        await resp.write_eof()
-        return resp
+        return await write_stream(request, pieces, {"Content-Type": ctype})
 
     async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self._record(request, body)
         turn = self._next(body)
         if isinstance(turn, RawReply):
-            return await _raw(request, turn)
+            return await send_raw(request, turn)
         model = str(body.get("model") or "gemini-fake")
         if not body.get("stream"):
             return web.json_response(completion(turn, model))
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for event in stream_events(turn, model):
-            await resp.write(event)
-        await resp.write_eof()
-        return resp
-
-
-async def _raw(request: web.Request, raw: RawReply) -> web.StreamResponse:
-    if not raw.cut:
-        return web.Response(status=raw.status, body=b"".join(raw.chunks),
-                            headers={"Content-Type": raw.content_type})
-    resp = web.StreamResponse(status=raw.status, headers={"Content-Type": raw.content_type})
-    await resp.prepare(request)
-    for piece in raw.chunks:
-        await resp.write(piece)
-    await asyncio.sleep(0.01)
-    assert request.transport is not None
-    request.transport.close()
-    return resp
+        return await write_stream(request, stream_events(turn, model),
+                                  {"Content-Type": "text/event-stream"})

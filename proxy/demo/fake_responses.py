@@ -15,7 +15,6 @@ ends the stream `response.incomplete`; `failed` ends it `response.failed`.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
@@ -24,8 +23,19 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .fake_base import (
+    SSE,
+    Body,
+    Call,
+    RawReply,
+    Reply,
+    pieces,
+    replies,
+    send_raw,
+    sse_event,
+    write_stream,
+)
 from .fake_flood import Flood, serve_responses
-from .fake_openai import Body, Call, RawReply, Reply
 from .fake_provider_tools import responses_problem
 from .fake_responses_mcp import McpCall, McpState
 
@@ -47,20 +57,12 @@ class ServerCall(Call):
     `arguments` JSON of its other fields."""
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), size)]
-
-
-def _replies(turn: Reply | tuple[Reply, ...]) -> tuple[Reply, ...]:
-    return turn if isinstance(turn, tuple) else (turn,)
-
-
 def _items(turn: Reply | tuple[Reply, ...], n: int, request: Body | None = None,
            mcp: McpState | None = None) -> list[Body]:
     """Every output item, complete. Raises McpRefused where the API would refuse a
     model's MCP call (fake_responses_mcp)."""
     items: list[Body] = []
-    for reply in _replies(turn):
+    for reply in replies(turn):
         if reply.content is not None:
             items.append({"id": f"msg_{n}_{len(items)}", "type": "message", "status": "completed",
                           "role": "assistant", "content": [
@@ -88,7 +90,7 @@ def _items(turn: Reply | tuple[Reply, ...], n: int, request: Body | None = None,
 
 
 def _status(turn: Reply | tuple[Reply, ...]) -> str:
-    reason = _replies(turn)[-1].finish_reason
+    reason = replies(turn)[-1].finish_reason
     if reason == "failed":
         return "failed"
     return "incomplete" if reason in INCOMPLETE else "completed"
@@ -124,7 +126,7 @@ def response(turn: Reply | tuple[Reply, ...], model: str, *, request: Body | Non
     output = list(first) + _items(turn, n, request, mcp)
     if status != "completed" and output:
         output[-1] = _cut(output[-1])
-    reason = _replies(turn)[-1].finish_reason or ""
+    reason = replies(turn)[-1].finish_reason or ""
     return {
         "id": f"resp_fake{n}", "object": "response", "created_at": int(time.time()),
         "status": status, "background": False,
@@ -156,7 +158,7 @@ def _item_events(index: int, item: Body, fragment: int, cut: bool) -> list[Body]
         events += [{"type": "response.output_item.added", "output_index": index, "item": started},
                    {"type": "response.content_part.added", **where, "content_index": 0,
                     "part": {**part, "text": ""}}]
-        deltas = _pieces(text, 4)
+        deltas = pieces(text, 4)
         events += [{"type": "response.output_text.delta", **where, "content_index": 0,
                     "delta": d, "logprobs": []} for d in deltas[:len(deltas) // 2 if cut else None]]
         if not cut:
@@ -167,7 +169,7 @@ def _item_events(index: int, item: Body, fragment: int, cut: bool) -> list[Body]
     elif (name := _text_field(item)) is not None:
         started[name] = ""
         kind = "function_call_arguments" if name == "arguments" else "custom_tool_call_input"
-        deltas = _pieces(item[name], fragment)
+        deltas = pieces(item[name], fragment)
         events.append({"type": "response.output_item.added", "output_index": index,
                        "item": started})
         events += [{"type": f"response.{kind}.delta", **where, "delta": d}
@@ -203,11 +205,8 @@ def stream_events(turn: Reply | tuple[Reply, ...], model: str, *, request: Body 
         cut = status != "completed" and i == len(items) - 1
         events += _item_events(i, item, fragment, cut)
     events.append({"type": f"response.{status}", "response": final})
-    out = []
-    for seq, event in enumerate(events):
-        data = json.dumps({**event, "sequence_number": seq})
-        out.append(f"event: {event['type']}\ndata: {data}\n\n".encode())
-    return out
+    return [sse_event(event["type"], json.dumps({**event, "sequence_number": seq}))
+            for seq, event in enumerate(events)]
 
 
 def mcp_state(fake: FakeOpenAI) -> McpState:
@@ -224,8 +223,7 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"code": "404", "message": "Resource not found"}},
                                  status=404)
     body = await request.json()
-    fake.requests.append(body)
-    fake.headers.append(dict(request.headers))
+    fake._record(request, body)
     problem = responses_problem(body)
     if problem is not None:
         return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
@@ -238,11 +236,9 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     if problem is not None:
         return web.json_response({"error": {"type": "invalid_request_error", "message": problem,
                                             "param": "input", "code": None}}, status=400)
-    turn = fake._next(body)
-    if fake.first_delay_s:
-        await asyncio.sleep(fake.first_delay_s)
+    turn = await fake._turn(body)
     if isinstance(turn, RawReply):
-        return await fake._raw(request, turn)
+        return await send_raw(request, turn)
     model = str(body.get("model") or "gpt-fake")
     if isinstance(turn, Flood):
         return await serve_responses(request, turn, model)
@@ -255,15 +251,8 @@ async def serve(fake: FakeOpenAI, request: web.Request) -> web.StreamResponse:
     mcp.remember(whole, body)
     if not body.get("stream"):
         return web.json_response(whole)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-    await resp.prepare(request)
-    for event in stream_events(turn, model, request=body, fragment=fake.fragment, final=whole,
-                               n=n):
-        await resp.write(event)
-        if fake.delay_s:
-            await asyncio.sleep(fake.delay_s)
-    await resp.write_eof()
-    return resp
+    events = stream_events(turn, model, request=body, fragment=fake.fragment, final=whole, n=n)
+    return await write_stream(request, events, SSE, delay_s=fake.delay_s)
 
 
 # --- stored responses and conversations --------------------------------------------------

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fake_base import Call
 from .fake_history import responses_problem
-from .fake_openai import Call
 
 Body = dict[str, Any]
 _ids = itertools.count(1)

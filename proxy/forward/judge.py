@@ -34,9 +34,9 @@ from ..egress import (
 from ..errors import BadRequest
 from ..governor import Governor
 from ..model import Action, HttpRequest, RuleTrace
+from ..paths import canonical_tail
 from ..policy.apis_config import ToolApi
 from ..policy.cloud import CloudHost, CloudOperation, classify, cloud_host
-from ..server.upstream import canonical_tail
 from .lookups import LookupFailed, TagLookup
 from .refusals import PROVIDER, Refusals, judged_as, outcome
 from .resolve import Resolver, check_all, preferred, resolve

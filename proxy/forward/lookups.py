@@ -44,7 +44,7 @@ from botocore.exceptions import BotoCoreError
 from ..model import HttpRequest
 from ..policy.cloud import CloudOperation
 from ..policy.names import normalize
-from ..server.sigv4 import aws_credentials
+from ..upstream_auth.sigv4 import aws_credentials
 from .lookup_settings import LookupSettings
 
 LOOKUP_FAILED = "tether:lookup-failed"

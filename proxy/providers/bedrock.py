@@ -3,6 +3,9 @@
     POST model/{modelId}/converse          a JSON answer; calls are `toolUse` content blocks
     POST model/{modelId}/converse-stream   the binary event stream (see bedrock_stream.py)
 
+What both read the same way (calls, cut-offs, usage, duplicate keys) is in
+bedrock_wire.py.
+
 The model id is one URL-encoded path segment: ARNs carry `%3A` and `%2F`, so
 `/` is the one reserved escape this provider accepts. Every other Bedrock path
 (invoke-model, invoke-model-with-response-stream, apply-guardrail ...) is
@@ -21,14 +24,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, unquote_to_bytes
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
 from ..surrogates import json_text
 from . import tool_scope
-from .arguments import parse_arguments
 from .base import (
     ErrorReply,
     ParsedRequest,
@@ -39,19 +40,21 @@ from .base import (
     denial_summary,
     denial_text,
 )
+from .bedrock_stream import ConverseStream
+from .bedrock_wire import (
+    CUT_REASONS,
+    END_TURN,
+    TOOL_USE,
+    JSONObject,
+    cut_problem,
+    has_duplicate,
+    load_object,
+    tool_call,
+    usage_of,
+)
 from .held import DEFAULT_MAX_ARGUMENTS
 
-if TYPE_CHECKING:
-    from .bedrock_stream import ConverseStream
-
-type JSONObject = dict[str, object]
-
 OPERATIONS = {"converse": False, "converse-stream": True}  # operation -> streamed
-TOOL_USE, END_TURN = "tool_use", "end_turn"
-# Stop reasons that mean the answer was cut short: a tool call that ends the
-# answer may be cut with it, so it is denied even if its input happens to parse.
-CUT_REASONS = frozenset({"max_tokens", "model_context_window_exceeded", "content_filtered",
-                         "guardrail_intervened", "malformed_tool_use", "malformed_model_output"})
 # 401 (tether's own authentication failed): AWS's code for credentials it does not
 # recognise. botocore does not model it for bedrock-runtime, so it is a ClientError
 # with that code, never mistaken for AccessDeniedException (a policy denial, 403).
@@ -71,56 +74,6 @@ def error_reply(status: int, message: str, code: str = "") -> ErrorReply:
     """An error as Bedrock sends one; `code` (tether's own) travels in `x-tether-error`."""
     return ErrorReply(status, json.dumps({"message": message}).encode(),
                       headers={"x-amzn-ErrorType": error_type(status)})
-
-
-def cut_problem(reason: str) -> str:
-    return f"the response was cut off (stopReason {reason}) at the end of a tool call"
-
-
-class Duplicated(dict[str, object]):
-    """A JSON object that held a key twice (the last value is kept).
-
-    Parsers disagree on which duplicate wins, so an object marked so is never
-    trusted: a tool input holding one is denied, anywhere else it is refused.
-    """
-
-
-def _pairs(pairs: list[tuple[str, object]]) -> JSONObject:
-    out: JSONObject = {}
-    duplicated = False
-    for key, value in pairs:
-        duplicated = duplicated or key in out
-        out[key] = value
-    return Duplicated(out) if duplicated else out
-
-
-def has_duplicate(value: object, skip: frozenset[int] = frozenset()) -> bool:
-    """Whether a parsed value holds a `Duplicated` object (iteratively: JSON may nest deep)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if id(item) in skip:
-            continue
-        if isinstance(item, Duplicated):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
-def load_object(body: bytes | str, what: str) -> JSONObject:
-    """One JSON object, duplicates marked (see `Duplicated`); ValueError if it is not."""
-    try:
-        value = json.loads(body, object_pairs_hook=_pairs)
-    except RecursionError as e:
-        raise ValueError(f"{what} is nested too deeply") from e
-    except ValueError as e:
-        raise ValueError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object")
-    return value
 
 
 def parse_request(body: bytes, route: Route) -> ParsedRequest:
@@ -150,23 +103,6 @@ def parse_request(body: bytes, route: Route) -> ParsedRequest:
                 names.append(str(spec["name"]))
     return ParsedRequest(model=route.model or "", stream=bool(route.stream),
                          declared_tools=tuple(names))
-
-
-def usage_of(obj: object) -> Usage | None:
-    if not isinstance(obj, dict):
-        return None
-    def count(value: object) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-    return Usage(input_tokens=count(obj.get("inputTokens")),
-                 output_tokens=count(obj.get("outputTokens")))
-
-
-def tool_call(*, id: str, name: str, raw: str, index: int, problem: str | None = None) -> ToolCall:
-    arguments, why = parse_arguments(raw)
-    problem = problem or why
-    return ToolCall(id=id, name=name, raw_arguments=raw, arguments=None if problem else arguments,
-                    index=index, problem=problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +200,6 @@ class BedrockConverse:
         return render_response(parsed, decisions)
 
     def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> ConverseStream:
-        from .bedrock_stream import ConverseStream  # it builds on this module's helpers
-
         return ConverseStream(max_arguments=max_arguments)
 
     def denied_error(self, calls: Sequence[ToolCall], decisions: Sequence[Decision]

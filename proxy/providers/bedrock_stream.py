@@ -34,7 +34,7 @@ from ..errors import ProtocolError
 from ..model import Decision, OnDeny, ToolCall, Usage
 from ..surrogates import json_text
 from .base import Step, denial_text
-from .bedrock import (
+from .bedrock_wire import (
     CUT_REASONS,
     END_TURN,
     TOOL_USE,

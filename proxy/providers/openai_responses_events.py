@@ -13,7 +13,7 @@ import json
 
 from ..errors import ProtocolError
 from ..strict_json import strict_pairs
-from .openai_responses import JSONObject
+from .openai_responses_wire import JSONObject
 from .sse import SSEEvent
 
 TERMINAL = {

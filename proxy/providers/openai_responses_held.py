@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import ProtocolError
 from ..model import ToolCall
 from .held import HeldText
-from .openai_responses import (
+from .openai_responses_wire import (
     DELTA_EVENTS,
     DONE_EVENTS,
     TEXT_FIELD,

@@ -34,14 +34,6 @@ from ..policy.engine import MALFORMED
 from ..surrogates import json_text
 from .base import Step, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS, cut, cut_denial
-from .openai_responses import (
-    JSONObject,
-    check_call_item,
-    error_event,
-    is_call,
-    item_call,
-    usage_of,
-)
 from .openai_responses_events import (
     CALL_EVENTS,
     LIFECYCLE,
@@ -51,6 +43,14 @@ from .openai_responses_events import (
     upstream_error,
 )
 from .openai_responses_held import Held
+from .openai_responses_wire import (
+    JSONObject,
+    check_call_item,
+    error_event,
+    is_call,
+    item_call,
+    usage_of,
+)
 from .provider_ran import openai_item
 from .sse import SSEDecoder, SSEEvent, encode
 

@@ -29,7 +29,7 @@ from ..errors import BadRequest, NotGoverned
 from ..model import Decision, ToolCall
 from ..surrogates import json_text
 from .base import denial_text
-from .openai_responses import is_call
+from .openai_responses_wire import is_call
 
 type JSONObject = dict[str, object]
 

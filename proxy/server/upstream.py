@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
 import ssl as ssl_
-import string
 from collections.abc import Callable, Collection, Mapping
 from urllib.parse import unquote_plus
 
@@ -14,9 +12,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..config import Upstream
-from ..errors import BadRequest, PayloadTooLarge, UpstreamError
-from .credentials import required_key, upstream_key
+from ..errors import PayloadTooLarge, UpstreamError
+from ..upstream_auth.keys import required_key, upstream_key
+from ..upstreams import Upstream
 
 log = logging.getLogger("tether.server")
 
@@ -36,40 +34,6 @@ AUTH_STYLE = {
     "anthropic": ("x-api-key", "{}"),
     "gemini": ("x-goog-api-key", "{}"),
 }
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
-_ESCAPE = re.compile(r"%(.{0,2})")
-
-
-def canonical_tail(raw_tail: str, allowed_escapes: frozenset[str] = frozenset()) -> str:
-    """The raw path after the route prefix, refused if it could mean two things.
-
-    Upstreams disagree on `%2F`, `..`, `;params`, doubled slashes and needless
-    escapes (`complet%69ons`); tether does not guess which reading they will
-    take, it refuses them. The path is returned still percent-encoded, so the
-    upstream receives exactly the bytes that were judged. A provider whose
-    paths legitimately carry an encoded character (Bedrock model ARNs carry
-    `%2F` and `%3A`) names it in `allowed_escapes`; only `/`, `\\`, `.`, NUL
-    and `;` need that, every other reserved character may always be encoded.
-    """
-    if "\\" in raw_tail or "\x00" in raw_tail or ";" in raw_tail or "//" in raw_tail:
-        raise _ambiguous()
-    for m in _ESCAPE.finditer(raw_tail):
-        code = m.group(1)
-        if len(code) != 2 or any(c not in string.hexdigits for c in code):
-            raise _ambiguous()
-        char = chr(int(code, 16))
-        if char in _UNRESERVED and char != ".":
-            raise _ambiguous()
-        if char in "/\\.\x00;" and char not in allowed_escapes:
-            raise _ambiguous()
-    if any(seg in (".", "..") for seg in raw_tail.split("/")):
-        raise _ambiguous()
-    return raw_tail
-
-
-def _ambiguous() -> BadRequest:
-    return BadRequest("the request path is ambiguous (needless or reserved escapes, dot "
-                      "segments, doubled slashes, ';' or backslashes); it was not forwarded")
 
 
 def sign_request(upstream: Upstream, method: str, url: str, headers: CIMultiDict[str],
@@ -78,7 +42,7 @@ def sign_request(upstream: Upstream, method: str, url: str, headers: CIMultiDict
     with tether's own credentials, after every header is final."""
     if upstream.name != "bedrock":
         return headers
-    from .sigv4 import sign  # botocore is only imported when Bedrock is used
+    from ..upstream_auth.sigv4 import sign  # botocore is only imported when Bedrock is used
 
     return sign(upstream, method, url, headers, body)
 

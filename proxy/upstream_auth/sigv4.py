@@ -30,9 +30,9 @@ from botocore.credentials import SharedCredentialProvider
 from botocore.session import Session
 from multidict import CIMultiDict
 
-from ..config import Upstream
 from ..errors import UpstreamError
-from .credentials import CredentialsUnavailable
+from ..upstreams import Upstream
+from .keys import CredentialsUnavailable
 
 _REGION = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com$")
 log = logging.getLogger("tether.credentials")
@@ -77,7 +77,7 @@ MAX_CREDENTIALS_FILE = 64 * 1024
 class _CredentialsFile:
     """`upstreams.bedrock.aws_credentials_file`: botocore's shared-credentials format
     (a mounted Secret), re-read when its stat changes, like an `api_key_file`
-    (server/credentials.py): a rotation applies on the next request, a file gone
+    (upstream_auth/keys.py): a rotation applies on the next request, a file gone
     mid-rotation keeps the last good credentials."""
 
     def __init__(self, path: str, profile: str) -> None:
