@@ -30,16 +30,18 @@ def load_config(path: str) -> config_mod.Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    failed = False
-    for path in args.files:
-        try:
-            cfg = load_config(path)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed = True
-            continue
-        print(f"{path}: ok ({len(cfg.policy.rules)} rules, revision {cfg.policy.revision})")
-    return 1 if failed else 0
+    """Every error in every file (config_check.py), then the warnings; exit 1 on any error."""
+    from .config_check import check_file, render_json, render_text
+
+    checked = [check_file(path) for path in args.files]
+    if getattr(args, "format", "text") == "json":
+        print(render_json(checked))
+    else:
+        out, err = render_text(checked)
+        if err:
+            print(err, file=sys.stderr)
+        print(out)
+    return 1 if any(c.errors for c in checked) else 0
 
 
 def _explain_call(engine: PolicyEngine, tool: str, raw: str, agent: str | None,

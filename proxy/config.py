@@ -2,13 +2,14 @@
 
 This module reads files and the environment (upstream overrides, keys are only
 *named* here); what it produces is plain data for the sans-IO core. Every error
-is a `ConfigError` with file and line.
+is a `ConfigError` with file and line. `load` raises the first; `tether check` hands it a
+collecting `Problems` and gets them all (config_check.py). The keys each section accepts
+are declared once, in config_tables*.py, which also write the reference and the schema.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,46 +19,36 @@ from .approvals.settings import ApprovalSettings, SlackSettings, parse_approvals
 from .audit.settings import AuditSettings, parse_audit
 from .audit.shipping_settings import ShippingSettings, parse_shipping
 from .auth.settings import AuthSettings, load_warnings, parse_auth
-from .config_nodes import as_map, check_keys, err, port
-from .errors import ConfigError
+from .config_builder import Builder, Defaults, load_doc, parse_defaults, policy_text, read_text
+from .config_keys import Table
+from .config_nodes import Problems, as_map, check_keys, err, port
+from .config_tables import TOP
+from .config_tables_run import ADMIN, AUDIT, IDENTITY, LIMITS, SERVER
 from .forward.lookup_settings import LookupSettings, parse_lookups
 from .forward.settings import ForwardSettings, parse_forward
-from .model import Action, Effect, OnDeny
+from .model import Action
 from .opa.settings import OpaSettings, parse_opa
-from .policy.apis_config import Apis, ToolLink, parse_apis
+from .policy.apis_config import Apis, parse_apis
 from .policy.cloud import CloudCatalog
 from .policy.cloud_config import parse_cloud
-from .policy.engine import DEFAULT_CONTINUATIONS, DEFAULT_ON_DENY, AgentScope, Policy
+from .policy.engine import Policy
+from .policy.flows import Flows
 from .policy.flows_config import load_flows
 from .policy.mcp import McpServers, parse_mcp
-from .policy.names import normalize
 from .policy.provider_tools import ProviderTools, parse_provider_tools
-from .policy.rules import Rule, _glob, compile_rule
-from .policy.source import YMap, load_yaml
+from .policy.source import YMap
 from .policy.tool_apis import ToolApis, is_cloud_ref, parse_tool_apis
 from .providers.held import DEFAULT_MAX_ARGUMENTS
-from .server_settings import KEYS as SERVER_LIMIT_KEYS
 from .server_settings import ServerLimits, parse_server_limits
 from .sessions.budgets import Budgets, parse_budgets
 from .telemetry_settings import TelemetrySettings, parse_telemetry
 from .upstreams import Upstream as Upstream
 from .upstreams import parse_upstreams
 
-TOP_KEYS = {
-    "upstreams", "include", "defaults", "agents", "tools", "rules", "audit", "admin",
-    "server", "limits", "identity", "budgets", "store", "approvals", "slack", "apis",
-    "forward", "mcp", "cloud", "auth", "opa", "telemetry", "provider_tools", "flows",
-    "egress",  # linked calls (policy/tool_apis.py)
-}
+TOP_KEYS = TOP.names  # every key documented in config_tables.py
 # Keys of the design that later versions enforce. Accepted so one config serves
 # every version, but never silently: each one loaded unenforced is a warning.
 NOT_YET: set[str] = set()
-INCLUDE_KEYS = {"rules", "tools", "agents"}
-# Keys that say how this process runs, not what it decides: left out of the policy
-# revision, so replicas that differ only in ports, audit path or store still agree on it
-# (approval tickets are bound to the revision).
-OPERATIONAL_KEYS = {"server", "audit", "admin", "limits", "store", "slack", "telemetry",
-                    "upstreams", "approvals"}
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 
 
@@ -104,331 +95,215 @@ class Config:
     # No rule and no written `defaults.action`: every call is allowed. A reload to such a
     # config is refused (an emptied ConfigMap must not open the gate); check/serve warn.
     open_gate: bool = False
+    declared_tools: tuple[str, ...] = ()  # `tools:` names, normalised (config_lint.py)
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", file=str(path)) from e
-    except UnicodeDecodeError as e:
-        raise ConfigError("not UTF-8 text", file=str(path)) from e
 
 
-def _load_doc(path: Path) -> tuple[YMap, str]:
-    text = _read(path)
-    doc = load_yaml(text, str(path))
-    if doc is None:
-        doc = YMap()
-        doc.line, doc.key_lines, doc.file = 1, {}, str(path)
-    if not isinstance(doc, YMap):
-        raise ConfigError("the file must hold a YAML mapping", file=str(path), line=1)
-    return doc, text
-
-
-class _Builder:
-    def __init__(self) -> None:
-        self.rules: list[Rule] = []
-        self.rule_where: dict[str, str] = {}
-        self.effects: dict[str, Effect] = {}
-        self.agents: dict[str, AgentScope] = {}
-        self.agent_nodes: dict[str, object] = {}
-        self.agent_keys: dict[str, str] = {}
-        self.texts: list[str] = []
-        self.seen: set[Path] = set()
-        self.tool_links: list[ToolLink] = []
-        self.tool_api_specs: list[tuple[str, YMap]] = []  # `tools.X` with `api:` (tool_apis.py)
-        self.files: list[str] = []  # as named, for the reload watcher (Config.files)
-
-    def add_rules(self, doc: YMap) -> None:
-        items = doc.get("rules")
-        if items is None:
-            return
-        if not isinstance(items, list):
-            raise err("rules must be a list", doc, "rules")
-        for i, raw in enumerate(items):
-            rule = compile_rule(raw, doc.file, doc.line_of("rules") + i)
-            if rule.id in self.rule_where:
-                raise ConfigError(
-                    f"duplicate rule id (first defined at {self.rule_where[rule.id]})",
-                    file=rule.file, line=rule.line, rule_id=rule.id, key="id",
-                )
-            self.rule_where[rule.id] = f"{rule.file}:{rule.line}"
-            self.rules.append(rule)
-
-    def add_tools(self, doc: YMap) -> None:
-        tools = as_map(doc.get("tools"), doc, "tools")
-        for name, spec in tools.items():
-            spec = as_map(spec, tools, name)
-            check_keys(spec, {"effect", "description", "api", "args"}, f"tools.{name}")
-            if "args" in spec and "api" not in spec:
-                raise err("args maps a tool's arguments to its api's; name the api too", spec,
-                          "args", f"tools.{name}")
-            if "api" in spec:
-                if not isinstance(spec["api"], str):
-                    raise err("api names an operation, like jira.createIssue", spec, "api")
-                self.tool_links.append(ToolLink(normalize(name), spec["api"], spec.file,
-                                                spec.line_of("api")))
-                self.tool_api_specs.append((name, spec))
-            if "effect" in spec:
-                try:
-                    self.effects[normalize(name)] = Effect(spec["effect"])
-                except ValueError:
-                    raise err("effect must be read or write", spec, "effect") from None
-
-    def add_agents(self, doc: YMap) -> None:
-        agents = as_map(doc.get("agents"), doc, "agents")
-        for name, spec in agents.items():
-            spec = as_map(spec, agents, name)
-            check_keys(spec, {"tools", "description", "budgets", "key_sha256", "filter_tools"},
-                       f"agents.{name}")
-            self.agent_nodes[name] = spec
-            hashes = spec.get("key_sha256", [])
-            if not isinstance(hashes, list) or not all(
-                    isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
-                    for h in hashes):
-                raise err("must be a list of lower-case hex SHA-256 digests of API keys",
-                           spec, "key_sha256", f"agents.{name}")
-            for h in hashes:
-                if h in self.agent_keys and self.agent_keys[h] != name:
-                    raise err(f"this key already names agent {self.agent_keys[h]!r}", spec,
-                               "key_sha256", f"agents.{name}")
-                self.agent_keys[h] = name
-            if "tools" in spec:
-                globs = spec["tools"]
-                if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
-                    raise err("tools must be a list of tool names or globs", spec, "tools")
-                filter_tools = spec.get("filter_tools")
-                if filter_tools is not None and not isinstance(filter_tools, bool):
-                    raise err("must be true or false", spec, "filter_tools", f"agents.{name}")
-                self.agents[name] = AgentScope(tuple(_glob(g) for g in globs), tuple(globs),
-                                               filter_tools)
-
-    def include(self, doc: YMap, base: Path, named: Path | None = None) -> None:
-        """`named`: `base` as the includer named it (symlinks unresolved), for Config.files."""
-        named = base if named is None else named
-        items = doc.get("include", [])
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise err("include must be a list of file paths", doc, "include")
-        for item in items:
-            path = (base / item).resolve()
-            if path in self.seen:
-                raise err(f"{item} is included twice (or includes itself)", doc, "include")
-            self.seen.add(path)
-            self.files.append(str(named / item))
-            sub, text = _load_doc(path)
-            self.texts.append(text)
-            check_keys(sub, INCLUDE_KEYS | {"include"}, "an included file")
-            self.add_tools(sub)
-            self.add_agents(sub)
-            self.add_rules(sub)
-            self.include(sub, path.parent, (named / item).parent)
-
-
-def _policy_text(doc: YMap) -> str:
-    """The main file as the policy revision sees it: every key but the operational ones,
-    canonical (key order and formatting do not change the revision)."""
-    policy = {k: v for k, v in doc.items() if k not in OPERATIONAL_KEYS}
-    return json.dumps(policy, sort_keys=True, default=str, ensure_ascii=False)
-
-
-def _action(value: object, node: YMap, key: str, allowed: tuple[Action, ...]) -> Action:
-    try:
-        action = Action(str(value))
-    except ValueError:
-        action = None
-    if action not in allowed:
-        raise err(f"must be one of {', '.join(a.value for a in allowed)}", node, key,
-                   "defaults")
-    assert action is not None
-    return action
-
-
-def _on_deny(defaults: YMap) -> tuple[OnDeny, int]:
-    """`defaults.on_deny` (continue | rewrite | error; a rule's own `on_deny` wins) and
-    `defaults.max_continuations`, the bound on the answers tether asks the model for after
-    a denial, per answer the agent gets (0: never continue). docs/continuations.md."""
-    try:
-        on_deny = OnDeny(str(defaults.get("on_deny", DEFAULT_ON_DENY.value)))
-    except ValueError:
-        raise err("must be one of continue, rewrite, error", defaults, "on_deny",
-                  "defaults") from None
-    bound = defaults.get("max_continuations", DEFAULT_CONTINUATIONS)
-    if not isinstance(bound, int) or isinstance(bound, bool) or not 0 <= bound <= 10:
-        raise err("must be a whole number from 0 to 10", defaults, "max_continuations",
-                  "defaults")
-    return on_deny, bound
-
-
-def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    env = os.environ if env is None else env
-    file = Path(path)
-    doc, text = _load_doc(file)
-    warnings: list[str] = []
+def _top_keys(doc: YMap, warnings: list[str], problems: Problems) -> None:
     for key in doc:
         if key in NOT_YET:
             warnings.append(
                 f"{doc.file}:{doc.line_of(key)}: {key}: not enforced by this version of tether"
             )
         elif key not in TOP_KEYS:
-            raise err(f"unknown top-level key (expected one of "
-                       f"{', '.join(sorted(TOP_KEYS | NOT_YET))})", doc, key)
+            problems.add(err(f"unknown top-level key (expected one of "
+                             f"{', '.join(sorted(TOP_KEYS | NOT_YET))})", doc, key))
 
-    builder = _Builder()
+
+def _section(doc: YMap, key: str, table: Table, problems: Problems) -> YMap:
+    """A top-level mapping whose keys are checked here; an empty one when it is wrong."""
+    def parse() -> YMap:
+        node = as_map(doc.get(key), doc, key)
+        check_keys(node, table, key)
+        return node
+
+    return problems.run(parse, as_map(None, doc, key))
+
+
+def _positive_int(node: YMap, key: str, default: int) -> int:
+    value = node.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise err("must be a positive whole number", node, key, "limits")
+    return value
+
+
+def _seconds(node: YMap, key: str, default: float) -> float:
+    value = node.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise err("must be a number of seconds", node, key, "limits")
+    return float(value)
+
+
+def _string(node: YMap, key: str, default: str, message: str, section: str) -> str:
+    value = node.get(key, default)
+    if not isinstance(value, str):
+        raise err(message, node, key, section)
+    return value
+
+
+def _audit_path(audit: YMap, base: Path) -> str | None:
+    path = audit.get("path", "audit.jsonl")
+    if path is not None and not isinstance(path, str):
+        raise err("path must be a file path", audit, "path")
+    if isinstance(path, str) and not Path(path).is_absolute():
+        return os.path.normpath(base / path)
+    return path
+
+
+def _store(doc: YMap, env: Mapping[str, str]) -> str:
+    url = doc.get("store", "memory")
+    if not isinstance(url, str) or not (
+            url == "memory" or url.startswith(("redis://", "rediss://", "unix://"))):
+        raise err("must be memory or a redis:// URL", doc, "store")
+    return env.get("TETHER_STORE", url)
+
+
+def _bool(node: YMap, key: str, default: bool) -> bool:
+    value = node.get(key, default)
+    if not isinstance(value, bool):
+        raise err("must be true or false", node, key, "identity")
+    return value
+
+
+def _open_gate_warnings(doc: YMap, d: Defaults, builder: Builder) -> tuple[bool, list[str]]:
+    out = []
+    if d.on_store_error is Action.ALLOW:
+        out.append(f"{doc.file}: defaults.on_store_error is allow: budgets fail OPEN "
+                   "when the session store is down")
+    if d.on_error is Action.ALLOW:
+        out.append(f"{doc.file}: defaults.on_error is allow: internal errors fail OPEN")
+    # Nothing that could refuse a call: no rule, no written default, no OPA, no tool scope.
+    open_gate = (not builder.rules and not d.written_action and "opa" not in doc
+                 and not builder.agents)
+    if open_gate:
+        out.append(f"{doc.file}: no rules and no defaults.action: every tool call is "
+                   "allowed (write `defaults: {action: allow}` if that is meant; a reload "
+                   "to such a config is refused)")
+    return open_gate, out
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
+         problems: Problems | None = None) -> Config:
+    """The first error raises, unless `problems` collects them (`check`)."""
+    env = os.environ if env is None else env
+    p = Problems() if problems is None else problems
+    file = Path(path)
+    doc, _ = load_doc(file)
+    warnings: list[str] = []
+    _top_keys(doc, warnings, p)
+
+    builder = Builder(p)
     builder.files.append(str(file))
     builder.seen.add(file.resolve())
-    builder.texts.append(_policy_text(doc))
+    builder.texts.append(policy_text(doc))
     builder.add_tools(doc)
     builder.add_agents(doc)
     builder.include(doc, file.parent)
     builder.add_rules(doc)
+    d = parse_defaults(doc, p)
+    open_gate, more = _open_gate_warnings(doc, d, builder)
+    warnings += more
 
-    defaults = as_map(doc.get("defaults"), doc, "defaults")
-    check_keys(defaults, {"action", "on_error", "undeclared_tools", "on_store_error",
-                          "filter_tools", "on_deny", "max_continuations"}, "defaults")
-    filter_tools = defaults.get("filter_tools", True)
-    if not isinstance(filter_tools, bool):
-        raise err("must be true or false", defaults, "filter_tools", "defaults")
-    default_action = _action(defaults.get("action", "allow"), defaults, "action", tuple(Action))
-    on_error = _action(defaults.get("on_error", "deny"), defaults, "on_error",
-                       (Action.DENY, Action.ALLOW))
-    undeclared = _action(defaults.get("undeclared_tools", "deny"), defaults, "undeclared_tools",
-                         (Action.DENY, Action.ALLOW))
-    on_store_error = _action(defaults.get("on_store_error", "deny"), defaults, "on_store_error",
-                             (Action.DENY, Action.ALLOW))
-    if on_store_error is Action.ALLOW:
-        warnings.append(f"{doc.file}: defaults.on_store_error is allow: budgets fail OPEN "
-                        "when the session store is down")
-    if on_error is Action.ALLOW:
-        warnings.append(f"{doc.file}: defaults.on_error is allow: internal errors fail OPEN")
-    on_deny, max_continuations = _on_deny(defaults)
-    # Nothing that could refuse a call: no rule, no written default, no OPA, no tool scope.
-    open_gate = (not builder.rules and "action" not in defaults and "opa" not in doc
-                 and not builder.agents)
-    if open_gate:
-        warnings.append(f"{doc.file}: no rules and no defaults.action: every tool call is "
-                        "allowed (write `defaults: {action: allow}` if that is meant; a reload "
-                        "to such a config is refused)")
-
-    server = as_map(doc.get("server"), doc, "server")
-    check_keys(server, {"host", "port", "admin_port", *SERVER_LIMIT_KEYS}, "server")
-    limits = as_map(doc.get("limits"), doc, "limits")
-    check_keys(limits, {"max_body_bytes", "max_response_bytes", "max_arguments_bytes",
-                        "upstream_timeout"}, "limits")
-    audit = as_map(doc.get("audit"), doc, "audit")
-    check_keys(audit, {"path", "max_bytes", "keep", "fsync", "fsync_interval", "redact",
-                       "instance", "sign", "sinks", "spool"}, "audit")
-    admin = as_map(doc.get("admin"), doc, "admin")
-    check_keys(admin, {"token_env"}, "admin")
-    identity = as_map(doc.get("identity"), doc, "identity")
-    check_keys(identity, {"trust_headers"}, "identity")
-
-    def positive_int(node: YMap, key: str, default: int) -> int:
-        value = node.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise err("must be a positive whole number", node, key)
-        return value
-
-    audit_path = audit.get("path", "audit.jsonl")
-    if audit_path is not None and not isinstance(audit_path, str):
-        raise err("path must be a file path", audit, "path")
-    if isinstance(audit_path, str):
-        audit_path = os.path.normpath(file.parent / audit_path) if not Path(audit_path).is_absolute() \
-            else audit_path
-    audit_settings = parse_audit(audit)
-    audit_shipping = parse_shipping(audit, file.parent)
-    trust = identity.get("trust_headers", True)
-    if not isinstance(trust, bool):
-        raise err("must be true or false", identity, "trust_headers")
-    host = server.get("host", "127.0.0.1")
-    if not isinstance(host, str):
-        raise err("must be a host name or address", server, "host")
-    token_env = admin.get("token_env", "TETHER_ADMIN_TOKEN")
-    if not isinstance(token_env, str):
-        raise err("names an environment variable", admin, "token_env")
-    timeout = limits.get("upstream_timeout", 600)
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        raise err("must be a number of seconds", limits, "upstream_timeout")
+    server = _section(doc, "server", SERVER, p)
+    limits = _section(doc, "limits", LIMITS, p)
+    audit = _section(doc, "audit", AUDIT, p)
+    admin = _section(doc, "admin", ADMIN, p)
+    identity = _section(doc, "identity", IDENTITY, p)
+    base = Config(policy=Policy(rules=()))
 
     budgets_node = doc.get("budgets")
     if budgets_node is not None and not isinstance(budgets_node, YMap):
-        raise err("must be a mapping", doc, "budgets")
-    budgets = parse_budgets(budgets_node, builder.agent_nodes)
-    store_url = doc.get("store", "memory")
-    if not isinstance(store_url, str) or not (
-            store_url == "memory" or store_url.startswith(("redis://", "rediss://", "unix://"))):
-        raise err("must be memory or a redis:// URL", doc, "store")
-    store_url = env.get("TETHER_STORE", store_url)
+        p.add(err("must be a mapping", doc, "budgets"))
+        budgets_node = None
+    budgets = p.run(lambda: parse_budgets(budgets_node, builder.agent_nodes), Budgets())
 
     # Tools linked to cloud operations (aws.ec2.DeleteVolume) are tool_apis.py's to check.
     api_names = tuple(doc["apis"]) if isinstance(doc.get("apis"), YMap) else ()
     def read_spec(spec: Path) -> str:
         builder.files.append(str(spec))
-        return _read(spec)
+        return read_text(spec)
 
-    apis = parse_apis(doc, file.parent, env, read_spec,
-                      [t for t in builder.tool_links if not is_cloud_ref(t.ref, api_names)],
-                      builder.rules)
+    apis = p.run(lambda: parse_apis(
+        doc, file.parent, env, read_spec,
+        [t for t in builder.tool_links if not is_cloud_ref(t.ref, api_names)], builder.rules),
+        Apis())
     builder.texts.extend(apis.texts)
-    tool_apis = parse_tool_apis(doc, builder.tool_api_specs, apis,
-                                parse_cloud(doc.get("cloud"), doc))
+    cloud = p.run(lambda: parse_cloud(doc.get("cloud"), doc), None)
+    tool_apis = p.run(lambda: parse_tool_apis(doc, builder.tool_api_specs, apis, cloud),
+                      ToolApis())
     builder.effects = {**tool_apis.effects, **apis.effects, **builder.effects}
-    opa = parse_opa(doc.get("opa"), doc, file.parent, env)
+    opa = p.run(lambda: parse_opa(doc.get("opa"), doc, file.parent, env), None)
     builder.texts.extend(opa.texts if opa else ())
-    provider_tools = parse_provider_tools(doc)
+    provider_tools = p.run(lambda: parse_provider_tools(doc), ProviderTools())
     builder.effects = {**provider_tools.effects(), **builder.effects}
     revision = hashlib.sha256("\0".join(builder.texts).encode()).hexdigest()[:12]
     policy = Policy(
         rules=tuple(builder.rules),
-        default_action=default_action,
-        on_error=on_error,
-        undeclared_tools=undeclared,
-        filter_tools=filter_tools,
+        default_action=d.action,
+        on_error=d.on_error,
+        undeclared_tools=d.undeclared_tools,
+        filter_tools=d.filter_tools,
         agents=builder.agents,
         effects=builder.effects,
         revision=revision,
-        flows=load_flows(doc, builder.rules),
-        on_deny=on_deny,
-        max_continuations=max_continuations,
+        flows=p.run(lambda: load_flows(doc, builder.rules), Flows()),
+        on_deny=d.on_deny,
+        max_continuations=d.max_continuations,
     )
-    upstreams = parse_upstreams(doc, env, file.parent)
-    forward = parse_forward(doc.get("forward"), doc, file.parent)
-    auth = parse_auth(doc.get("auth"), doc, file.parent)
-    warnings.extend(load_warnings(auth, upstreams, forward, str(doc.file)))
+    no_upstreams: dict[str, Upstream] = {}
+    upstreams = p.run(lambda: parse_upstreams(doc, env, file.parent), no_upstreams)
+    forward = p.run(lambda: parse_forward(doc.get("forward"), doc, file.parent),
+                    ForwardSettings())
+    auth = p.run(lambda: parse_auth(doc.get("auth"), doc, file.parent), AuthSettings())
+    unnamed = forward.transparent_port is not None and forward.transparent_agent is None
+    warnings.extend(load_warnings(auth, upstreams, unnamed, str(doc.file)))
     return Config(
         policy=policy,
         upstreams=upstreams,
-        host=host,
-        port=port(server.get("port", 8080), server, "port"),
-        admin_port=port(server.get("admin_port", 9090), server, "admin_port"),
-        max_body_bytes=positive_int(limits, "max_body_bytes", DEFAULT_MAX_BODY),
-        max_response_bytes=positive_int(limits, "max_response_bytes", 64 * 1024 * 1024),
-        max_arguments_bytes=positive_int(limits, "max_arguments_bytes", DEFAULT_MAX_ARGUMENTS),
-        upstream_timeout_s=float(timeout),
-        connections=parse_server_limits(server),
-        audit_path=audit_path,
-        audit=audit_settings,
-        audit_shipping=audit_shipping,
-        admin_token_env=token_env,
-        trust_identity_headers=trust,
+        host=p.run(lambda: _string(server, "host", "127.0.0.1",
+                                   "must be a host name or address", "server"), base.host),
+        port=p.run(lambda: port(server.get("port", 8080), server, "port", "server"), base.port),
+        admin_port=p.run(lambda: port(server.get("admin_port", 9090), server, "admin_port",
+                                      "server"), base.admin_port),
+        max_body_bytes=p.run(lambda: _positive_int(limits, "max_body_bytes", DEFAULT_MAX_BODY),
+                             DEFAULT_MAX_BODY),
+        max_response_bytes=p.run(lambda: _positive_int(limits, "max_response_bytes",
+                                                       base.max_response_bytes),
+                                 base.max_response_bytes),
+        max_arguments_bytes=p.run(lambda: _positive_int(limits, "max_arguments_bytes",
+                                                        DEFAULT_MAX_ARGUMENTS),
+                                  DEFAULT_MAX_ARGUMENTS),
+        upstream_timeout_s=p.run(lambda: _seconds(limits, "upstream_timeout", 600.0), 600.0),
+        connections=p.run(lambda: parse_server_limits(server), ServerLimits()),
+        audit_path=p.run(lambda: _audit_path(audit, file.parent), None),
+        audit=p.run(lambda: parse_audit(audit), AuditSettings()),
+        audit_shipping=p.run(lambda: parse_shipping(audit, file.parent), ShippingSettings()),
+        admin_token_env=p.run(lambda: _string(admin, "token_env", base.admin_token_env,
+                                              "names an environment variable", "admin"),
+                              base.admin_token_env),
+        trust_identity_headers=p.run(lambda: _bool(identity, "trust_headers", True), True),
         budgets=budgets,
-        store_url=store_url,
-        on_store_error=on_store_error,
+        store_url=p.run(lambda: _store(doc, env), "memory"),
+        on_store_error=d.on_store_error,
         agent_keys=builder.agent_keys,
-        approvals=parse_approvals(doc.get("approvals"), doc),
-        slack=parse_slack(doc.get("slack"), doc, env),
+        approvals=p.run(lambda: parse_approvals(doc.get("approvals"), doc),
+                        ApprovalSettings()),
+        slack=p.run(lambda: parse_slack(doc.get("slack"), doc, env), None),
         apis=apis,
-        mcp=parse_mcp(doc, env),
+        mcp=p.run(lambda: parse_mcp(doc, env), McpServers()),
         provider_tools=provider_tools,
         tool_apis=tool_apis,
         forward=forward,
         auth=auth,
-        cloud=parse_cloud(doc.get("cloud"), doc),
-        lookups=parse_lookups(doc.get("cloud")),
+        cloud=cloud,
+        lookups=p.run(lambda: parse_lookups(doc.get("cloud")), LookupSettings()),
         opa=opa,
-        telemetry=parse_telemetry(doc.get("telemetry"), doc),
+        telemetry=p.run(lambda: parse_telemetry(doc.get("telemetry"), doc),
+                        TelemetrySettings()),
         source=str(file),
         warnings=tuple(warnings),
         files=tuple(dict.fromkeys(builder.files)),
         open_gate=open_gate,
+        declared_tools=tuple(builder.declared_tools),
     )

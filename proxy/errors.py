@@ -35,10 +35,12 @@ class ConfigError(TetherError):
         line: int | None = None,
         rule_id: str | None = None,
         key: str | None = None,
+        column: int | None = None,
     ) -> None:
         self.message = message
         self.file = file
         self.line = line
+        self.column = column  # 1-based, when known (`tether check` prints it)
         self.rule_id = rule_id
         self.key = key
         super().__init__(str(self))

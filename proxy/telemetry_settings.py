@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config_nodes import as_map, check_keys, err
+from .config_tables_run import TELEMETRY
 from .policy.source import YMap
 
 
@@ -23,7 +24,7 @@ class TelemetrySettings:
 
 def parse_telemetry(node: object, parent: YMap) -> TelemetrySettings:
     section = as_map(node, parent, "telemetry")
-    check_keys(section, {"legacy_gen_ai_system"}, "telemetry")
+    check_keys(section, TELEMETRY, "telemetry")
     legacy = section.get("legacy_gen_ai_system", False)
     if not isinstance(legacy, bool):
         raise err("must be true or false", section, "legacy_gen_ai_system", "telemetry")

@@ -228,7 +228,7 @@ def test_check_refuses_patterns_that_would_not_mean_what_they_say(tmp_path: Path
     rules.write_text(f"audit: {{path: null}}\n{VOLUMES.replace('+$', '+\\\\Z')}")
     out = tether("check", str(rules))
     assert out.returncode == 1
-    assert (f"{rules}:9: rule temp-volumes-may-go: match.args.volume_id: bad regular "
+    assert (f"{rules}:9:14: error: rule temp-volumes-may-go: match.args.volume_id: bad regular "
             "expression '^vol-temp-[0-9]+\\\\Z': invalid escape sequence: \\Z (RE2 has no \\Z: "
             "$ (or \\z) is the end of the text)") in out.stderr
     spec = tmp_path / "tickets.yaml"      # JSON is YAML: one key a line, so lines are known
@@ -239,5 +239,5 @@ def test_check_refuses_patterns_that_would_not_mean_what_they_say(tmp_path: Path
                       f"spec: {spec}}}\n")
     out = tether("check", str(config))
     assert out.returncode == 1
-    assert (f"{spec}:19: /paths/~1tickets/get/parameters/0/schema/pattern: pattern "
+    assert (f"{spec}:19:8: error: /paths/~1tickets/get/parameters/0/schema/pattern: pattern "
             "'^T-[0-9]+$(?!x)': lookahead") in out.stderr

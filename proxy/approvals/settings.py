@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..config_tables_run import APPROVALS, SLACK
 from ..errors import ConfigError
 from ..policy.rules import parse_duration
 from ..policy.source import YMap
@@ -53,7 +54,7 @@ def _err(message: str, node: YMap, key: str, where: str) -> ConfigError:
     return ConfigError(message, file=node.file, line=node.line_of(key), key=f"{where}.{key}")
 
 
-def _keys(node: YMap, allowed: set[str], where: str) -> None:
+def _keys(node: YMap, allowed: frozenset[str], where: str) -> None:
     for key in node:
         if key not in allowed:
             raise _err(f"unknown key (expected one of {', '.join(sorted(allowed))})", node, key,
@@ -67,8 +68,7 @@ def parse_approvals(node: object, parent: YMap) -> ApprovalSettings:
         raise ConfigError("must be a mapping", file=parent.file, line=parent.line_of("approvals"),
                           key="approvals")
     where = "approvals"
-    _keys(node, {"timeout", "ticket_validity", "max_pending", "max_pending_per_session",
-                 "keepalive", "keep_decided", "keep_decided_for", "lease"}, where)
+    _keys(node, APPROVALS.names, where)
 
     def duration(key: str, default: float) -> float:
         if key not in node:
@@ -101,7 +101,7 @@ def parse_slack(node: object, parent: YMap, env: Mapping[str, str]) -> SlackSett
         raise ConfigError("must be a mapping", file=parent.file, line=parent.line_of("slack"),
                           key="slack")
     where = "slack"
-    _keys(node, {"channel", "approvers", "bot_token_env", "signing_secret_env", "api_url"}, where)
+    _keys(node, SLACK.names, where)
     channel = node.get("channel")
     if not isinstance(channel, str) or not channel:
         raise _err("the channel id to post approvals in is required", node, "channel", where)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config_nodes import as_map, check_keys, err
+from ..config_tables_run import BACKOFF, BATCH, SINK, SPOOL, TLS
 from ..errors import ConfigError
 from ..policy.rules import parse_duration
 from ..policy.source import YMap
@@ -137,7 +138,7 @@ def _tls(node: YMap, where: str, base: Path) -> TlsSettings | None:
         raise err("must be true, or a mapping (ca_file, cert_file, key_file, server_name, "
                   "verify)", node, "tls", where)
     here = f"{where}.tls"
-    check_keys(value, {"ca_file", "cert_file", "key_file", "server_name", "verify"}, here)
+    check_keys(value, TLS, here)
     verify = value.get("verify", True)
     if not isinstance(verify, bool):
         raise err("must be true or false", value, "verify", here)
@@ -156,6 +157,7 @@ def parse_sink(node: object, parent: YMap, index: int, base: Path) -> SinkSettin
     where = f"audit.sinks[{index}]"
     if kind not in SINK_TYPES:
         raise err(f"must be one of {', '.join(SINK_TYPES)}", node, "type", where)
+    check_keys(node, SINK, where)  # every sink key, then those of its type
     check_keys(node, COMMON_KEYS | TYPE_KEYS[kind], where)
     name = node.get("name", kind)
     if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -165,9 +167,9 @@ def parse_sink(node: object, parent: YMap, index: int, base: Path) -> SinkSettin
     if not isinstance(required, bool):
         raise err("must be true or false", node, "required", where)
     batch = as_map(node.get("batch"), node, "batch")
-    check_keys(batch, {"records", "bytes"}, f"{where}.batch")
+    check_keys(batch, BATCH, f"{where}.batch")
     backoff = as_map(node.get("backoff"), node, "backoff")
-    check_keys(backoff, {"min", "max"}, f"{where}.backoff")
+    check_keys(backoff, BACKOFF, f"{where}.backoff")
     values: dict[str, object] = {
         "name": name, "type": kind, "required": required,
         "max_outage_s": _duration(node, "max_outage", 300.0, where),
@@ -233,7 +235,7 @@ def parse_shipping(audit: YMap, base: Path) -> ShippingSettings:
                       if "name" in node else "type", f"audit.sinks[{i}]")
         seen.add(sink.name)
     spool_node = as_map(audit.get("spool"), audit, "spool")
-    check_keys(spool_node, {"max_bytes", "drain_timeout", "poll_interval"}, "audit.spool")
+    check_keys(spool_node, SPOOL, "audit.spool")
     default = SpoolSettings()
     spool = SpoolSettings(
         max_bytes=_positive_int(spool_node, "max_bytes", default.max_bytes, "audit.spool"),

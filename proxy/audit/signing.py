@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..config_nodes import as_map, check_keys, err
+from ..config_tables_run import SIGN
 from ..policy.rules import parse_duration
 from ..policy.source import YMap
 from .chain import canonical
@@ -198,7 +199,7 @@ def parse_sign(node: YMap) -> SignSettings | None:
     if node.get("sign") is None:
         return None
     sign = as_map(node.get("sign"), node, "sign")
-    check_keys(sign, {"alg", "key_file", "interval"}, "audit.sign")
+    check_keys(sign, SIGN, "audit.sign")
     try:
         alg = Alg(sign.get("alg", "ed25519"))
     except ValueError:

@@ -32,15 +32,14 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..config_tables_run import AUTH, JWT
 from ..errors import ConfigError
-from ..forward.settings import ForwardSettings
 from ..policy.source import YMap
 from ..upstreams import Upstream
 from .jwks import KeySetError, parse_jwks
 
-KEYS = {"mode", "jwt"}
-JWT_KEYS = {"issuer", "audiences", "jwks_url", "jwks_file", "ca_file", "token_file", "algorithms",
-            "leeway", "agent_claim", "agents", "claims", "cache_ttl", "refetch_interval"}
+KEYS = AUTH.names  # documented in config_tables_run.py
+JWT_KEYS = JWT.names
 # Asymmetric only: with an HMAC algorithm the verification key is the signing key,
 # and a public key read from a JWKS could be used as an HMAC secret to forge tokens.
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
@@ -89,7 +88,7 @@ def _err(message: str, node: YMap, key: str, where: str = "auth") -> ConfigError
     return ConfigError(message, file=node.file, line=node.line_of(key), key=f"{where}.{key}")
 
 
-def _check_keys(node: YMap, allowed: set[str], where: str) -> None:
+def _check_keys(node: YMap, allowed: frozenset[str], where: str) -> None:
     for key in node:
         if key not in allowed:
             raise _err(f"unknown key (expected one of {', '.join(sorted(allowed))})", node, key,
@@ -226,8 +225,9 @@ def parse_auth(node: object, parent: YMap, base: Path) -> AuthSettings:
 
 
 def load_warnings(auth: AuthSettings, upstreams: Mapping[str, Upstream],
-                  forward: ForwardSettings, file: str) -> list[str]:
-    """What `auth.mode: required` makes surprising in the rest of the config."""
+                  transparent_unnamed: bool, file: str) -> list[str]:
+    """What `auth.mode: required` makes surprising in the rest of the config.
+    `transparent_unnamed`: the transparent proxy listens with no `transparent_agent`."""
     if not auth.required:
         return []
     out: list[str] = []
@@ -238,7 +238,7 @@ def load_warnings(auth: AuthSettings, upstreams: Mapping[str, Upstream],
         out.append(f"{file}: auth.mode is required, and upstreams {', '.join(keyless)} have "
                    "neither api_key_env/api_key_file nor agent_credentials: pass: the agent's "
                    "tether credential is consumed, so their requests go upstream with no API key")
-    if forward.transparent_port is not None and forward.transparent_agent is None:
+    if transparent_unnamed:
         out.append(f"{file}: auth.mode is required and forward.transparent_agent is not set: "
                    "transparent requests to tool, cloud and pass hosts are refused (401)")
     return out

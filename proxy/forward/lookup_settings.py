@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config_tables import LOOKUPS, LOOKUPS_AWS
 from ..errors import ConfigError
 from ..policy.rules import parse_duration
 from ..policy.source import YMap
 
-KEYS = {"aws"}
-AWS_KEYS = {"tags", "timeout"}
+KEYS = LOOKUPS.names  # documented in config_tables.py
+AWS_KEYS = LOOKUPS_AWS.names
 DEFAULT_TIMEOUT_S = 5.0
 
 
@@ -41,7 +42,7 @@ def _map(node: object, parent: YMap, key: str, label: str) -> YMap:
     return node
 
 
-def _keys(node: YMap, allowed: set[str], label: str) -> None:
+def _keys(node: YMap, allowed: frozenset[str], label: str) -> None:
     for key in node:
         if key not in allowed:
             raise ConfigError(f"unknown key (expected one of {', '.join(sorted(allowed))})",

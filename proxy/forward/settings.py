@@ -17,11 +17,11 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config_tables_run import FORWARD
 from ..errors import ConfigError
 from ..policy.source import YMap
 
-KEYS = {"ca_dir", "allow_private", "pass_hosts", "upstream_ca", "transparent_port",
-        "transparent_agent"}
+KEYS = FORWARD.names  # documented in config_tables_run.py
 MAX_AGENT = 200
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -24,11 +24,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..config_nodes import as_map, check_keys, err
+from ..config_tables_run import OPA, OPA_CACHE
 from ..errors import ConfigError
 from ..policy.opa import check_path
 from ..policy.source import YMap
 
-KEYS = {"url", "embedded", "path", "timeout", "cache", "token_env"}
+KEYS = OPA.names  # documented in config_tables_run.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ def parse_opa(node: object, doc: YMap, base: Path, env: Mapping[str, str]) -> Op
     path = path.strip("/")
     timeout = _number(opa, "timeout", 0.25, zero_ok=False)
     cache = as_map(opa.get("cache"), opa, "cache")
-    check_keys(cache, {"ttl", "size"}, "opa.cache")
+    check_keys(cache, OPA_CACHE, "opa.cache")
     ttl = _number(cache, "ttl", 5.0, zero_ok=True)
     size = cache.get("size", 10000)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..config_tables import API
 from ..errors import ConfigError
 from ..model import Effect
 from .names import normalize
@@ -34,7 +35,7 @@ from .openapi_model import Operation, Spec
 from .rules import Rule
 from .source import YMap, load_yaml
 
-API_KEYS = {"url", "spec", "api_key_env", "effects", "description", "hosts"}
+API_KEYS = API.names  # documented in config_tables.py
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 Reader = Callable[[Path], str]

@@ -14,12 +14,13 @@ file and line.
 
 from __future__ import annotations
 
+from ..config_tables import CLOUD
 from ..errors import ConfigError
 from ..model import Effect
 from .cloud import CloudCatalog, builtin_catalog
 from .source import YMap
 
-KEYS = {"effects", "lookups"}  # lookups: parsed by proxy.forward.lookup_settings
+KEYS = CLOUD.names  # lookups: parsed by proxy.forward.lookup_settings
 
 
 def parse_cloud(node: object, parent: YMap) -> CloudCatalog:

@@ -28,14 +28,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..config_nodes import err
+from ..config_tables import AFTER, FLOW_HISTORY, FLOWS, SESSION_MATCH
 from ..errors import ConfigError
 from ..model import Action, Effect, PastCall
 from .names import normalize
 from .source import YMap
 
 LABEL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-AFTER_KEYS = {"label", "tool", "effect"}
-SESSION_KEYS = {"after"}
+AFTER_KEYS = AFTER.names  # documented in config_tables.py
+SESSION_KEYS = SESSION_MATCH.names
 DEFAULT_KEEP = 1000
 MAX_KEEP = 100_000
 MAX_EVIDENCE = 3  # earlier calls named per condition in a message
@@ -151,8 +152,8 @@ def parse_flows(node: object, doc: YMap) -> Flows:
     if not isinstance(node, YMap):
         raise _err("must be a mapping", doc, "flows")
     for key in node:
-        if key not in ("labels", "history"):
-            raise _err("unknown key (expected one of history, labels)", node, key, "flows")
+        if key not in FLOWS.names:
+            raise _err(f"unknown key (expected one of {FLOWS.expected()})", node, key, "flows")
     labels: list[tuple[str, tuple[re.Pattern[str], ...]]] = []
     raw = node.get("labels")
     if raw is not None:
@@ -172,8 +173,8 @@ def parse_flows(node: object, doc: YMap) -> Flows:
         if not isinstance(hist, YMap):
             raise _err("must be a mapping like {keep: 1000, ttl: 24h}", node, "history", "flows")
         for key in hist:
-            if key not in ("keep", "ttl"):
-                raise _err("unknown key (expected one of keep, ttl)", hist, key,
+            if key not in FLOW_HISTORY.names:
+                raise _err(f"unknown key (expected one of {FLOW_HISTORY.expected()})", hist, key,
                            "flows.history")
         keep = hist.get("keep", DEFAULT_KEEP)
         if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= MAX_KEEP:

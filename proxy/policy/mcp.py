@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ..config_tables import MCP
 from ..errors import ConfigError
 from ..model import Decision, ToolCall
 from ..providers.arguments import parse_arguments
 from ..surrogates import find, json_bytes, may_hold
 from .source import YMap
 
-MCP_KEYS = {"url", "api_key_env", "description", "deny_as"}
+MCP_KEYS = MCP.names  # documented in config_tables.py
 DENY_AS = ("result", "error")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

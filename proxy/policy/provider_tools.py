@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
+from ..config_tables import MCP_ALLOW, PROVIDER_TOOLS
 from ..errors import ConfigError
 from ..model import Effect
 from .names import normalize
@@ -186,8 +187,9 @@ def parse_provider_tools(doc: YMap) -> ProviderTools:
         raise ConfigError("must be a mapping", file=doc.file, line=doc.line_of("provider_tools"),
                           key="provider_tools")
     for key in node:
-        if key != "mcp_servers":
-            raise _err("unknown key (expected mcp_servers)", node, key, "provider_tools")
+        if key not in PROVIDER_TOOLS.names:
+            raise _err(f"unknown key (expected {PROVIDER_TOOLS.expected()})", node, key,
+                       "provider_tools")
     servers_node = node.get("mcp_servers")
     if servers_node is None:
         return ProviderTools()
@@ -203,8 +205,8 @@ def parse_provider_tools(doc: YMap) -> ProviderTools:
             raise _err("must be a mapping with url and tools", servers_node, label, where)
         where = f"{where}.{label}"
         for key in spec:
-            if key not in ("url", "tools", "allow_http"):
-                raise _err("unknown key (expected one of allow_http, tools, url)", spec, key,
+            if key not in MCP_ALLOW.names:
+                raise _err(f"unknown key (expected one of {MCP_ALLOW.expected()})", spec, key,
                            where)
         allow_http = spec.get("allow_http", False)
         if not isinstance(allow_http, bool):

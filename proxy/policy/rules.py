@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from ..config_tables import CONDITION, MATCH, RULE
 from ..errors import ConfigError
 from ..model import Action, Effect, OnDeny, PastCall, RuleTrace, ToolCall
 from .flows import SessionCondition, compile_session, label_names
@@ -37,10 +38,9 @@ from .names import normalize
 from .patterns import rule_pattern
 from .source import YMap
 
-RULE_KEYS = {"id", "description", "match", "action", "message", "on_deny", "approvers", "timeout",
-             "mode"}
-MATCH_KEYS = {"tool", "agent", "effect", "api", "args", "label", "session"}
-OPERATORS = {"equals", "in", "not_in", "matches", "exists", "gt", "lt"}
+RULE_KEYS = RULE.names  # documented in config_tables.py
+MATCH_KEYS = MATCH.names
+OPERATORS = CONDITION.names
 BUILTIN_PREFIX = "tether:"
 _MISSING = object()
 

@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..config_tables import EGRESS
 from ..errors import ConfigError
 from ..model import Effect
 from .apis_config import Apis
@@ -265,8 +266,8 @@ def parse_egress(node: object, parent: YMap) -> EgressSettings:
     if not isinstance(node, YMap):
         raise _err("must be a mapping", parent, "egress", "egress")
     for key in node:
-        if key not in ("require_decided_call", "decided_call_ttl"):
-            raise _err("unknown key (expected one of decided_call_ttl, require_decided_call)",
+        if key not in EGRESS.names:
+            raise _err(f"unknown key (expected one of {EGRESS.expected()})",
                        node, key, "egress")
     require = node.get("require_decided_call", False)
     if not isinstance(require, bool):

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..config_tables import BUDGETS, SESSION_LIMIT, WINDOW_LIMIT
 from ..errors import ConfigError
 from ..policy.names import normalize
 from ..policy.rules import parse_duration
@@ -37,8 +38,8 @@ from .prices import Price, PriceTable
 DIMS = ("tokens", "input_tokens", "output_tokens", "cost_usd", "llm_calls")
 WINDOWS = {"hour": 3600, "day": 86400}
 LOOP_KEYS = {"repeats", "pingpong", "trip"}
-SESSION_KEYS = {*DIMS, "max_age", "tools", "mode", *LOOP_KEYS}
-WINDOW_KEYS = {*DIMS, "per", "mode"}
+SESSION_KEYS = SESSION_LIMIT.names  # documented in config_tables.py
+WINDOW_KEYS = WINDOW_LIMIT.names
 
 
 class Scope(enum.StrEnum):
@@ -255,7 +256,7 @@ def parse_budgets(node: YMap | None, agents: Mapping[str, object]) -> Budgets:
     shipped = _shipped_table()
     if node is None:
         return Budgets(prices=shipped)
-    allowed = {"session", "agent", "global", "max_output_tokens", "session_ttl", "prices"}
+    allowed = BUDGETS.names
     for k in node:
         if k not in allowed:
             raise _err(f"unknown key (expected one of {', '.join(sorted(allowed))})", node, k,
