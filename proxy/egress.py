@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .approvals.context import HoldContext
 from .approvals.holds import TETHER, Holds, KeepAlive
 from .audit import AuditWriteError
 from .audit.outcomes import Outcome, hold_record
@@ -239,7 +240,10 @@ async def _resolve(governor: Governor, holds: Holds | None, call: ToolCall, exch
                 log.exception("audit write failed for the end of a hold")
         else:
             try:
-                [decision] = await holds.resolve([call], [decision], exchange, alive)
+                # The approver sees the operation as decisions name it (`aws.ec2.DeleteVolume`);
+                # a request has no conversation, so no user request or model text.
+                [decision] = await holds.resolve([call], [decision], exchange, alive,
+                                                 [HoldContext(api=api or call.name)])
             except ConnectionResetError:
                 log.info("the client disconnected while its request was held (%s)", who.rid)
                 return Verdict(False, 499, "client_gone", "the client disconnected while waiting",

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import time
 import unicodedata
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.approvals.context import HoldContext
 from proxy.approvals.queue import Approval, Mode, State
 from proxy.approvals.slack.interactions import BadPayload, parse_click, verify_signature
 from proxy.approvals.slack.messages import APPROVE, DENY, clip, decided_message, escape, pending_message
@@ -147,6 +149,43 @@ def test_pending_message_has_the_buttons_and_the_facts() -> None:
     context = message["blocks"][-2]["elements"][0]["text"]
     assert "apv_0123456789abcdef" in context
     assert "<!date^1700000600^" in context and "2023-11-14 22:23:20 UTC" in context
+
+
+HOSTILE = ("<script>alert(1)</script> <!channel> <@U0MALLORY> *bold* ```\n`tick` & "
+           "report\u202egnp.exe a\u200bb \u2066iso\u2069 tag\U000e0041")
+
+
+def context_section(message: dict[str, Any], title: str) -> str:
+    [text] = [t for t in section_texts(message) if t.startswith(f"*{title}*")]
+    return text
+
+
+def test_the_context_is_shown_escaped_and_bounded() -> None:
+    context = HoldContext(effect="write", api="aws.ec2.DeleteVolume",
+                          user_request=HOSTILE + " " + "A" * 5000, model_text=HOSTILE,
+                          recent=("13:00:00 allow list_volumes <!here>",))
+    message = pending_message(approval(context=context, expires=time.time() + 125))
+    fields = " ".join(f["text"] for b in message["blocks"] for f in b.get("fields", []))
+    assert "*Effect*\n`write`" in fields and "*API operation*\n`aws.ec2.DeleteVolume`" in fields
+    assert re.search(r"\*Time left\*\n2 min [0-5] s", fields)
+    escaped = ("&lt;script&gt;alert(1)&lt;/script&gt; &lt;!channel&gt; &lt;@U0MALLORY&gt; "
+               "*bold* \\u0060\\u0060\\u0060\n\\u0060tick\\u0060 &amp; report\\u202egnp.exe "
+               "a\\u200bb \\u2066iso\\u2069 tag\\U000e0041")
+    request = context_section(message, "The user's request")
+    assert code_block(request).startswith(escaped + " AAA")
+    assert request.count("```") == 2 and len(request) < 1400
+    assert request.endswith("characters not shown)_")
+    assert code_block(context_section(message, "The model's text before the call")) == escaped
+    recent = context_section(message, "Recently in this session")
+    assert recent == "*Recently in this session*\n• 13:00:00 allow list_volumes &lt;!here&gt;"
+    raw = json.dumps(message, ensure_ascii=False)
+    for hidden in ("\u202e", "\u200b", "\u2066", "\U000e0041"):
+        assert hidden not in raw
+    assert "<script>" not in raw and "<!channel>" not in raw and "<@U0MALLORY>" not in raw
+    assert all(len(t) <= 3000 for t in section_texts(message))
+    old = pending_message(approval())   # a record from before holds had a context
+    assert code_block(context_section(old, "The user's request")) == "unknown"
+    assert context_section(old, "Recently in this session").endswith("• unknown")
 
 
 def test_long_arguments_are_cut_and_the_cut_is_counted() -> None:
@@ -620,3 +659,29 @@ def test_secrets_in_arguments_never_reach_slack() -> None:
                             '"aws_secret_access_key":"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}')
     assert "hunter2" not in shown and "wJalrXUtnFEMI" not in shown
     assert '"user":"ops"' in shown and "[REDACTED]" in shown
+
+
+async def test_the_posted_message_carries_the_context_escaped(loop: Loop) -> None:
+    """Through a running tether: the user's request and the model's text reach Slack
+    masked, bounded and escaped, beside the effect, the rule and the time left."""
+    loop.stack.fake.push(Reply(content="Resizing <!here> now \u202e.", calls=(
+        Call("resize_volume", '{"volume_id": "vol-1"}'),)))
+    request = HOSTILE + " token=hunter2secret " + "B" * 100_000
+    agent = asyncio.create_task(loop.stack.client().chat.completions.create(
+        model="gpt-x", tools=TOOLS, messages=[{"role": "user", "content": request}]))
+    post, _, _ = await loop.posted()
+    said = context_section(post.body, "The user's request")
+    assert code_block(said).startswith("&lt;script&gt;alert(1)&lt;/script&gt; &lt;!channel&gt;")
+    assert "report\\u202egnp.exe" in said and "hunter2secret" not in said
+    assert said.count("```") == 2 and len(said) < 1400
+    model = context_section(post.body, "The model's text before the call")
+    assert code_block(model) == "Resizing &lt;!here&gt; now \\u202e."
+    fields = " ".join(f["text"] for b in post.body["blocks"] for f in b.get("fields", []))
+    assert "*Effect*\n`write`" in fields and "*Rules*\n`writes-held`" in fields
+    assert re.search(r"\*Time left\*\n(19|20) s", fields)
+    raw = json.dumps(post.body, ensure_ascii=False)
+    assert "\u202e" not in raw and "<!channel>" not in raw and "<!here>" not in raw
+    status, _ = await loop.click(DENY, ALICE)
+    assert status == 200
+    result = await asyncio.wait_for(agent, 10)
+    assert result.choices[0].message.tool_calls is None

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionToolParam
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam, ChatCompletionToolParam
 from playwright.async_api import BrowserContext, Dialog, Locator, Page, async_playwright, expect
 from yarl import URL
 
@@ -42,6 +43,8 @@ ARGS = '{"volume_id": "vol-7", "size_gb": 500}'
 TOOLS: list[ChatCompletionToolParam] = [
     {"type": "function", "function": {"name": "resize_volume", "parameters": {"type": "object"}}}]
 WAIT_MS = 10_000
+# Kept by the test run (git-ignored), so a person can look at what an approver sees.
+SCREENSHOT = Path(__file__).parent / "artifacts" / "approvals-page.png"
 
 
 @pytest.fixture
@@ -71,13 +74,15 @@ async def stack(make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch) -> Async
 
 
 async def hold(stack: Stack, call: Call, *, tools: list[ChatCompletionToolParam] = TOOLS,
-               user: str = "session-1", headers: dict[str, str] | None = None
+               user: str = "session-1", headers: dict[str, str] | None = None,
+               messages: list[ChatCompletionMessageParam] = MESSAGES, said: str | None = None
                ) -> asyncio.Task[ChatCompletion]:
-    """The SDK's request, waiting in tether until the approval it opened is decided."""
-    stack.fake.push(Reply(calls=(call,)))
+    """The SDK's request, waiting in tether until the approval it opened is decided.
+    `said`: the model's text beside the call."""
+    stack.fake.push(Reply(content=said, calls=(call,)))
     client = stack.client(default_headers=headers or {})
     task = asyncio.create_task(client.chat.completions.create(
-        model="gpt-x", messages=MESSAGES, tools=tools, user=user))
+        model="gpt-x", messages=messages, tools=tools, user=user))
     for _ in range(500):
         if await stack.tether.holds.queue.pending() or task.done():
             break
@@ -111,7 +116,7 @@ async def test_approve_in_the_page_releases_the_original_call(stack: Stack,
     await expect(card.locator("pre.arguments")).to_have_text('{"size_gb":500,"volume_id":"vol-7"}')
     await expect(card.locator('[data-f="rules"]')).to_have_text("resizes-held")
     await expect(card.locator('[data-f="message"]')).to_have_text("Resizing a volume needs a human")
-    await expect(card.locator('[data-f="waiting"]')).to_contain_text("times out (denied) in")
+    await expect(card.locator('[data-f="waiting"]')).to_contain_text("(then denied); waiting since")
     await expect(page).to_have_title("(1) tether · approvals")
     assert not task.done()
 
@@ -291,3 +296,72 @@ async def test_only_the_static_page_is_served_without_the_token(stack: Stack) ->
     async with aiohttp.ClientSession() as http:
         async with http.get(stack.proxy_url + "/ui/") as resp:
             assert resp.status == 404          # never on the agents' port
+
+
+HOSTILE_REQUEST = ("<script>alert('x')</script><img src=x onerror=alert(5)> please resize "
+                   "report\u202egnp.exe, zero\u200bwidth, \u2066isolated\u2069, tag\U000e0041 "
+                   + "A" * 100_000)
+
+
+async def test_the_card_shows_what_an_approver_decides_on(stack: Stack,
+                                                          browser: BrowserContext) -> None:
+    """Beside the call: agent and session, effect and operation, rule and message, the
+    user's request and the model's text (escaped, bounded), the session's recent holds,
+    the time left. A screenshot of it is kept by the run."""
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": HOSTILE_REQUEST}]
+    janitor = {"X-Tether-Agent": "janitor"}
+    first = await hold(stack, Call("resize_volume", ARGS), messages=messages, headers=janitor)
+    [earlier] = await stack.tether.holds.queue.pending()
+    await stack.tether.holds.queue.decide(earlier.id, approve=False, by="carol",
+                                          reason="too big")
+    await asyncio.wait_for(first, 10)
+    task = await hold(stack, Call("resize_volume", '{"volume_id": "vol-8", "size_gb": 50}'),
+                      messages=messages, headers=janitor,
+                      said="I will resize <b onclick=alert(6)>vol-8</b> now \u202eko ,")
+    page = await open_page(browser, stack, "ivy")
+    dialogs: list[Dialog] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog))
+    card = page.locator("article.approval")
+    await expect(card).to_have_count(1, timeout=WAIT_MS)
+    field = card.locator
+    await expect(field('[data-f="effect"]')).to_have_text("write")
+    await expect(field('[data-f="api"]')).to_have_text(
+        "none (no API operation is linked to this tool)")
+    await expect(field('[data-f="rules"]')).to_have_text("resizes-held")
+    await expect(field('[data-f="message"]')).to_have_text("Resizing a volume needs a human")
+    await expect(field('[data-f="waiting"]')).to_have_text(
+        re.compile(r"^[1-6]?\d s \(then denied\); waiting since "))   # of the 60 s timeout
+    request = field('[data-f="user_request"]')
+    await expect(request).to_contain_text(
+        "<script>alert('x')</script><img src=x onerror=alert(5)> please resize "
+        "report\\u202egnp.exe, zero\\u200bwidth, \\u2066isolated\\u2069, tag\\U000e0041 AAA")
+    await expect(request).to_contain_text("more characters not shown)")
+    assert len(await request.inner_text()) < 2200          # 100 KB in, bounded out
+    await expect(field('[data-f="model_text"]')).to_have_text(
+        "I will resize <b onclick=alert(6)>vol-8</b> now \\u202eko ,")
+    await expect(field('[data-f="recent"] li')).to_have_count(1)
+    await expect(field('[data-f="recent"] li')).to_contain_text(
+        "held resize_volume: denied by carol")
+    await card.scroll_into_view_if_needed()
+    await page.wait_for_timeout(2500)     # a poll more, and time for any injected handler
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+    print(f"approvals page screenshot: {SCREENSHOT}")
+    assert dialogs == []
+    assert await page.locator("img").count() == 0
+    assert await page.locator("b").count() == 0
+    assert await page.locator("script").count() == 1      # the page's own
+    body = await page.locator("body").inner_text()
+    for hidden in ("\u202e", "\u200b", "\u2066", "\U000e0041"):
+        assert hidden not in body
+
+    await card.get_by_role("button", name="Approve").click()
+    result = await asyncio.wait_for(task, 10)
+    [call] = result.choices[0].message.tool_calls or []
+    assert call.type == "function" and call.function.name == "resize_volume"
+    [created] = [r for r in stack.audit() if r["kind"] == "approval"
+                 and r["event"] == "created" and r["id"] != earlier.id]
+    assert created["context"]["effect"] == "write"     # the audit keeps what was shown
+    assert len(created["context"]["user_request"]) < 2100

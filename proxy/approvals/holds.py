@@ -34,6 +34,7 @@ from ..model import Action, Decision, Exchange, ToolCall
 from ..telemetry import Metrics
 from . import caller
 from .caller import CallerGone
+from .context import RECENT, RECENT_CHARS, HoldContext, with_effect
 from .queue import Approval, Approvals, Mode, State, TooManyPending, binding_of
 from .settings import ApprovalSettings
 
@@ -46,6 +47,7 @@ Rejudge = Callable[[Decision, Approval], Decision | None]
 LIMIT_RULE = "tether:approval-limit"
 STORE_RULE = "tether:approval-store"
 TETHER = "tether"   # `by` of what tether ended itself
+EARLIER_SCAN = 20   # decided approvals read for a session's earlier holds
 # Why a hold ended `abandoned`, as the agent and the approver read it.
 RESTARTING = ("tether is restarting, so the call was not executed; it was not approved "
               "or denied by anyone")
@@ -126,8 +128,11 @@ class Holds:
         self._record(approval.state.value, approval)
 
     async def resolve(self, calls: Sequence[ToolCall], decisions: Sequence[Decision],
-                      exchange: Exchange, keepalive: KeepAlive | None = None) -> list[Decision]:
-        """The decisions with every hold replaced by allow or deny, each ending recorded."""
+                      exchange: Exchange, keepalive: KeepAlive | None = None,
+                      contexts: Sequence[HoldContext | None] = ()) -> list[Decision]:
+        """The decisions with every hold replaced by allow or deny, each ending recorded.
+        `contexts`: what the approver is shown beside each call (approvals/context.py),
+        aligned with `calls`; missing ones are shown as unknown."""
         out = list(decisions)
         waiting: list[tuple[int, Approval]] = []
         started = time.monotonic()
@@ -141,10 +146,11 @@ class Holds:
                     Outcome.ABANDONED, by=TETHER, reason=RESTARTING)
                 continue
             try:
+                context = contexts[i] if i < len(contexts) else None
                 if decision.ticket:
-                    out[i] = await self._ticket(call, decision, exchange)
+                    out[i] = await self._ticket(call, decision, exchange, context)
                     continue
-                approval = await self._open(call, decision, exchange, Mode.WAIT)
+                approval = await self._open(call, decision, exchange, Mode.WAIT, context)
             except TooManyPending as e:
                 out[i] = self._limited(call, decision, exchange, e)
                 continue
@@ -191,12 +197,32 @@ class Holds:
                                 final.effect, decision_id=held.decision_id)
         return final
 
-    async def _open(self, call: ToolCall, decision: Decision, exchange: Exchange, mode: Mode
-                    ) -> Approval:
+    async def _open(self, call: ToolCall, decision: Decision, exchange: Exchange, mode: Mode,
+                    context: HoldContext | None) -> Approval:
+        context = with_effect(context, decision.effect.value)
+        if context.recent is None:  # no session history was read: its earlier holds, then
+            context = replace(context, recent=await self._earlier_holds(exchange))
         return await self.queue.create(
             call, exchange, mode=mode, rules=decision.rules, message=decision.message,
             revision=self.revision, approvers=decision.approvers,
-            timeout_s=decision.timeout_s or self.settings.timeout_s)
+            timeout_s=decision.timeout_s or self.settings.timeout_s, context=context)
+
+    async def _earlier_holds(self, exchange: Exchange) -> tuple[str, ...] | None:
+        """The session's last holds and how they ended, when no history was read (None:
+        not known, shown as unknown); without a session, the agent's."""
+        if exchange.session is None and exchange.agent is None:
+            return None
+        try:
+            found = [*await self.queue.recent(EARLIER_SCAN), *await self.queue.pending()]
+        except StoreUnavailable:
+            return None
+        # A request with no session (egress, often) is the agent's: its holds anywhere.
+        mine = sorted((a for a in found if a.agent == exchange.agent and (
+            exchange.session is None or a.session == exchange.session)), key=lambda a: a.created)
+        return tuple(f"{time.strftime('%H:%M:%S', time.gmtime(a.created))} held "
+                     f"{a.tool[:RECENT_CHARS]}: {a.state.value}"
+                     + (f" by {a.decided_by[:80]}" if a.decided_by else "")
+                     for a in mine[-RECENT:])
 
     def _limited(self, call: ToolCall, decision: Decision, exchange: Exchange,
                  e: TooManyPending) -> Decision:
@@ -226,7 +252,8 @@ class Holds:
         return self._end(call, exchange, decision, final, Outcome.DENIED, by=TETHER,
                          reason=e.message, approval=approval)
 
-    async def _ticket(self, call: ToolCall, decision: Decision, exchange: Exchange) -> Decision:
+    async def _ticket(self, call: ToolCall, decision: Decision, exchange: Exchange,
+                      context: HoldContext | None = None) -> Decision:
         binding = binding_of(call, exchange, self.revision)
         used = await self.queue.redeem(binding)
         if used is not None:
@@ -237,7 +264,7 @@ class Holds:
             return self._end(call, exchange, decision, allowed, Outcome.APPROVED,
                              by=used.decided_by, reason=used.reason, approval=used)
         approval = (await self.queue.waiting_for(binding)
-                    or await self._open(call, decision, exchange, Mode.TICKET))
+                    or await self._open(call, decision, exchange, Mode.TICKET, context))
         validity = _human(self.settings.ticket_validity_s)
         why = f"{decision.message}; " if decision.message else ""
         answered = Decision(Action.DENY, decision.rules,

@@ -33,6 +33,7 @@ from typing import Protocol
 from ..model import Exchange, ToolCall
 from ..policy.names import normalize
 from ..surrogates import json_text, utf8
+from .context import HoldContext
 
 
 class State(enum.StrEnum):
@@ -75,6 +76,7 @@ class Approval:
     decided_at: float | None = None
     valid_until: float | None = None   # tickets: approved calls may be re-issued until then
     waiter: str | None = None          # store: redis: the replica whose request waits on it
+    context: HoldContext | None = None  # what the approver is shown beside it (None: unknown)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -86,6 +88,7 @@ class Approval:
             "created": self.created, "expires": self.expires, "decided_by": self.decided_by,
             "reason": self.reason, "decided_at": self.decided_at,
             "valid_until": self.valid_until, "waiter": self.waiter,
+            "context": self.context.as_json() if self.context is not None else None,
         }
 
 
@@ -134,7 +137,8 @@ class Approvals(Protocol):
 
     async def create(self, call: ToolCall, exchange: Exchange, *, mode: Mode,
                      rules: tuple[str, ...], message: str, revision: str,
-                     approvers: tuple[str, ...], timeout_s: float) -> Approval: ...
+                     approvers: tuple[str, ...], timeout_s: float,
+                     context: HoldContext | None = None) -> Approval: ...
 
     async def decide(self, approval_id: str, *, approve: bool, by: str,
                      reason: str | None = None, ticket_validity_s: float = 3600,
@@ -219,7 +223,8 @@ class ApprovalQueue:
 
     async def create(self, call: ToolCall, exchange: Exchange, *, mode: Mode,
                      rules: tuple[str, ...], message: str, revision: str,
-                     approvers: tuple[str, ...], timeout_s: float) -> Approval:
+                     approvers: tuple[str, ...], timeout_s: float,
+                     context: HoldContext | None = None) -> Approval:
         pending = self._pending()
         if len(pending) >= self.max_pending:
             raise TooManyPending(f"{len(pending)} approvals are already pending (at most "
@@ -229,7 +234,8 @@ class ApprovalQueue:
             raise TooManyPending(f"this session already has {len(mine)} pending approvals "
                                  f"(at most {self.max_pending_per_session})")
         approval = new_approval(call, exchange, mode=mode, rules=rules, message=message,
-                                revision=revision, approvers=approvers, timeout_s=timeout_s)
+                                revision=revision, approvers=approvers, timeout_s=timeout_s,
+                                context=context)
         self._items[approval.id] = approval
         self._events[approval.id] = asyncio.Event()
         self._trim()
@@ -335,15 +341,15 @@ class ApprovalQueue:
 
 
 def new_approval(call: ToolCall, exchange: Exchange, *, mode: Mode, rules: tuple[str, ...],
-                 message: str, revision: str, approvers: tuple[str, ...], timeout_s: float
-                 ) -> Approval:
+                 message: str, revision: str, approvers: tuple[str, ...], timeout_s: float,
+                 context: HoldContext | None = None) -> Approval:
     now = time.time()
     return Approval(
         id="apv_" + secrets.token_hex(8), binding=binding_of(call, exchange, revision),
         mode=mode, tool=call.name, arguments=canonical_arguments(call),
         session=exchange.session, agent=exchange.agent, provider=exchange.provider,
         rules=rules, message=message, policy_revision=revision, approvers=approvers,
-        created=now, expires=now + timeout_s)
+        created=now, expires=now + timeout_s, context=context)
 
 
 def decided_as(current: Approval, *, approve: bool, by: str, reason: str | None,

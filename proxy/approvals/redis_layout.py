@@ -29,6 +29,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .context import HoldContext
 from .queue import Approval, Mode, State
 
 ITEM = "tether:approval:"
@@ -143,7 +144,19 @@ def to_fields(a: Approval) -> dict[str, str]:
     for key, number in (("decided_at", a.decided_at), ("valid_until", a.valid_until)):
         if number is not None:
             fields[key] = repr(number)
+    if a.context is not None:  # masked and bounded (approvals/context.py): a few KB at most
+        fields["context"] = json.dumps(a.context.as_json(), ensure_ascii=False)
     return fields
+
+
+def _context(text: str | None) -> HoldContext | None:
+    """A record written before holds had a context, or one that does not read: unknown."""
+    if text is None:
+        return None
+    try:
+        return HoldContext.from_json(json.loads(text))
+    except (ValueError, RecursionError):
+        return None
 
 
 def from_fields(f: Mapping[str, str]) -> Approval:
@@ -157,7 +170,8 @@ def from_fields(f: Mapping[str, str]) -> Approval:
         policy_revision=f["policy_revision"], approvers=tuple(json.loads(f["approvers"])),
         created=float(f["created"]), expires=float(f["expires"]), state=State(f["state"]),
         decided_by=f.get("decided_by"), reason=f.get("reason"), decided_at=number("decided_at"),
-        valid_until=number("valid_until"), waiter=f.get("waiter"))
+        valid_until=number("valid_until"), waiter=f.get("waiter"),
+        context=_context(f.get("context")))
 
 
 def pairs(flat: list[Any]) -> dict[str, str]:

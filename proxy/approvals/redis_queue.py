@@ -9,9 +9,9 @@ while the subscription was down delays it by one poll, never past its timeout.
 
 Keys, fields and scripts: redis_layout.py.
 
-A waiting replica holds a lease (`approvals.lease`, renewed every third of it); when
-it dies, any replica's sweep ends what it waited on `abandoned` within about the
-lease plus a third, so nothing whose caller is gone stays approvable.
+A waiting replica holds a lease (redis_lease.py); when it dies, any replica's
+sweep ends what it waited on `abandoned` within about the lease plus a third, so
+nothing whose caller is gone stays approvable.
 
 Scripts touch keys they build from ids, so this needs a single Redis (or a
 Sentinel-managed primary), as the budgets do; not Redis Cluster. Expiry uses
@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from ..errors import StoreUnavailable
 from ..model import Exchange, ToolCall
+from .context import HoldContext
 from .queue import (
     Approval,
     ApprovalQueue,
@@ -66,6 +67,7 @@ from .redis_layout import (
     pairs,
     to_fields,
 )
+from .redis_lease import Lease
 from .settings import ApprovalSettings
 
 log = logging.getLogger("tether.approvals.redis")
@@ -111,7 +113,7 @@ class RedisApprovals:
         self._watched: dict[str, asyncio.Event] = {}   # ids this process waits on
         self._outcomes: dict[str, Approval] = {}       # ... that this process ended
         self._listener: asyncio.Task[None] | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._lease = Lease(self._redis, self.instance, lease_s, self._call, self.sweep)
         self._closed = False
 
     def on_created(self, listener: Listener) -> None:
@@ -185,10 +187,12 @@ class RedisApprovals:
 
     async def create(self, call: ToolCall, exchange: Exchange, *, mode: Mode,
                      rules: tuple[str, ...], message: str, revision: str,
-                     approvers: tuple[str, ...], timeout_s: float) -> Approval:
+                     approvers: tuple[str, ...], timeout_s: float,
+                     context: HoldContext | None = None) -> Approval:
         await self.pending()  # ends what is overdue, so it neither counts nor lingers
         approval = new_approval(call, exchange, mode=mode, rules=rules, message=message,
-                                revision=revision, approvers=approvers, timeout_s=timeout_s)
+                                revision=revision, approvers=approvers, timeout_s=timeout_s,
+                                context=context)
         if mode is Mode.WAIT:  # this replica's request waits on it: its lease covers it
             await self.start()
             approval = replace(approval, waiter=self.instance)
@@ -322,27 +326,8 @@ class RedisApprovals:
     # -- the lease -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._heartbeat is None and not self._closed:
-            self._heartbeat = asyncio.get_running_loop().create_task(
-                self._beat(), name="approvals-lease")
-            with contextlib.suppress(StoreUnavailable):
-                await self._renew()  # before the first wait is created, not a third later
-
-    async def _renew(self) -> None:
-        await self._call("lease", lambda: self._redis.set(
-            LEASE + self.instance, "1", px=max(1, int(self.lease_s * 1000))))
-
-    async def _beat(self) -> None:
-        """Renew this replica's lease, then end what dead replicas waited on."""
-        while not self._closed:
-            try:
-                await self._renew()
-                await self.sweep()
-            except StoreUnavailable as e:
-                log.warning("approvals: lease or sweep failed: %s", e.message)
-            except Exception:  # noqa: BLE001 - the lease must outlive one bad record
-                log.exception("approvals: the lease and sweep hit an error; going on")
-            await asyncio.sleep(self.lease_s / 3)
+        if not self._closed:
+            await self._lease.start()
 
     async def sweep(self) -> list[Approval]:
         """Pending `wait` approvals whose waiter's lease lapsed, ended `abandoned` here
@@ -389,14 +374,12 @@ class RedisApprovals:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._listener, self._heartbeat):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         # What this replica waited on has ended (Holds.stop): its lease can go at once.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await self._redis.delete(LEASE + self.instance)
+        await self._lease.stop()
         await self._redis.aclose()
         await self._sub.aclose()
 

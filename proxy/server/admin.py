@@ -27,6 +27,7 @@ from aiohttp.typedefs import Middleware
 
 from ..approvals.holds import Holds
 from ..approvals.queue import CALLER_GONE, State
+from ..approvals.shown import listed
 from ..approvals.slack.interactions import INTERACTIONS_PATH
 from ..approvals.ui import OPEN_PATHS as UI_PATHS
 from ..approvals.ui import ui_routes
@@ -119,8 +120,9 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
             pending, recent = await queue.pending(), await queue.recent()
         except StoreUnavailable as e:
             return _problem(503, e.message)
-        return web.json_response({"pending": [a.as_json() for a in pending],
-                                  "recent": [a.as_json() for a in recent]})
+        # `shown`: each one's context as a person reads it (approvals/shown.py)
+        return web.json_response({"pending": [listed(a) for a in pending],
+                                  "recent": [listed(a) for a in recent]})
 
     async def approval(request: web.Request) -> web.Response:
         try:
@@ -129,7 +131,7 @@ def build_admin(config: Config, metrics: Metrics, guard: SessionGuard, holds: Ho
             return _problem(503, e.message)
         if found is None:
             return _problem(404, "no such approval")
-        return web.json_response(found.as_json())
+        return web.json_response(listed(found))
 
     async def decide(request: web.Request) -> web.Response:
         approve = request.match_info["verb"] == "approve"

@@ -26,6 +26,8 @@ import aiohttp
 from aiohttp import web
 
 from .. import tracing
+from ..approvals import context as hold_context
+from ..approvals.context import HoldContext
 from ..approvals.holds import KeepAlive
 from ..auth.authenticator import ANONYMOUS, Identity
 from ..config import Upstream
@@ -80,6 +82,10 @@ class Call:
     turn: responses_turns.Turn | None = None
     # The agent's request as parsed (a continuation is admitted by its max output tokens).
     parsed: ParsedRequest | None = None
+    # The answer being decided (whole), or the tail of what a stream released so far:
+    # where a hold's context reads the model's text before the call (approvals/context.py).
+    answer: bytes = b""
+    streamed: bytearray = field(default_factory=bytearray)
 
     def overhead(self) -> float:
         return time.perf_counter() - self.started - self.waited
@@ -163,14 +169,37 @@ class Answers:
             held = time.perf_counter()
             if self.ctx.linked is not None:  # the approver sees what else approving lets run
                 decisions = self.ctx.linked.for_approver(calls, decisions)
-            decisions = await self.ctx.holds.resolve(calls, decisions, exchange,
-                                                     self._keepalive(out))
+            decisions = await self.ctx.holds.resolve(
+                calls, decisions, exchange, self._keepalive(out),
+                self._contexts(calls, decisions, exchange, call, read=flows is not None))
             call.waited += time.perf_counter() - held
         if flows is not None:  # before the agent sees any of them
             decisions = await flows.after(calls, decisions, call.flow)
         if self.ctx.linked is not None and calls:  # filed before the agent sees them
             await self.ctx.linked.record(calls, judged, decisions, exchange)
         return decisions
+
+    def _contexts(self, calls: Sequence[ToolCall], decisions: Sequence[Decision],
+                  exchange: Exchange, call: Call, *, read: bool) -> list[HoldContext | None]:
+        """What the approver of each held call is shown: the operation it maps to (its
+        linked `tools.X.api`, else its OpenAPI operation), the user's request, the model's
+        text before it (the answer read once for all), and the session's history when it
+        was read (`read`). Only shown, never decided on: one that cannot be read is
+        unknown, and the hold goes on."""
+        try:
+            user = hold_context.last_user_text(call.sent)
+            answer = hold_context.read_answer(call.answer or bytes(call.streamed))
+            out: list[HoldContext | None] = []
+            for c, d in zip(calls, decisions, strict=True):
+                link = self.ctx.linked.tools.for_tool(c.name) if self.ctx.linked else None
+                op = self.ctx.config.apis.for_tool(c.name)
+                out.append(None if d.action is not Action.HOLD else hold_context.build(
+                    api=link.operation if link else op.name if op else None, user=user,
+                    said=answer.before(c.id), history=exchange.history if read else None))
+            return out
+        except Exception:  # noqa: BLE001 - display only: the hold must not fail for it
+            log.exception("approvals: the context of a held call could not be read")
+            return []
 
     @staticmethod
     def _keepalive(out: object) -> KeepAlive | None:
@@ -203,6 +232,7 @@ class Answers:
         await self.ctx.guard.settle(call.admission, parsed.usage, extra_calls=call.rounds)
         ran: tuple[ToolCall, ...] = getattr(parsed, "ran", ())
         violation = self._judge_ran(ran, exchange, call) if ran else None
+        call.answer = body
         decisions = await self.decide_calls(parsed.calls, exchange, call, violation=violation)
         refused = any(not d.allowed and d.on_deny is OnDeny.ERROR for d in decisions)
         metrics = self.ctx.governor.metrics
@@ -285,6 +315,9 @@ class Answers:
             if step.ran:  # what ran came before the pending calls: it is judged first
                 call.violation = self._judge_ran(step.ran, exchange, call)
             if step.data:
+                call.streamed += step.data
+                if len(call.streamed) > 2 * hold_context.STREAM_TAIL:
+                    del call.streamed[:-hold_context.STREAM_TAIL]
                 await out.write(step.data)
             if step.approvals and isinstance(stream, ApprovingStream):
                 step = stream.approve(await approvals_continue.judge(

@@ -7,6 +7,10 @@ cut is counted. Arguments are attacker-controlled text, so everything shown
 is escaped for mrkdwn (no links, mentions or @channel, no way out of a code
 span) and any character that could hide, reorder or fake what is shown
 (controls, bidi overrides, zero widths, ...) is shown as its `\\u` escape.
+Beside the call, the hold's context (the user's request, the model's text, the
+session's recent decisions, effect, operation, time left) comes from the view the
+page and the CLI show too (approvals/shown.py), quoted in code blocks and labelled
+as what the user and the model wrote: it explains the call, it never replaces it.
 Pure functions from an Approval to Slack's JSON: no I/O here.
 """
 
@@ -14,13 +18,13 @@ from __future__ import annotations
 
 import json
 import time
-import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
 from ...audit import redact
 from ...surrogates import json_text
 from ..queue import Approval, State
+from ..shown import Shown, shown, visible
 
 type Json = dict[str, Any]
 
@@ -28,23 +32,8 @@ APPROVE, DENY = "tether_approve", "tether_deny"   # the buttons' action ids
 ARGS_LIMIT = 2500           # characters of escaped arguments (a section holds 3000)
 FIELD_LIMIT = 200
 
-# Shown as \u escapes: controls, format characters (bidi overrides and isolates, zero
-# widths, tag characters), surrogates, private use, unassigned, line/paragraph
-# separators, odd spaces, and other characters that render as nothing.
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
-_HIDDEN_EXTRA = (range(0x034F, 0x0350), range(0x115F, 0x1161), range(0x17B4, 0x17B6),
-                 range(0x180B, 0x1810), range(0x2800, 0x2801), range(0x3164, 0x3165),
-                 range(0xFE00, 0xFE10), range(0xFFA0, 0xFFA1), range(0xE0100, 0xE01F0))
+CONTEXT_LIMIT = 1200        # characters of the user's request and of the model's text
 _MRKDWN = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\\u0060"}
-
-
-def visible(ch: str) -> str:
-    """`ch`, or a `\\uXXXX` escape when it could hide, reorder or fake what is shown."""
-    cp = ord(ch)
-    if ch == " " or not (unicodedata.category(ch) in _HIDDEN_CATEGORIES
-                         or any(cp in r for r in _HIDDEN_EXTRA)):
-        return ch
-    return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
 
 
 def escape(text: str) -> str:
@@ -53,13 +42,14 @@ def escape(text: str) -> str:
     return "".join(_MRKDWN.get(ch) or visible(ch) for ch in text)
 
 
-def clip(text: str, limit: int) -> tuple[str, int]:
+def clip(text: str, limit: int, *, lines: bool = False) -> tuple[str, int]:
     """The escaped text, at most `limit` characters; and how many characters of `text`
-    did not fit. Never cuts inside an escape."""
+    did not fit. Never cuts inside an escape. `lines`: line breaks stay (in a code block,
+    where they cannot start anything)."""
     out: list[str] = []
     size = 0
     for i, ch in enumerate(text):
-        piece = _MRKDWN.get(ch) or visible(ch)
+        piece = "\n" if lines and ch == "\n" else _MRKDWN.get(ch) or visible(ch)
         if size + len(piece) > limit:
             return "".join(out), len(text) - i
         out.append(piece)
@@ -69,8 +59,8 @@ def clip(text: str, limit: int) -> tuple[str, int]:
 
 def plain(text: str, limit: int) -> str:
     """Text for a plain_text field (no mrkdwn to escape), hidden characters shown."""
-    shown = "".join(visible(ch) for ch in text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    out = "".join(visible(ch) for ch in text)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 def _code(value: str | None, limit: int = FIELD_LIMIT) -> str:
@@ -106,11 +96,31 @@ def shown_arguments(arguments: str) -> str:
     return json_text(result.value, separators=(",", ":"))
 
 
+def _quoted(title: str, text: str) -> Json:
+    """A section quoting agent or model text in a code block (escaped, bounded)."""
+    body, cut = clip(text, CONTEXT_LIMIT, lines=True)
+    more = f"\n_(+{cut} characters not shown)_" if cut else ""
+    return {"type": "section", "text": {"type": "mrkdwn",
+                                        "text": f"*{title}*\n```\n{body}\n```{more}"}}
+
+
+def _context_blocks(s: Shown) -> list[Json]:
+    """The hold's context (approvals/shown.py, the same view as the page and the CLI)."""
+    recent = "\n".join(f"• {clip(line, 240)[0]}" for line in s.recent) or "_nothing earlier_"
+    return [
+        _quoted("The user's request", s.user_request),
+        _quoted("The model's text before the call", s.model_text),
+        {"type": "section", "text": {"type": "mrkdwn", "text": (
+            f"*Recently in this session*\n{recent}")}},
+    ]
+
+
 def _blocks(a: Approval, title: str) -> list[Json]:
     text = shown_arguments(a.arguments)
     args, cut = clip(text, ARGS_LIMIT)
     why, why_cut = clip(a.message, 1000)
     note = f"\n_({cut} of {len(text)} characters not shown)_" if cut else ""
+    view = shown(a)
     blocks: list[Json] = [
         {"type": "header", "text": {"type": "plain_text", "emoji": False,
                                     "text": plain(f"{title}: {a.tool}", 150)}},
@@ -118,11 +128,15 @@ def _blocks(a: Approval, title: str) -> list[Json]:
             {"type": "mrkdwn", "text": f"*Tool*\n{_code(a.tool)}"},
             {"type": "mrkdwn", "text": f"*Agent*\n{_code(a.agent)}"},
             {"type": "mrkdwn", "text": f"*Session*\n{_code(a.session)}"},
-            {"type": "mrkdwn", "text": f"*Rules*\n{_code(', '.join(a.rules))}"}]},
+            {"type": "mrkdwn", "text": f"*Rules*\n{_code(', '.join(a.rules))}"},
+            {"type": "mrkdwn", "text": f"*Effect*\n{_code(view.effect)}"},
+            {"type": "mrkdwn", "text": f"*API operation*\n{_code(view.api)}"},
+            {"type": "mrkdwn", "text": f"*Time left*\n{escape(view.time_left)}"}]},
     ]
     if a.message:
         blocks.append({"type": "section", "text": {
             "type": "mrkdwn", "text": f"*Why it is held*\n{why}{'…' if why_cut else ''}"}})
+    blocks += _context_blocks(view)
     blocks += [
         {"type": "section", "text": {"type": "mrkdwn", "text": (
             f"*Arguments* (exactly as they will run)\n```\n{args}\n```{note}")}},
