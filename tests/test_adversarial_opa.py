@@ -245,7 +245,8 @@ async def test_end_to_end_the_slow_call_is_denied_and_the_next_request_is_decide
     stack = await make_stack(policy=POLICY, extra=(
         f"opa: {{embedded: '{tmp_path / 'policy'}', timeout: 0.3, cache: {{ttl: 0}}}}\n"))
     stack.fake.push(Reply(calls=(Call("query", '{"n": 1500}'),)),
-                    Reply(calls=(Call("query", '{"n": 3}'),)))
+                    Reply(calls=(Call("query", '{"n": 3}'),)),
+                    Reply(calls=(Call("query", '{"n": 4}'),)))
     client = stack.client()
     tools: Any = [{"type": "function", "function": {"name": "query"}}]
     messages: Any = [{"role": "user", "content": "go"}]
@@ -253,8 +254,12 @@ async def test_end_to_end_the_slow_call_is_denied_and_the_next_request_is_decide
     first = await client.chat.completions.create(model="m", messages=messages, tools=tools)
     second = await client.chat.completions.create(model="m", messages=messages, tools=tools)
     assert time.monotonic() - started < 2.5
-    assert not first.choices[0].message.tool_calls  # denied, replaced by text
+    # Denied, replaced by text; sent to the model (on_deny: continue), whose next call,
+    # in the same answer, is decided by the policy again: allowed.
+    assert UNAVAILABLE in (first.choices[0].message.content or "")
+    assert [c.function.arguments for c in first.choices[0].message.tool_calls or []
+            if c.type == "function"] == ['{"n": 3}']
     assert second.choices[0].message.tool_calls  # decided by the policy: allowed
     decisions = stack.decisions()
     assert decisions[0]["action"] == "deny" and UNAVAILABLE in decisions[0]["rules"]
-    assert decisions[1]["action"] == "allow"
+    assert [d["action"] for d in decisions[1:]] == ["allow", "allow"]

@@ -60,9 +60,23 @@ def auth(issuer: FakeIssuer, mode: str = "required", more: str = "") -> str:
             f"    audiences: [tether]\n    refetch_interval: 1\n    claims: [sub]\n{more}")
 
 
+def answered(body: dict[str, Any]) -> bool:
+    """Whether the conversation ends with a tool result (Chat, Anthropic or Bedrock): here
+    only tether's continuation after a denial (on_deny: continue, the default) sends one."""
+    last = (body.get("messages") or [{}])[-1]
+    content = last.get("content") if isinstance(last.get("content"), list) else []
+    return last.get("role") == "tool" or any(
+        isinstance(b, dict) and ("toolResult" in b or b.get("type") == "tool_result")
+        for b in content)
+
+
+READ_IT = "Understood, I will not delete it."  # the model, having read a denial
+
+
 async def tether(make_stack: MakeStack, extra: str, **kw: Any) -> Stack:
     stack = await make_stack(policy=POLICY, extra=extra, **kw)
-    stack.fake.script = lambda body: Reply(calls=(Call("delete_volume", DELETE),))
+    stack.fake.script = lambda body: Reply(content=READ_IT) if answered(body) \
+        else Reply(calls=(Call("delete_volume", DELETE),))
     return stack
 
 
@@ -136,7 +150,8 @@ async def test_jwt_names_the_agent_and_rules_apply(make_stack: MakeStack,
 
 
 async def test_anthropic_sdk_carries_the_token(make_stack: MakeStack, oidc: FakeIssuer) -> None:
-    fake = FakeAnthropic(script=lambda body: AReply(calls=(ACall("delete_volume", DELETE),)))
+    fake = FakeAnthropic(script=lambda body: AReply(content=READ_IT) if answered(body)
+                         else AReply(calls=(ACall("delete_volume", DELETE),)))
     stack = await make_stack(policy=POLICY, extra=auth(oidc), upstreams={"anthropic": fake})
     token = oidc.mint("db-agent")
     ac = anthropic.AsyncAnthropic(base_url=stack.proxy_url + "/anthropic", api_key=token,
@@ -145,7 +160,9 @@ async def test_anthropic_sdk_carries_the_token(make_stack: MakeStack, oidc: Fake
         {"name": "delete_volume", "input_schema": {"type": "object"}}]
     m = await ac.messages.create(model="claude-test", max_tokens=100, tools=tools,
                                  messages=[{"role": "user", "content": "clean up"}])
-    assert [b.type for b in m.content] == ["text"]  # the delete was denied for db-agent
+    # The delete was denied for db-agent: tether's text, then the model's after reading it.
+    assert [b.type for b in m.content] == ["text", "text"]
+    assert m.content[1].type == "text" and m.content[1].text == READ_IT
     assert [(d["agent"], d["rules"]) for d in stack.decisions()] == [
         ("db-agent", ["db-agent-no-deletes"])]
     assert forwarded_secrets(fake.headers, token) == []
@@ -159,7 +176,7 @@ async def test_anthropic_sdk_carries_the_token(make_stack: MakeStack, oidc: Fake
     assert isinstance(info.value.body, dict)
     assert info.value.body["error"]["type"] == "authentication_error"
     assert "expired" in info.value.body["error"]["message"]
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 2  # the first turn and tether's continuation of it
     await ac.close()
 
 
@@ -369,7 +386,8 @@ async def test_bedrock_bearer_token_names_the_agent(make_stack: MakeStack, oidc:
                                                     aws_env: None, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeBedrock(TETHER_KEY, TETHER_SECRET)
-    fake.script = lambda body: Reply(calls=(Call("delete_volume", DELETE),))
+    fake.script = lambda body: Reply(content=READ_IT) if answered(body) \
+        else Reply(calls=(Call("delete_volume", DELETE),))
     extra = "upstreams:\n  bedrock: {url: 'http://unused', region: us-east-1}\n" + auth(oidc)
     stack = await make_stack(policy=POLICY, extra=extra, upstreams={"bedrock": fake})
     # botocore sends a bearer token over HTTPS only: tether behind a TLS terminator.
@@ -409,7 +427,7 @@ async def test_bedrock_bearer_token_names_the_agent(make_stack: MakeStack, oidc:
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 401
     # AWS's code for credentials it does not recognise, not a policy denial.
     assert info.value.response["Error"]["Code"] == "UnrecognizedClientException"
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 2  # the first turn and tether's continuation of it
     c.close()
     c2.close()
     server.close()

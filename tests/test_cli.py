@@ -34,7 +34,8 @@ def test_check_fails_with_file_line_and_message(tmp_path: Path) -> None:
                    "      args: {size: {gt: huge}}\n    action: deny\n")
     result = tether("check", str(bad))
     assert result.returncode == 1
-    assert f"{bad}:6: rule broken: match.args.size: gt needs a number" in result.stderr
+    assert (f"{bad}:6:14: error: rule broken: match.args.size: gt needs a number"
+            in result.stderr)
 
 
 def test_policy_tests_pass_and_a_wrong_expectation_fails(tmp_path: Path) -> None:
@@ -76,6 +77,11 @@ def test_demo_runs_offline_and_shows_allowed_and_denied() -> None:
     held = [line for line in out.splitlines() if " HOLD->APPROVED " in line]
     assert len(held) == 1 and "vol-0a1" in held[0] and "demo-operator" in held[0]
     assert "2 calls allowed, 1 held for a human, 2 denied" in out
+    # The loop breaker's denial was the whole answer: tether sent it to the model (the
+    # default, on_deny: continue), which read it and finished, in the same answer.
+    last = [line for line in out.splitlines() if line.startswith("  model (")][-1]
+    assert "tether:loop-repeat" in last and last.endswith("Cleanup finished.")
+    assert "1 denied answer(s) continued" in out
 
 
 def test_serve_governs_requests_from_the_sdk(tmp_path: Path,

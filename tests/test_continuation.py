@@ -17,6 +17,7 @@ from proxy.policy.rules import Rule
 from proxy.providers.anthropic_continue import AnthropicContinues
 from proxy.providers.continuation import Denied, add_usage, to_continue
 from proxy.providers.openai_chat_continue import ChatContinues
+from proxy.providers.provider_ran import VIOLATION
 
 CALL = ToolCall("call_1", "delete_volume", "{}", {})
 DENY_C = Decision(Action.DENY, ("r",), "no", OnDeny.CONTINUE)
@@ -45,6 +46,8 @@ def test_on_deny_the_strictest_named_else_the_default(
     ((CALL, CALL), (DENY_C, ALLOW), False),          # the agent has a call to run
     ((CALL, CALL), (DENY_C, DENY_R), False),         # a rule said rewrite
     ((CALL,), (Decision(Action.DENY, on_deny=OnDeny.ERROR),), False),
+    # the provider ran a tool the policy forbids: that answer is not asked for more
+    ((CALL,), (Decision(Action.DENY, (VIOLATION,), "ran", OnDeny.CONTINUE),), False),
 ])
 def test_which_answers_continue(calls: tuple[ToolCall, ...], decisions: tuple[Decision, ...],
                                 continued: bool) -> None:
@@ -101,3 +104,14 @@ def test_the_keys_read(tmp_path: Path) -> None:
     path.write_text("defaults: {on_deny: continue, max_continuations: 0}\n")
     policy = config_mod.load(path, env={}).policy
     assert (policy.on_deny, policy.max_continuations) == (OnDeny.CONTINUE, 0)
+
+
+def test_continue_is_the_default(tmp_path: Path) -> None:
+    """A denial the model never reads ends the common agent loop (docs/continuations.md,
+    "The default"): unless the config says otherwise, it is sent back to the model."""
+    path = tmp_path / "t.yaml"
+    path.write_text("rules: []\n")
+    policy = config_mod.load(path, env={}).policy
+    assert (policy.on_deny, policy.max_continuations) == (OnDeny.CONTINUE, 3)
+    rule = Rule(id="r", action=Action.DENY)
+    assert on_deny_of([rule], policy.on_deny) is OnDeny.CONTINUE

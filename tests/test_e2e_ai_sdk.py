@@ -1,8 +1,9 @@
 """The Vercel AI SDK (node `ai` + `@ai-sdk/openai`) on the Responses API, through a real tether,
 against the fake upstream that stores responses and checks item references: a denial, the
 SDK's next step (earlier output sent back as `item_reference`s, the default), and one more
-turn, with generateText and streamText. Needs node and `npm ci --prefix tests/node`;
-skipped without them."""
+turn, with generateText and streamText; and a task whose first answer is only a denied call,
+which tether continues (`on_deny: continue`, the default) so the SDK's steps go on. Needs
+node and `npm ci --prefix tests/node`; skipped without them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from proxy.server.routes import CONTEXT
 from proxy.sessions.rewrites import MemoryRewrites
 from tests.conftest import Stack
 from tests.fakes import Call, Reply
+from tests.test_e2e_continuations import DONE, SCRIPT, check_continuation
 
 NODE_DIR = Path(__file__).parent / "node"
 NODE = shutil.which("node")
@@ -41,10 +43,10 @@ class Watched(MemoryRewrites):
         return await super().items(ids)
 
 
-async def run(stack: Stack, mode: str) -> dict[str, Any]:
+async def run(stack: Stack, *args: str, script: str = "ai_sdk_turns.mjs") -> dict[str, Any]:
     assert NODE is not None
     proc = await asyncio.create_subprocess_exec(
-        NODE, str(NODE_DIR / "ai_sdk_turns.mjs"), stack.base_url, mode,
+        NODE, str(NODE_DIR / script), stack.base_url, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -91,3 +93,22 @@ async def test_a_reference_tether_no_longer_holds(stack: Stack, mode: str) -> No
     assert not result["ok"]
     assert "tether no longer holds it" in result["error"], result
     assert len(stack.fake.requests) == 1
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
+@pytest.mark.parametrize("api", ["responses", "chat"])
+async def test_a_denied_only_call_is_continued(stack: Stack, api: str, mode: str) -> None:
+    """The SDK's steps stop at an answer without a tool call; with tether continuing, its
+    first step already holds the model's answer to the denial (the list call), it runs it,
+    and the task completes in two steps, the denied call never shown to it."""
+    stack.fake.push(*SCRIPT)
+    result = await run(stack, api, mode, script="ai_sdk_continue.mjs")
+    assert result["ok"], result
+    assert result["ran"] == ["list_volumes"]
+    assert result["text"] == DONE
+    steps = result["steps"]
+    assert [s["calls"] for s in steps] == [["list_volumes"], []]
+    assert DENIAL in steps[0]["text"] and steps[0]["finish"] == "tool-calls"
+    if mode == "stream":
+        assert DENIAL in result["streamed"] and result["streamed"].endswith(DONE)
+    check_continuation(stack, api)

@@ -202,10 +202,14 @@ async def test_hold_nobody_approves_is_a_deny(env: Env, mode: Mode) -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_server_tools_and_thinking_pass_untouched(env: Env, mode: Mode) -> None:
     env.fake.push(Message((Thinking("Search first."), ServerCall("web_search", '{"query": "x"}'),
-                           "Found.", PROD_DELETE)))
+                           "Found.", PROD_DELETE)), Reply(content="Left it."))
     answer = await ask(env, mode)
+    # The model's text, tether's denial, then the model's answer after reading the denial
+    # (on_deny: continue, the default).
     assert [b["type"] for b in answer.content] == [
-        "thinking", "server_tool_use", "web_search_tool_result", "text", "text"]
+        "thinking", "server_tool_use", "web_search_tool_result", "text", "text", "text"]
+    assert "no-prod-deletes" in answer.content[4]["text"]
+    assert answer.content[5]["text"] == "Left it."
     assert answer.content[0]["thinking"] == "Search first."
     assert answer.content[1]["input"] == {"query": "x"}
     assert answer.content[2]["content"][0]["url"] == "https://example.com/"

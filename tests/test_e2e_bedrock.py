@@ -422,15 +422,29 @@ async def test_corrupted_crc_denies_and_errors(stack: Stack) -> None:
     assert [r["action"] for r in stack.decisions()] == ["allow", "deny"]
 
 
+@pytest.mark.parametrize("continued", [False, True], ids=["rewrite", "continue"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_max_tokens_with_a_cut_tool_use_is_denied(stack: Stack, stream: bool) -> None:
+async def test_max_tokens_with_a_cut_tool_use_is_denied(make_stack: MakeStack, stream: bool,
+                                                        continued: bool) -> None:
+    """Rewrite mode keeps the cut answer's stop reason; the default sends the model the
+    denial as the call's result and the agent gets its next answer after the text."""
+    rewrite = "" if continued else "defaults: {on_deny: rewrite}\n"
+    stack = await make_stack(upstreams={"bedrock": FakeBedrock(TETHER_KEY, TETHER_SECRET)},
+                             extra=EXTRA + rewrite)
     turn = Reply(calls=(Call("get_weather", '{"city": "Oslo"}'),), finish_reason="max_tokens")
-    fake(stack).push(turn)
+    fake(stack).push(turn, Reply(content="Shorter next time."))
     content, stop = await answer(stack, stream)
-    assert calls_of(content) == [] and stop == "max_tokens"
+    assert calls_of(content) == []
     assert "cut off (stopReason max_tokens)" in text_of(content)
     [record] = stack.decisions()
     assert record["action"] == "deny" and record["rules"] == ["tether:malformed-call"]
+    if not continued:
+        assert stop == "max_tokens" and len(fake(stack).requests) == 1
+        return
+    assert stop == "end_turn" and text_of(content).endswith("Shorter next time.")
+    [result] = fake(stack).requests[1]["messages"][-1]["content"]
+    assert result["toolResult"]["status"] == "error"
+    assert "cut off" in result["toolResult"]["content"][0]["text"]
 
 
 async def test_exception_frame_inside_a_200(stack: Stack) -> None:

@@ -219,8 +219,15 @@ async def test_janitor_repeating_a_call_trips_at_n_plus_one(make_stack: MakeStac
                                               if c.type == "function"]))
     assert [calls for _, calls in texts] == [["describe_volume"]] * 3 + [[]]
     assert "same arguments 4 times" in texts[3][0] and "tether:loop-repeat" in texts[3][0]
-    assert [r["action"] for r in stack.decisions()] == ["allow"] * 3 + ["deny"]
-    assert stack.decisions()[3]["rules"] == ["tether:loop-repeat"]
+    # The denial is sent to the model (on_deny: continue, the default); this model asks
+    # again every time, so the fourth answer ends at the bound (3 continuations), in one
+    # answer to the agent, every repeat denied.
+    assert "same arguments 7 times" in texts[3][0]
+    assert [r["action"] for r in stack.decisions()] == ["allow"] * 3 + ["deny"] * 4
+    assert all(r["rules"] == ["tether:loop-repeat"] for r in stack.decisions()[3:])
+    assert [r["outcome"] for r in stack.audit() if r["kind"] == "continuation"] \
+        == ["sent"] * 3 + ["bound"]
+    assert len(fake.requests) == 3 + 4
 
 
 async def test_loop_with_trip_session_stops_the_session(make_stack: MakeStack) -> None:
@@ -265,9 +272,11 @@ async def test_per_tool_count(make_stack: MakeStack) -> None:
     client = stack.client(default_headers={"X-Tether-Session": "tools"})
     for _ in range(3):
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, tools=TOOLS)
-    assert [r["action"] for r in stack.decisions()] == ["allow", "allow", "deny"]
+    # The third answer's call is denied, and so is every one the model asks for after
+    # reading why (on_deny: continue, the default, up to its bound of 3).
+    assert [r["action"] for r in stack.decisions()] == ["allow", "allow"] + ["deny"] * 4
     status = await session_status(stack, "tools")
-    assert status["tool_calls"] == {"get_weather": 2}  # the denied third call is not counted
+    assert status["tool_calls"] == {"get_weather": 2}  # the denied calls are not counted
 
 
 async def test_shadow_mode_counts_but_does_not_enforce(make_stack: MakeStack) -> None:

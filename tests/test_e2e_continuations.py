@@ -44,7 +44,7 @@ SCRIPT = (Reply(content="Cleaning up.", calls=(PROD_DELETE,)), Reply(calls=(LIST
 
 TOOLS = {"list_volumes": lambda args: "[vol-9 (production)]"}
 
-CONTINUE = "defaults: {on_deny: continue}\n"  # docs/continuations.md: the default to be
+CONTINUE = "defaults: {on_deny: continue}\n"  # the default, said where a test names it
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Inheritance class AiohttpClientSession from ClientSession:DeprecationWarning")
@@ -52,7 +52,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.fixture
 async def stack(make_stack: MakeStack) -> Stack:
-    return await make_stack(policy=CONTINUE + POLICY)
+    """The default policy: `on_deny` unset, so `continue`."""
+    return await make_stack(policy=POLICY)
 
 
 def continuations(stack: Stack) -> list[dict[str, Any]]:
@@ -172,12 +173,11 @@ async def test_chat_stream_usage_adds_up(stack: Stack) -> None:
     assert finishes == ["tool_calls"]                          # one end, the continuation's
 
 
-@pytest.mark.parametrize("policy", ["defaults: {on_deny: rewrite}\n" + POLICY, POLICY],
-                         ids=["rewrite", "default"])
-async def test_rewrite_keeps_todays_behaviour(make_stack: MakeStack, policy: str) -> None:
-    """`defaults.on_deny: rewrite` (this version's default): the answer ends with the
-    denial text, nothing more is sent upstream."""
-    stack = await make_stack(policy=policy)
+async def test_rewrite_keeps_the_behaviour_before_continuations(make_stack: MakeStack
+                                                                ) -> None:
+    """`defaults.on_deny: rewrite`: the answer ends with the denial text, nothing more is
+    sent upstream."""
+    stack = await make_stack(policy="defaults: {on_deny: rewrite}\n" + POLICY)
     stack.fake.push(*SCRIPT)
     messages, ran = await chat_loop(stack.client(), False)
     assert ran == [] and DENIAL in messages[-1]["content"]     # the loop stopped there
@@ -299,6 +299,72 @@ async def test_a_continuations_call_is_judged(stack: Stack, stream: bool) -> Non
         await chat_loop(stack.client(), stream)
     assert "Dropping databases is never allowed" in str(e.value)
     assert [d["tool"] for d in stack.decisions()] == ["delete_volume", "drop_database"]
+
+
+@pytest.mark.usefixtures("admin_token")
+async def test_a_caller_that_leaves_during_a_continuation(make_stack: MakeStack) -> None:
+    """The agent's stream is closed while tether streams it the continuation: no crash
+    (tether serves the next request), the round is charged, and the audit says so."""
+    fake = FakeOpenAI(delay_s=0.02)
+    stack = await make_stack(fake=fake, policy=CONTINUE + POLICY,
+                             extra="budgets:\n  session: {llm_calls: 100}\n")
+    stack.fake.push(SCRIPT[0], Reply(content="Let me think. " * 40))
+    body = {"model": "gpt-x", "stream": True, "tools": CHAT_TOOLS,
+            "messages": [{"role": "user", "content": "clean up the volumes"}]}
+    seen = b""
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{stack.base_url}/chat/completions", json=body,
+                               headers={"X-Tether-Session": "leaving"})
+        async for chunk in resp.content.iter_any():
+            seen += chunk
+            if b"Let" in seen:          # the continuation has begun: the agent leaves
+                break
+        resp.close()
+    assert b"It was not executed" in seen
+    for _ in range(100):
+        if any(r["outcome"] == "abandoned" for r in continuations(stack)):
+            break
+        await asyncio.sleep(0.05)
+    assert [r["outcome"] for r in continuations(stack)] == ["sent", "abandoned"]
+    gone = continuations(stack)[-1]
+    assert gone["round"] == 1 and gone["call_ids"] == ["call_del"]
+    assert "disconnected" in gone["message"]
+    stack.fake.push(Reply(content="still here"))
+    r = await stack.client().chat.completions.create(model="gpt-x", messages=[
+        {"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "still here"
+    assert (await spent(stack, "leaving"))["llm_calls"] == 2   # both rounds charged
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_oversize_argument_in_a_continuation_is_judged_by_name(
+        make_stack: MakeStack, stream: bool) -> None:
+    """A megabyte of arguments in the continuation's call, over `limits.max_arguments_bytes`:
+    denied unread (tether:arguments-too-large) as in a first answer. Whole, that denial is
+    continued in turn; streamed, the stream is cut there with an error event, as a first
+    round's would be (test_e2e_sizes). None of the megabyte reaches the agent or the audit."""
+    import openai
+
+    stack = await make_stack(policy=CONTINUE + POLICY,
+                             extra="limits: {max_arguments_bytes: 65536}\n")
+    big = Call("list_volumes", json.dumps({"filter": "x" * 1_000_000}), id="call_big")
+    stack.fake.push(SCRIPT[0], Reply(calls=(big,)), Reply(content=DONE))
+    if stream:
+        with pytest.raises(openai.APIError) as e:
+            await chat_loop(stack.client(), stream)
+        assert "tether:arguments-too-large" in str(e.value) and len(str(e.value)) < 10_000
+        assert [r["outcome"] for r in continuations(stack)] == ["sent"]
+    else:
+        messages, ran = await chat_loop(stack.client(), stream)
+        assert ran == [] and len(messages) == 2
+        answer = messages[1]["content"]
+        assert DENIAL in answer and "tether:arguments-too-large" in answer
+        assert answer.endswith(DONE) and len(answer) < 10_000
+        assert [r["outcome"] for r in continuations(stack)] == ["sent", "sent"]
+    decisions = stack.decisions()
+    assert [(d["tool"], d["rules"]) for d in decisions] == [
+        ("delete_volume", ["no-prod-deletes"]), ("list_volumes", ["tether:arguments-too-large"])]
+    assert len(json.dumps(decisions)) < 10_000         # the audit holds no megabyte either
 
 
 # --- Anthropic ------------------------------------------------------------------------------
@@ -553,6 +619,30 @@ async def test_responses_chained(stack: Stack, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_responses_continuation_refused_ends_as_the_rewrite(stack: Stack,
+                                                                  stream: bool) -> None:
+    """Fail closed on the Responses API too: the continuation's 500 is not the agent's; it
+    gets the rewrite (tether's message, no call), and the failure is recorded."""
+    from tests.fakes import RawReply
+
+    stack.fake.push(SCRIPT[0], RawReply(status=500, chunks=(b'{"error": {"message": "boom"}}',)))
+    answers, ran, _ = await responses_loop(stack, stream)
+    assert ran == [] and len(answers) == 1 and DENIAL in answers[0].output_text
+    assert [r["outcome"] for r in continuations(stack)] == ["sent", "failed"]
+    assert continuations(stack)[-1]["status"] == 500
+    # Not answered upstream after all: the agent's next turn, chained from the answer it
+    # got, carries the denied call's output, as after any rewrite.
+    stack.fake.push(Reply(content="ok"))
+    nxt = await stack.client().responses.create(model="gpt-x", tools=RESPONSES_TOOLS,
+                                                previous_response_id=answers[0].id,
+                                                input="and now?")
+    assert nxt.output_text == "ok"
+    outputs = [i for i in stack.fake.requests[-1]["input"]
+               if i.get("type") == "function_call_output"]
+    assert [i["call_id"] for i in outputs] == ["call_del"] and DENIAL in outputs[0]["output"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_responses_store_false(stack: Stack, stream: bool) -> None:
     stack.fake.push(*SCRIPT)
     answers, ran, _ = await responses_loop(stack, stream, store=False, chain=False)
@@ -615,6 +705,30 @@ async def test_responses_forever_stops_at_the_bound(make_stack: MakeStack, strea
 # --- an agent framework, unchanged: the OpenAI Agents SDK -----------------------------------
 
 
+def check_continuation(stack: Stack, api: str) -> None:
+    """Three upstream calls: the agent's, tether's continuation carrying the denial as the
+    denied call's result, the agent's next (with the allowed call's result)."""
+    assert len(stack.fake.requests) == 3
+    sent = stack.fake.requests[1]
+    if api == "chat":
+        assistant, result = sent["messages"][-2], sent["messages"][-1]
+        assert [c["id"] for c in assistant["tool_calls"]] == ["call_del"]
+        assert result == {"role": "tool", "tool_call_id": "call_del",
+                          "content": result["content"]}
+        text = result["content"]
+    else:
+        outputs = [i for i in sent["input"] if i.get("type") == "function_call_output"]
+        assert [i["call_id"] for i in outputs] == ["call_del"]
+        text = outputs[0]["output"]
+    assert DENIAL in text and "It was not executed" in text
+    assert_linked(stack, ["sent"])
+    # The agent's next request answers only the call it was shown (list), not the denied one.
+    nxt = json.dumps(stack.fake.requests[2])
+    assert "call_list" in nxt
+
+
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("api", ["responses", "chat"])
 async def test_openai_agents_sdk(stack: Stack, api: str, stream: bool) -> None:
@@ -654,4 +768,8 @@ async def test_openai_agents_sdk(stack: Stack, api: str, stream: bool) -> None:
         await client.close()
     assert listed == ["yes"]
     assert result.final_output == DONE
-    assert len(stack.fake.requests) == 3
+    check_continuation(stack, api)
+    # The runner's own history: one model answer (the denial text, the list call) where the
+    # model took two rounds, then the final one.
+    responses = result.raw_responses
+    assert len(responses) == 2

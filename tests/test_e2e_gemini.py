@@ -382,10 +382,22 @@ async def test_error_chunk_inside_a_200_json_array(gemini: Gemini) -> None:
     assert b"get_weather" not in body
 
 
+@pytest.mark.parametrize("continued", [False, True], ids=["rewrite", "continue"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_max_tokens_with_a_call_is_denied(gemini: Gemini, stream: bool) -> None:
+async def test_max_tokens_with_a_call_is_denied(make_stack: MakeStack, stream: bool,
+                                                continued: bool) -> None:
+    """Rewrite mode keeps the cut answer's finish reason; the default sends the model the
+    denial as the call's result and the agent gets its next answer after the text."""
+    gemini = await start(make_stack, extra="" if continued else "defaults: {on_deny: rewrite}")
+    try:
+        await _max_tokens_with_a_call(gemini, stream, continued)
+    finally:
+        await gemini.client.aio.aclose()
+
+
+async def _max_tokens_with_a_call(gemini: Gemini, stream: bool, continued: bool) -> None:
     gemini.fake.push(Reply(calls=(Call("get_weather", '{"city": "Oslo"}'),),
-                           finish_reason="MAX_TOKENS"))
+                           finish_reason="MAX_TOKENS"), Reply(content="Shorter next time."))
     if stream:
         text, calls, finish = merged(await gemini.stream())
     else:
@@ -393,9 +405,15 @@ async def test_max_tokens_with_a_call_is_denied(gemini: Gemini, stream: bool) ->
         text, calls = text_of(r), function_calls(r)
         finish = r.candidates[0].finish_reason.value if r.candidates and \
             r.candidates[0].finish_reason else None
-    assert calls == [] and finish == "MAX_TOKENS" and "MAX_TOKENS" in text
+    assert calls == [] and "MAX_TOKENS" in text
     [record] = gemini.stack.decisions()
     assert (record["action"], record["rules"]) == ("deny", ["tether:malformed-call"])
+    if not continued:
+        assert finish == "MAX_TOKENS" and len(gemini.fake.requests) == 1
+        return
+    assert finish == "STOP" and text.endswith("Shorter next time.")
+    [result] = gemini.fake.requests[1]["contents"][-1]["parts"]
+    assert "finishReason MAX_TOKENS" in result["functionResponse"]["response"]["error"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

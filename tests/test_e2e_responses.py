@@ -19,7 +19,7 @@ from openai.types.responses import (
 from yarl import URL
 
 from proxy.demo.fake_responses import CustomCall, ServerCall, stream_events
-from tests.conftest import MakeStack, Stack
+from tests.conftest import POLICY, MakeStack, Stack
 from tests.fakes import Call, FakeOpenAI, RawReply, Reply
 
 TOOLS: list[ToolParam] = [
@@ -139,11 +139,27 @@ async def test_stream_helper_final_response_reflects_the_rewrite(stack: Stack) -
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_only_call_denied_leaves_no_call(stack: Stack, stream: bool) -> None:
+async def test_only_call_denied_leaves_no_call(make_stack: MakeStack, stream: bool) -> None:
+    """In rewrite mode the answer ends at tether's message."""
+    stack = await make_stack(policy="defaults: {on_deny: rewrite}\n" + POLICY)
     stack.fake.push(Reply(calls=(PROD_DELETE,)))
     r, _ = await create(stack, stream)
     assert calls_of(r.output) == [] and [i.type for i in r.output] == ["message"]
     assert "denied" in r.output_text
+    assert len(stack.fake.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_only_call_denied_is_continued_by_default(stack: Stack, stream: bool) -> None:
+    """The default (`on_deny: continue`): tether's message, then the model's answer after
+    reading the denial as the call's output, in one response."""
+    stack.fake.push(Reply(calls=(PROD_DELETE,)), Reply(content="I will leave it."))
+    r, _ = await create(stack, stream)
+    assert calls_of(r.output) == [] and [i.type for i in r.output] == ["message", "message"]
+    assert "denied" in r.output_text and r.output_text.endswith("I will leave it.")
+    assert len(stack.fake.requests) == 2
+    outputs = [i for i in stack.fake.requests[1]["input"] if i["type"] == "function_call_output"]
+    assert len(outputs) == 1 and "no-prod-deletes" in outputs[0]["output"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -16,7 +16,7 @@ from openai.types.responses import Response
 from proxy.demo.fake_responses_mcp import McpState
 from proxy.server.routes import CONTEXT
 from proxy.sessions.rewrites import MemoryRewrites
-from tests.conftest import MakeStack, Stack
+from tests.conftest import POLICY, MakeStack, Stack
 from tests.fakes import Call, Reply
 from tests.test_e2e_approvals import admin, pending
 from tests.test_e2e_mcp_approvals import CREATE, TIMED
@@ -61,8 +61,16 @@ async def test_previous_response_id_after_a_denial(stack: Stack, stream: bool) -
     assert stack.fake.requests[2]["input"] == "thanks"  # nothing owed any more
 
 
+REWRITE = "defaults: {on_deny: rewrite}\n"
+
+
 @pytest.mark.parametrize("stream", [False, True])
-async def test_previous_response_id_with_a_text_input(stack: Stack, stream: bool) -> None:
+async def test_previous_response_id_with_a_text_input(make_stack: MakeStack, stream: bool
+                                                      ) -> None:
+    """Rewrite mode: the answer ends at tether's message, and the denied call, which OpenAI
+    still holds, is answered on the agent's next turn (the default, `continue`, answers it
+    at once: test_e2e_continuations)."""
+    stack = await make_stack(policy=REWRITE + POLICY)
     stack.fake.push(Reply(calls=(PROD_DELETE,)))
     first = await turn(stack, stream)
     stack.fake.push(Reply(content="Understood."))
@@ -283,9 +291,11 @@ async def test_a_denial_in_a_stream_tether_continued(make_stack: MakeStack,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """An MCP approval tether answered, then a denied call in the continuation: the agent
     chains from the first round's id (the one its stream announced); tether chains from
-    the last round and answers the denied call there."""
+    the last round and answers the denied call there (rewrite mode; under the default the
+    approved create_issue, reported as run in the second round, is judged again as a
+    provider-tool violation, and an answer with a violation is not continued)."""
     monkeypatch.setenv("TETHER_ADMIN_TOKEN", "approvals-test-token")
-    stack = await make_stack(policy=TIMED, extra=CONFIG)
+    stack = await make_stack(policy=REWRITE + TIMED, extra=CONFIG)
     stack.fake.mcp = McpState(tools={"create_issue": lambda a: json.dumps({"number": 7})})
     stack.fake.push(Reply(content="Filing.", calls=(CREATE,)),
                     Reply(content="Cleaning too.", calls=(PROD_DELETE,)),

@@ -2,7 +2,13 @@
 streamed and not, against fakes that enforce each provider's history rules (a tool
 result without its call, a call without its result: 400). The agent sends its history
 back as it got it from tether: the answer with the denied call replaced, and a result
-for each call it ran."""
+for each call it ran.
+
+"beside-allowed": the denied call shares its answer with an allowed one (no mode continues
+such an answer). "only-call": the denied call is the answer's only one, in `on_deny:
+rewrite` mode, where the answer ends at tether's text and the agent sends another turn; the
+default (`continue`) goes on with the model's next answer in the same response instead
+(test_e2e_continuations, which also runs the agent's next turns)."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from google.genai import types
 from proxy.demo.fake_anthropic import FakeAnthropic
 from proxy.demo.fake_bedrock import FakeBedrock
 from proxy.demo.fake_gemini import FakeGemini
-from tests.conftest import MakeStack, Stack
+from tests.conftest import POLICY, MakeStack, Stack
 from tests.fakes import Call, Reply
 from tests.test_e2e_bedrock import EXTRA, TETHER_KEY, TETHER_SECRET, TOOL_CONFIG, assemble, client
 from tests.test_e2e_bedrock import tether_credentials as tether_credentials  # noqa: F401
@@ -28,6 +34,11 @@ PROD_DELETE = Call("delete_volume", '{"volume_id": "vol-9", "tags": {"env": "pro
                    id="call_del")
 LIST = Call("list_volumes", "{}", id="call_list")
 DENIAL = "'delete_volume' was denied by no-prod-deletes"
+
+
+def policy(only: bool) -> str:
+    """The only-call cases run in rewrite mode (see the module's docstring)."""
+    return ("defaults: {on_deny: rewrite}\n" if only else "") + POLICY
 
 
 def first_reply(only: bool) -> Reply:
@@ -66,7 +77,8 @@ async def chat(stack: Stack, stream: bool, messages: list[Any]) -> dict[str, Any
 
 @pytest.mark.parametrize("only", [False, True], ids=["beside-allowed", "only-call"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_chat_completions(stack: Stack, stream: bool, only: bool) -> None:
+async def test_chat_completions(make_stack: MakeStack, stream: bool, only: bool) -> None:
+    stack = await make_stack(policy=policy(only))
     stack.fake.push(first_reply(only), Reply(content="Skipped the delete."), Reply(content="Bye."))
     history: list[Any] = [{"role": "user", "content": "clean up"}]
     first = await chat(stack, stream, history)
@@ -90,10 +102,11 @@ ANTHROPIC_TOOLS: list[Any] = [{"name": n, "input_schema": {"type": "object"}}
 
 
 @pytest.fixture
-async def claude(make_stack: MakeStack) -> AsyncIterator[tuple[Stack, FakeAnthropic,
-                                                               anthropic.AsyncAnthropic]]:
+async def claude(make_stack: MakeStack, request: pytest.FixtureRequest
+                 ) -> AsyncIterator[tuple[Stack, FakeAnthropic, anthropic.AsyncAnthropic]]:
+    """Parametrized indirectly by the test's `only`."""
     fake = FakeAnthropic()
-    stack = await make_stack(upstreams={"anthropic": fake})
+    stack = await make_stack(policy=policy(request.param), upstreams={"anthropic": fake})
     client = anthropic.AsyncAnthropic(base_url=stack.proxy_url + "/anthropic", api_key="k",
                                       max_retries=0)
     yield stack, fake, client
@@ -114,7 +127,8 @@ async def claude_turn(client: anthropic.AsyncAnthropic, stream: bool, messages: 
     return [b.to_dict() for b in final.content]
 
 
-@pytest.mark.parametrize("only", [False, True], ids=["beside-allowed", "only-call"])
+@pytest.mark.parametrize(("claude", "only"), [(False, False), (True, True)],
+                         ids=["beside-allowed", "only-call"], indirect=["claude"])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_anthropic(claude: tuple[Stack, FakeAnthropic, anthropic.AsyncAnthropic],
                          stream: bool, only: bool) -> None:
@@ -159,7 +173,7 @@ def bedrock_turn(stack: Stack, stream: bool, messages: list[Any]) -> list[dict[s
 @pytest.mark.parametrize("stream", [False, True])
 async def test_bedrock(make_stack: MakeStack, stream: bool, only: bool) -> None:
     fake = FakeBedrock(TETHER_KEY, TETHER_SECRET)
-    stack = await make_stack(upstreams={"bedrock": fake}, extra=EXTRA)
+    stack = await make_stack(policy=policy(only), upstreams={"bedrock": fake}, extra=EXTRA)
     fake.push(first_reply(only), Reply(content="Skipped the delete."), Reply(content="Bye."))
     history: list[Any] = [{"role": "user", "content": [{"text": "clean up"}]}]
     first = await asyncio.to_thread(bedrock_turn, stack, stream, history)
@@ -209,7 +223,7 @@ def text_of(content: types.Content) -> str:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_gemini(make_stack: MakeStack, stream: bool, signatures: bool, only: bool) -> None:
     fake = FakeGemini(signatures=signatures)
-    stack = await make_stack(upstreams={"gemini": fake})
+    stack = await make_stack(policy=policy(only), upstreams={"gemini": fake})
     fake.push(first_reply(only), Reply(content="Skipped the delete."), Reply(content="Bye."))
     history = [types.Content(role="user", parts=[types.Part(text="clean up")])]
     first = await gemini_turn(stack, stream, history)

@@ -36,7 +36,7 @@ from tests.fakes import Call, Reply
 from tests.fakes.oidc import FakeIssuer
 from tests.fakes.opa_server import FakeOpa
 from tests.fakes.tls import make_fake_ca
-from tests.test_auth_e2e import MESSAGES, TOOLS
+from tests.test_auth_e2e import MESSAGES, READ_IT, TOOLS, answered
 
 SPECS = Path(__file__).resolve().parent.parent / "rules" / "openapi"
 JIRA, PLAIN = "jira.example.com", "plain.example.com"
@@ -154,7 +154,8 @@ async def start_fa(make_stack: MakeStack, tmp_path: Path,
                  f"apis:\n  jira: {{url: 'https://{JIRA}', spec: {SPECS / 'jira.yaml'}}}\n"
                  + auth(oidc, mode, claims) + more)
         stack = await make_stack(policy=POLICY, extra=extra, upstreams=upstreams)
-        stack.fake.script = lambda body: Reply(calls=(Call("delete_volume", DELETE),))
+        stack.fake.script = lambda body: Reply(content=READ_IT) if answered(body) \
+            else Reply(calls=(Call("delete_volume", DELETE),))
         cfg = stack.tether.config
         fwd = await start_forward(
             stack.tether.governor, stack.tether.governor.metrics, cfg.forward,
@@ -353,14 +354,20 @@ async def test_llm_request_through_the_tunnel_is_the_proxy_credentials_agent(
             model="gpt-x", messages=MESSAGES, tools=TOOLS)
         calls = r.choices[0].message.tool_calls or []
         assert bool(calls) == (token == ops)  # db-agent-no-deletes applies to db-agent only
+        if token == db:  # the denial went to the model (on_deny: continue) and it answered
+            assert (r.choices[0].message.content or "").endswith(READ_IT)
     assert [(d["agent"], d["provider"]) for d in fa.stack.decisions()] == [
         ("db-agent", "openai"), ("ops-agent", "openai")]
+    # db-agent's turn and tether's continuation of it, then ops-agent's turn; the
+    # continuation's record names the agent the proxy credentials named.
+    [cont] = [r for r in fa.stack.audit() if r["kind"] == "continuation"]
+    assert (cont["agent"], cont["outcome"]) == ("db-agent", "sent")
     leaked = [k for h in fa.stack.fake.headers for k, v in h.items()
               if db in v or ops in v or k.lower() in ("x-tether-handoff", "proxy-authorization")]
     assert leaked == []
     with pytest.raises(openai.APIConnectionError):  # the CONNECT was refused 407
         await _sdk(fa, fa.url).chat.completions.create(model="gpt-x", messages=MESSAGES)
-    assert len(fa.stack.fake.requests) == 2
+    assert len(fa.stack.fake.requests) == 3
 
 
 async def test_a_forged_handoff_ticket_is_refused(start_fa: StartFa) -> None:

@@ -226,4 +226,6 @@ async def test_a_store_that_is_down_fails_closed(make_stack: MakeStack,
     with pytest.raises(openai.APIStatusError) as e:
         await create(stack, False, previous_response_id=first.id, input="go")
     assert e.value.status_code == 503
-    assert len(stack.fake.requests) == 1
+    # The first turn and tether's continuation of it (on_deny: continue); nothing of the
+    # refused turn went upstream.
+    assert len(stack.fake.requests) == 2

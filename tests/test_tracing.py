@@ -241,8 +241,12 @@ async def test_model_invented_tool_names_stay_out_of_span_names(
     assert decide.name == tracing.DECIDE_SPAN   # undeclared: not in the name
     assert (decide.attributes or {})["gen_ai.tool.name"] == invented
     assert (decide.attributes or {})["tether.decision.rule_ids"] == ("tether:undeclared-tool",)
-    [inference] = [x for x in done if x.name.startswith("chat ")]
-    assert len(inference.name) <= len("chat ") + tracing.NAME_LIMIT
+    # The agent's call and tether's continuation after the denial (on_deny: continue).
+    inferences = [x for x in done if x.name.startswith("chat ")]
+    assert len(inferences) == 2
+    assert [(x.attributes or {}).get("tether.continuation.round") for x in inferences] \
+        in ([None, 1], [1, None])
+    assert all(len(x.name) <= len("chat ") + tracing.NAME_LIMIT for x in inferences)
 
 
 async def test_hold_and_error_decisions_are_spans_too(make_stack: MakeStack,

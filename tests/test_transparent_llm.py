@@ -78,11 +78,18 @@ rules:
 
 # -- the fake OpenAI, run in the cloud namespace -------------------------------------------
 
+READ_IT = "Understood, vol-9 stays."  # the model, having read a denial
+
+
 def _script(body: dict[str, Any]) -> Any:
     """What the fake model answers, by the user's message: `both` -> an allowed call and
-    a production delete; `drop` -> drop_database; anything else -> the delete alone."""
+    a production delete; `drop` -> drop_database; anything else -> the delete alone. A
+    conversation that ends with a tool result (tether's continuation after a denial: the
+    default `on_deny: continue`) -> text, the model having read it."""
     from tests.fakes import Call, Reply
 
+    if body["messages"][-1].get("role") == "tool":
+        return Reply(content=READ_IT)
     said = str(body["messages"][-1]["content"])
     if "drop" in said:
         return Reply(calls=(Call("drop_database", '{"name": "prod"}'),))
@@ -205,11 +212,17 @@ def upstream_requests(pod: Pod, said: str) -> list[dict[str, Any]]:
     return [r for r in pod.fake_log() if r["kind"] == "request" and said in r["body"]]
 
 
-def assert_went_upstream_with_tethers_key(pod: Pod, said: str) -> None:
-    [seen] = upstream_requests(pod, said)
-    assert seen["port"] == 443 and seen["host"] == OPENAI
-    assert seen["path"] == "/v1/chat/completions"
-    assert seen["authorization"] == [f"Bearer {TETHER_KEY}"]
+def assert_went_upstream_with_tethers_key(pod: Pod, said: str, rounds: int = 1) -> None:
+    """`rounds`: the agent's request, and tether's continuation after a denial."""
+    seen = upstream_requests(pod, said)
+    assert len(seen) == rounds
+    for one in seen:
+        assert one["port"] == 443 and one["host"] == OPENAI
+        assert one["path"] == "/v1/chat/completions"
+        assert one["authorization"] == [f"Bearer {TETHER_KEY}"]
+    if rounds > 1:  # the denial went to the model as the call's result
+        last = json.loads(seen[-1]["body"])["messages"][-1]
+        assert last["role"] == "tool" and "denied by no-prod-deletes" in last["content"]
     assert AGENT_KEY not in json.dumps(pod.fake_log())
     assert AGENT_KEY not in json.dumps(pod.audit()) and TETHER_KEY not in json.dumps(pod.audit())
 
@@ -256,9 +269,10 @@ def test_a_production_delete_from_the_agents_own_openai_call_is_denied(pod: Pod)
     [choice] = answer["choices"]
     assert choice["message"].get("tool_calls") in (None, [])
     assert "'delete_volume' was denied by no-prod-deletes" in choice["message"]["content"]
+    assert choice["message"]["content"].endswith(READ_IT)  # the model's, after the denial
     assert choice["finish_reason"] == "stop"  # was tool_calls: no call remains
     assert new_decisions(pod, before) == [("delete_volume", "deny", ["no-prod-deletes"], False)]
-    assert_went_upstream_with_tethers_key(pod, "clean up, call 1")
+    assert_went_upstream_with_tethers_key(pod, "clean up, call 1", rounds=2)
     assert "x-tether-refused" not in headers
 
 
@@ -285,10 +299,10 @@ def test_a_streamed_call_is_governed_the_same_way(pod: Pod) -> None:
     text, names, finishes, done = sse(body)
     assert names == [] and "delete_volume" not in "".join(
         line for line in body.splitlines() if '"tool_calls"' in line)
-    assert "'delete_volume' was denied by no-prod-deletes" in text
+    assert "'delete_volume' was denied by no-prod-deletes" in text and text.endswith(READ_IT)
     assert finishes == ["stop"] and done
     assert new_decisions(pod, before) == [("delete_volume", "deny", ["no-prod-deletes"], True)]
-    assert_went_upstream_with_tethers_key(pod, "clean up, call 3")
+    assert_went_upstream_with_tethers_key(pod, "clean up, call 3", rounds=2)
 
 
 def test_on_deny_error_is_openais_403(pod: Pod) -> None:
@@ -310,9 +324,10 @@ def test_plain_http_to_openai_is_governed_and_goes_upstream_over_tls(pod: Pod) -
     assert status == 200, body
     [choice] = json.loads(body)["choices"]
     assert "'delete_volume' was denied by no-prod-deletes" in choice["message"]["content"]
+    assert choice["message"]["content"].endswith(READ_IT)
     assert choice["finish_reason"] == "stop"
     assert new_decisions(pod, before) == [("delete_volume", "deny", ["no-prod-deletes"], False)]
-    assert_went_upstream_with_tethers_key(pod, "clean up, call 5")
+    assert_went_upstream_with_tethers_key(pod, "clean up, call 5", rounds=2)
     assert not [r for r in pod.fake_log() if r.get("port") == 80]
 
 

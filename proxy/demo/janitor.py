@@ -243,4 +243,9 @@ async def run_demo(rules: str | None = None, out: TextIO | None = None,
     denied = sum(1 for r in decisions if r["action"] == "deny")
     allowed = len(decisions) - denied - held
     print(f"\n  {allowed} calls allowed, {held} held for a human, {denied} denied", file=out)
+    continued = sum(1 for r in records if r["kind"] == "continuation" and r["outcome"] == "sent")
+    if continued:
+        print(f"  {continued} denied answer(s) continued: tether sent the denial to the model "
+              "as the call's result, and the agent got what the model did next "
+              "(defaults.on_deny: continue)", file=out)
     return 0

@@ -32,9 +32,9 @@ from .provider_tools import effect_of as provider_effect
 from .rules import Rule, Subject
 
 DEFAULT_CONTINUATIONS = 3
-# `continue` is the intended default (docs/continuations.md, "The default"); this version
-# keeps `rewrite` until the suites that script a denied answer's next turn are updated.
-DEFAULT_ON_DENY = OnDeny.REWRITE
+# `continue`: a denial the model never reads ends a plain agent loop and abandons the task
+# (docs/continuations.md, "The default"); bounded by DEFAULT_CONTINUATIONS and budgets.
+DEFAULT_ON_DENY = OnDeny.CONTINUE
 
 READ_PREFIXES = ("get_", "list_", "describe_")
 

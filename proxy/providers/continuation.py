@@ -34,6 +34,7 @@ from typing import Protocol
 
 from ..model import Decision, OnDeny, ToolCall, Usage
 from .base import Step, StreamFilter, denial_text
+from .provider_ran import VIOLATION
 
 type JSONObject = dict[str, object]
 
@@ -57,15 +58,24 @@ class Denied:
         return self.call.arguments if self.call.arguments is not None else {}
 
 
+def continued(decision: Decision) -> bool:
+    """Whether this denial is one to send back to the model: denied with `continue`, and
+    not because the provider ran a tool the policy forbids (`VIOLATION`): that answer is
+    one tether no longer trusts, and asking the same provider for more of it would hand
+    it the forbidden tool's output again; it ends as the rewrite."""
+    return (not decision.allowed and decision.on_deny is OnDeny.CONTINUE
+            and VIOLATION not in decision.rules)
+
+
 def to_continue(calls: Sequence[ToolCall], decisions: Sequence[Decision]
                 ) -> tuple[Denied, ...] | None:
     """The denials to send back, when an answer is one to continue: it held calls, every
-    one was denied, each by rules that say `continue`. An answer that hands the agent a
-    call goes to the agent: the agent runs that one and sends its result, with the
-    denial text beside it."""
+    one was denied, each `continued`. An answer that hands the agent a call goes to the
+    agent: the agent runs that one and sends its result, with the denial text beside
+    it."""
     if not calls or len(calls) != len(decisions):
         return None
-    if any(d.allowed or d.on_deny is not OnDeny.CONTINUE for d in decisions):
+    if not all(continued(d) for d in decisions):
         return None
     return tuple(Denied(c, d) for c, d in zip(calls, decisions, strict=True))
 

@@ -32,10 +32,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ProtocolError, UpstreamError
-from ..model import Decision, OnDeny, ToolCall, Usage
+from ..model import Decision, ToolCall, Usage
 from ..surrogates import json_text
 from .base import Step, denial_text
-from .continuation import Denied
+from .continuation import Denied, continued
 from .mcp_approvals import APPROVAL, MAX_ROUNDS, Answer, agent_asked, approval_call, merge
 from .openai_responses import JSONObject, error_event, usage_of
 from .openai_responses_events import TERMINAL, output_index, read_event
@@ -84,6 +84,7 @@ class ApprovingStream:
         # (first round's id, last round's): the client knows the response by the first.
         self.rounds_ids: tuple[str, str] | None = None
         self._first_id: str | None = None
+        self._held: tuple[SSEEvent, JSONObject] | None = None  # the terminal event a follow holds
         self._round()
 
     def _round(self) -> None:
@@ -135,8 +136,7 @@ class ApprovingStream:
     def decide(self, decisions: Sequence[Decision]) -> Step:
         calls, self._deciding = self._deciding, ()
         for call, decision in zip(calls, decisions, strict=False):
-            if decision.on_deny is OnDeny.CONTINUE and not decision.allowed and call.id \
-                    and self._max_continuations:
+            if continued(decision) and call.id and self._max_continuations:
                 self._denied.append(Denied(call, decision))
                 self._answers.append(Answer(call.id, False, denial_text(call, decision),
                                             output=True))
@@ -174,6 +174,7 @@ class ApprovingStream:
         self._decoder = SSEDecoder()
         self._events.clear()
         self.follow = None
+        self._held = None
         self._rounds += 1
         self._round()
 
@@ -181,9 +182,33 @@ class ApprovingStream:
         """The continuation could not be had: the stream ends with a Responses error."""
         self._failed = message
         self.follow = None
+        self._held = None
         data = error_event(message, kind="upstream_error", code="upstream_error",
                            sequence=self._next_seq(None))
         return encode(SSEEvent(json_text(data), "error"))
+
+    def end_as_rewrite(self) -> bytes | None:
+        """A round that only answers denied calls, whose continuation could not be had (a
+        budget, the upstream refused or could not be reached): its held terminal event is
+        released as it is, so the answer ends as the rewrite, as on the other APIs. None
+        when the round also answers MCP approval requests, which must not go unanswered
+        (`give_up` then)."""
+        follow, held = self.follow, self._held
+        if follow is None or held is None or not follow.denied \
+                or not all(a.output for a in follow.answers):
+            return None
+        self.follow, self._held = None, None
+        event, obj = held
+        response = obj.get("response")
+        assert isinstance(response, dict)
+        whole: JSONObject = {**response, "output": self._shown, "usage": self._usage_sum}
+        self._usage = usage_of(whole)
+        last = response.get("id")
+        if self._rounds and isinstance(self._first_id, str) and isinstance(last, str):
+            whole["id"] = self._first_id
+            self.rounds_ids = (self._first_id, last)
+        obj = {**obj, "response": whole, "sequence_number": self._next_seq(obj)}
+        return encode(SSEEvent(json_text(obj), event.event, event.id, event.retry))
 
     # --- reading what the inner filter released ------------------------------------------
 
@@ -251,6 +276,7 @@ class ApprovingStream:
         if kind in TERMINAL:
             obj = self._terminal(obj, kind)
             if self.follow is not None:
+                self._held = (event, obj)
                 return b""
         index = output_index(obj)
         if index is not None:

@@ -114,7 +114,8 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
                  exchange: Exchange) -> None:
     """The continuations of a stream whose last round ended with tether's approvals to
     answer: each sent upstream (streamed, like the agent's), and fed through the same
-    filter to the same client. One that fails ends the client's stream with an error."""
+    filter to the same client. One that fails ends the client's stream with an error, or,
+    when it only answers denied calls, as the rewrite (`ended`)."""
     while (follow := stream.follow) is not None and call.send is not None:
         output = openai_responses_continue.made(follow.response.get("output"), follow.denied) \
             if follow.denied else None
@@ -123,14 +124,12 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
             admission = await continuation.admit(
                 answers.ctx, call, exchange, request, call.parsed,
                 stream.denial_rounds + 1, follow.denied)
-            if admission is None:
-                await out.write(stream.give_up("a budget of this session is spent: tether "
-                                               "could not send the model its denied calls' "
-                                               "results"))
+            if admission is None:  # recorded (`outcome: budget`)
+                await ended(answers, stream, out, call, "a budget of this session is spent: "
+                            "tether could not send the model its denied calls' results")
                 return
             # Its tokens are in the stream's usage, which adds every round up.
             await answers.ctx.guard.settle(admission, Usage(0, 0))
-            await record_round(answers.ctx.rewrites, call, stream)
         else:
             call.rounds += 1
         sent = time.perf_counter()
@@ -140,11 +139,16 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
                 call.waited += time.perf_counter() - sent
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if resp.status != 200 or ctype != "text/event-stream":
-                    more = await read_at_most(resp, 2048)
-                    await out.write(stream.give_up(
-                        f"the upstream refused tether's answer to an MCP approval request "
-                        f"({resp.status}): {more[:300].decode('utf-8', 'replace')}"))
+                    more = (await read_at_most(resp, 2048))[:300].decode("utf-8", "replace")
+                    if follow.denied:
+                        continuation.failed(answers.ctx, call, exchange,
+                                            stream.denial_rounds + 1, follow.denied, more,
+                                            resp.status)
+                    await ended(answers, stream, out, call, f"the upstream refused tether's "
+                                f"answer to an MCP approval request ({resp.status}): {more}")
                     return
+                if follow.denied:  # sent past: its record, settled
+                    await record_round(answers.ctx.rewrites, call, stream)
                 call.sent = request
                 stream.resume()
                 async for chunk in resp.content.iter_any():
@@ -160,9 +164,26 @@ async def rounds(answers: Answers, stream: ApprovingStream, out: web.StreamRespo
                     continuation.bound(answers.ctx, call, exchange, stream.denial_rounds,
                                        stream.denied)
         except (aiohttp.ClientError, TimeoutError) as e:
-            await out.write(stream.give_up(f"the upstream could not be reached to answer an "
-                                           f"MCP approval request: {type(e).__name__}"))
+            if stream.follow is None:  # broken mid-stream: an error event ends it
+                await out.write(stream.give_up(f"the upstream stream broke in tether's "
+                                               f"continuation: {type(e).__name__}"))
+                return
+            if follow.denied:
+                continuation.failed(answers.ctx, call, exchange, stream.denial_rounds + 1,
+                                    follow.denied, type(e).__name__)
+            await ended(answers, stream, out, call, f"the upstream could not be reached to "
+                        f"answer an MCP approval request: {type(e).__name__}")
             return
+
+
+async def ended(answers: Answers, stream: ApprovingStream, out: web.StreamResponse, call: Call,
+                message: str) -> None:
+    """No continuation: a round of denials only ends as the rewrite (its first id then
+    stands for this round), any other with the error `message`."""
+    rewrite = stream.end_as_rewrite()
+    await out.write(rewrite if rewrite is not None else stream.give_up(message))
+    if rewrite is not None and stream.rounds_ids is not None:
+        await responses_turns.alias(answers.ctx.rewrites, call.agent, *stream.rounds_ids)
 
 
 async def record_round(rewrites: Rewrites, call: Call, stream: ApprovingStream) -> None:

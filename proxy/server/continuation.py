@@ -22,6 +22,7 @@ import aiohttp
 from opentelemetry.trace import get_current_span
 
 from .. import tracing
+from ..approvals import caller
 from ..audit.log import AuditWriteError
 from ..errors import BudgetExceeded, StoreUnavailable, TetherError, UpstreamError
 from ..model import Decision, Exchange, OnDeny, ToolCall
@@ -145,6 +146,13 @@ def _span(ctx: Context, call: Call, exchange: Exchange, fmt: WireFormat, round_:
     return span
 
 
+def failed(ctx: Context, call: Call, exchange: Exchange, round_: int,
+           denied: Sequence[Denied], message: str, status: int | None = None) -> None:
+    """A continuation the upstream refused or that could not be sent: the answer ends as
+    the rewrite (the caller's part)."""
+    _record(ctx, call, exchange, round_, denied, "failed", message, status=status)
+
+
 def bound(ctx: Context, call: Call, exchange: Exchange, rounds: int,
           denied: Sequence[Denied]) -> None:
     """The loop breaker: the model asked only for denied calls once more than the bound
@@ -219,6 +227,7 @@ async def whole(answers: Answers, out: bytes, body: bytes, calls: Sequence[ToolC
             break
         tracing.finish(span)
         await ctx.guard.settle(admission, parsed.usage)
+        call.answer = more  # a hold in this round shows the model's text from its answer
         more_decisions = await answers.decide_calls(parsed.calls, exchange, call)
         if any(not d.allowed and d.on_deny is OnDeny.ERROR for d in more_decisions):
             return fmt.denied_error(parsed.calls, more_decisions)
@@ -234,12 +243,34 @@ async def whole(answers: Answers, out: bytes, body: bytes, calls: Sequence[ToolC
 # --- streams -----------------------------------------------------------------------------
 
 
+def _caller_left(e: BaseException) -> bool:
+    """A reset on the agent's side (aiohttp's ClientConnectionResetError, raised writing to
+    a closed client, is also a ClientError), as the front end's presence check says."""
+    gone = caller.current()
+    return isinstance(e, ConnectionResetError) and gone is not None and gone()
+
+
 async def rounds(answers: Answers, stream: ContinuingStream, out: web.StreamResponse,
                  call: Call, exchange: Exchange, parsed_request: ParsedRequest | None = None
                  ) -> None:
     """The continuations of a stream whose round ended with its calls all denied: each
     sent upstream (streamed, like the agent's request), its events fed through the same
-    filter to the same client. One that cannot be had ends the stream as the rewrite."""
+    filter to the same client. One that cannot be had ends the stream as the rewrite. A
+    caller that leaves meanwhile ends it too (`outcome: abandoned`; what the round used
+    is charged, and the caller's ConnectionResetError goes on up)."""
+    inflight: list[tuple[int, Sequence[Denied]]] = []  # the round being sent, its denials
+    try:
+        await _rounds(answers, stream, out, call, exchange, parsed_request, inflight)
+    except ConnectionResetError:
+        if inflight:
+            _record(answers.ctx, call, exchange, *inflight[-1], "abandoned",
+                    "the caller disconnected during a continuation")
+        raise
+
+
+async def _rounds(answers: Answers, stream: ContinuingStream, out: web.StreamResponse,
+                  call: Call, exchange: Exchange, parsed_request: ParsedRequest | None,
+                  inflight: list[tuple[int, Sequence[Denied]]]) -> None:
     ctx = answers.ctx
     fmt = call.route.format
     assert fmt is not None
@@ -251,6 +282,7 @@ async def rounds(answers: Answers, stream: ContinuingStream, out: web.StreamResp
         if request is None or call.send is None:
             return
         round_ = stream.rounds + 1
+        inflight.append((round_, denied))
         admission = await admit(ctx, call, exchange, request, parsed_request, round_, denied)
         if admission is None:
             await out.write(stream.give_up())
@@ -286,6 +318,8 @@ async def rounds(answers: Answers, stream: ContinuingStream, out: web.StreamResp
                 await answers.drive(stream, stream.close(), out, exchange, call)
         except (aiohttp.ClientError, TimeoutError) as e:
             tracing.failed(span, type(e).__name__)
+            if _caller_left(e):  # not the upstream's doing: `rounds` records it
+                raise
             _record(ctx, call, exchange, round_, denied, "failed", type(e).__name__)
             if stream.follow is not None:
                 # Not sent, or no answer: the answer ends as the rewrite.
