@@ -39,6 +39,7 @@ upstreams:
   openai: {{url: "http://127.0.0.1:{port}"}}
 audit: {{path: "{audit}"}}
 {store}
+{defaults}
 tools:
   get_weather: {{effect: read}}
 rules:
@@ -144,10 +145,10 @@ async def _serve(app: Any) -> None:
     await runner.cleanup()
 
 
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None, cwd: str | None = None
           ) -> tuple[subprocess.Popen[bytes], str]:
     err = log.open("wb")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line:
@@ -243,6 +244,8 @@ def start(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
     tether_bin = str(Path(sys.executable).parent / "tether")
     env = {**os.environ, "TETHER_UPSTREAM_OPENAI": up}
     setups = [("tether", 1, "store: memory")]
+    if args.baseline:  # the same config on another source tree (git archive REV proxy)
+        setups.append(("tether-base", 1, "store: memory"))
     if args.compare_loops:  # the same tether on asyncio's own loop instead of uvloop
         setups.append(("tether-asyncio", 1, "store: memory"))
     if args.workers > 1:
@@ -258,13 +261,18 @@ def start(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
                 setups.insert(0, ("tether", 1, "store: memory"))
     for name, workers, store in setups:
         config = tmp / f"{name}.yaml"
-        config.write_text(CONFIG.format(port=port, audit=tmp / f"{name}.jsonl", store=store))
-        cmd = [tether_bin, "serve", "--config", str(config), "--host", "127.0.0.1",
+        config.write_text(CONFIG.format(
+            port=port, audit=tmp / f"{name}.jsonl", store=store,
+            defaults=f"defaults: {{on_deny: {args.on_deny}}}" if args.on_deny else ""))
+        serve = [sys.executable, "-m", "proxy"] if name == "tether-base" else [tether_bin]
+        cmd = [*serve, "serve", "--config", str(config), "--host", "127.0.0.1",
                "--port", "0", "--admin-port", "0"]
         if workers > 1:
             cmd += ["--workers", str(workers)]
         loop = {"TETHER_EVENT_LOOP": "asyncio"} if name.endswith("-asyncio") else {}
-        proc, line = spawn(cmd, tmp / f"{name}.log", {**env, **loop})
+        base = {"PYTHONPATH": args.baseline} if name == "tether-base" else {}
+        proc, line = spawn(cmd, tmp / f"{name}.log", {**env, **loop, **base},
+                           cwd=args.baseline if base else None)
         procs.append(proc)
         proxy_port = int(line.split("http://127.0.0.1:")[1].split()[0])
         targets[name] = f"http://127.0.0.1:{proxy_port}/openai/v1/chat/completions"
@@ -315,6 +323,11 @@ def main() -> int:
                    help="with --workers: skip the memory-store tether")
     p.add_argument("--compare-loops", action="store_true",
                    help="also run tether on asyncio's loop (TETHER_EVENT_LOOP=asyncio)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run tether from the source tree DIR (holding proxy/, e.g. "
+                        "`git archive HEAD proxy | tar -x -C DIR`): before and after, one run")
+    p.add_argument("--on-deny", choices=["continue", "rewrite", "error"], default=None,
+                   help="defaults.on_deny for every tether (default: tether's own default)")
     p.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--serve-floor", metavar="UPSTREAM", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -361,8 +374,9 @@ def main() -> int:
             stop(proc)
     for name in targets if "targets" in dir() else ():
         if name.startswith("tether"):
-            audit = tmp / f"{name}.jsonl"
-            n = sum(1 for _ in audit.open()) if audit.exists() else 0
+            # --workers N: one chain per worker (name.w0.jsonl ...)
+            files = [tmp / f"{name}.jsonl", *sorted(tmp.glob(f"{name}.w*.jsonl"))]
+            n = sum(sum(1 for _ in f.open()) for f in files if f.exists())
             print(f"{name}: {n} audit records", file=sys.stderr)
     return 0
 

@@ -20,25 +20,28 @@ from .cli_offline import (
     cmd_test,
     load_config,
 )
+from .cli_setup import add_commands as add_setup_commands
+from .cli_setup import version
 from .errors import ConfigError
 from .surrogates import scrub
+from .workers import Worker
 
 log = logging.getLogger("tether")
 
 
 async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
-                 forward_port: int | None = None, transparent_port: int | None = None) -> None:
+                 forward_port: int | None = None, transparent_port: int | None = None,
+                 worker: Worker | None = None) -> None:
     from . import tracing
     from .server.app import CONTEXT, bound_port, build, start
 
     # OTLP/HTTP export only when an OTEL_EXPORTER_OTLP_*ENDPOINT is set; else no tracing.
     spans = tracing.from_env()
     tracing.install(spans)
-    tether = build(cfg)
+    tether = build(cfg, worker=worker)
     _open_files(cfg.connections.max_connections)
-    runners = await start(tether, host=host, port=port, admin_port=admin_port)
-    from .providers import PROVIDERS
-
+    runners = await start(tether, host=host, port=port, admin_port=admin_port,
+                          reuse_port=worker is not None)
     proxy_port, admin_bound = bound_port(runners[0]), bound_port(runners[1])
     forward = None
     if forward_port is not None or transparent_port is not None:
@@ -55,23 +58,23 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                                                     linked=tether.linked),
                                       transparent_port=transparent_port,
                                       auth=tether.proxy[CONTEXT].auth,
-                                      limits=cfg.connections)
-    prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
-    print(
-        f"tether: proxy on http://{host}:{proxy_port} "
-        f"({prefixes}), admin on http://{host}:{admin_bound}, "
-        + (f"HTTP_PROXY on http://{host}:{forward.port} (CA {cfg.forward.ca_dir}), "
-           if forward and forward_port is not None else "")
-        + (f"transparent on {host}:{forward.transparent_port}, "
-           if forward and forward.transparent_port is not None else "")
-        + f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
-        # With a stdout sink, stdout is the audit stream and nothing else.
-        file=sys.stderr if any(s.type == "stdout" for s in cfg.audit_shipping.sinks)
-        else sys.stdout,
-        flush=True,
-    )
+                                      limits=cfg.connections,
+                                      reuse_port=worker is not None)
+    if worker is None:
+        _announce(cfg, host, proxy_port, admin_bound,
+                  forward.port if forward and forward_port is not None else None,
+                  forward.transparent_port if forward else None)
+    else:   # its parent speaks for all of them (workers.py)
+        print(f"tether: worker {worker.index} of {worker.count} (pid {os.getpid()}) listens",
+              file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    watcher = None
+    if worker is not None:
+        from .workers import ready, watch_parent
+
+        ready()
+        watcher = asyncio.create_task(watch_parent(stop), name="tether.worker.parent")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if tether.reloader is not None:  # policy changes without a restart (docs/reload.md)
@@ -79,12 +82,35 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
         tether.reloader.start_watching()
         loop.add_signal_handler(signal.SIGHUP, tether.reloader.request, "SIGHUP")
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     # Stop accepting, answer held calls, drain, then close the audit log and ship it.
     from .server.lifecycle import shutdown
 
     await shutdown(tether, runners, forward)
     if spans is not None:
         spans.shutdown()  # flushes the last batch
+
+
+def _announce(cfg: config_mod.Config, host: str, proxy_port: int, admin_port: int,
+              forward_port: int | None, transparent_port: int | None, *,
+              workers: int = 1) -> None:
+    from .providers import PROVIDERS
+
+    prefixes = " ".join(f"/{p.name}/" for p in PROVIDERS)
+    print(
+        f"tether: proxy on http://{host}:{proxy_port} "
+        f"({prefixes}), admin on http://{host}:{admin_port}, "
+        + (f"HTTP_PROXY on http://{host}:{forward_port} (CA {cfg.forward.ca_dir}), "
+           if forward_port is not None else "")
+        + (f"transparent on {host}:{transparent_port}, " if transparent_port is not None else "")
+        + (f"{workers} workers, " if workers > 1 else "")
+        + f"policy revision {cfg.policy.revision}, audit {cfg.audit_path or 'off'}",
+        # With a stdout sink, stdout is the audit stream and nothing else.
+        file=sys.stderr if any(s.type == "stdout" for s in cfg.audit_shipping.sinks)
+        else sys.stdout,
+        flush=True,
+    )
 
 
 def _open_files(max_connections: int) -> None:
@@ -109,12 +135,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"warning: upstream {up.name}: {up.api_key_env} is not set; "
                   + ("the agent's own key is passed through" if up.pass_agent_credentials
                      else "its requests are refused (503) until it is"), file=sys.stderr)
-    asyncio.run(_serve(cfg, args.host or cfg.host,
-                       cfg.port if args.port is None else args.port,
-                       cfg.admin_port if args.admin_port is None else args.admin_port,
-                       args.forward_port,
-                       cfg.forward.transparent_port if args.transparent_port is None
-                       else args.transparent_port))
+    from . import workers
+    from .event_loop import run
+
+    host = args.host or cfg.host
+    ports = workers.Ports(cfg.port if args.port is None else args.port,
+                          cfg.admin_port if args.admin_port is None else args.admin_port,
+                          args.forward_port,
+                          cfg.forward.transparent_port if args.transparent_port is None
+                          else args.transparent_port)
+    worker = workers.this_worker()
+    count = cfg.connections.workers if args.workers is None else args.workers
+    if worker is None and count != 1:   # this process supervises; the workers serve
+        return workers.serve(cfg, args.config, host, ports, count, args.verbose,
+                             lambda bound: _announce(cfg, host, bound.proxy, bound.admin,
+                                                     bound.forward, bound.transparent,
+                                                     workers=count))
+    run(_serve(cfg, host, ports.proxy, ports.admin, ports.forward, ports.transparent, worker),
+        cfg.connections.event_loop)
     return 0
 
 
@@ -154,9 +192,12 @@ def _show(a: dict[str, object]) -> str:
     args = args if len(args) <= 80 else args[:77] + "..."
     rules = ", ".join(str(r) for r in a.get("rules", []) or [])  # type: ignore[attr-defined]
     who = f" by {a['decided_by']}" if a.get("decided_by") else ""
-    # Agent text read back from JSON may hold lone surrogates; print() could not write them.
-    return scrub(f"{a['id']}  {a['state']}{who}  {a['tool']}({args})  agent={a.get('agent')} "
-                 f"session={a.get('session')} rules={rules}")
+    # Agent text read back from JSON may hold lone surrogates; print() could not write them,
+    # and terminal escapes or bidi overrides: shown as \u escapes (approvals/shown.py).
+    from .approvals.shown import visible_text
+
+    return scrub(visible_text(f"{a['id']}  {a['state']}{who}  {a['tool']}({args})  "
+                              f"agent={a.get('agent')} session={a.get('session')} rules={rules}"))
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
@@ -165,12 +206,18 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         if status != 200:
             print(f"error: HTTP {status}: {body}", file=sys.stderr)
             return 1
+        if args.format == "json":  # the admin API's answer: each approval with its `shown` view
+            print(json.dumps(body, indent=2, ensure_ascii=True))
+            return 0
+        from .approvals.listing import context_lines
         pending = body.get("pending") or []
         recent = body.get("recent") or []
         assert isinstance(pending, list) and isinstance(recent, list)
         print(f"{len(pending)} pending")
         for a in pending:
             print("  " + _show(a))
+            for line in context_lines(a):
+                print("      " + scrub(line))
         if recent:
             print("recent")
             for a in recent[:10]:
@@ -243,6 +290,7 @@ def _audit_calls(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tether", description="Govern LLM agents' tool calls.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--version", action="version", version=f"tether {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy")
@@ -255,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--transparent-port", type=int, default=None,
                    help="transparent listener port for iptables REDIRECT "
                         "(default forward.transparent_port; off unless set)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="N processes share every port (default server.workers, 1); N > 1 "
+                        "needs store: redis (docs/performance.md)")
     s.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("ca", help="the forward proxy's CA")
@@ -262,9 +313,13 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--config", required=True, help="the config YAML (forward.ca_dir)")
     ca.set_defaults(func=cmd_ca)
 
-    c = sub.add_parser("check", help="validate config and rule files")
+    c = sub.add_parser("check", help="validate config and rule files: every error, then "
+                                     "warnings")
     c.add_argument("files", nargs="+")
+    c.add_argument("--format", choices=["text", "json"], default="text",
+                   help="json: one document with every problem (for CI annotations)")
     c.set_defaults(func=cmd_check)
+    add_setup_commands(sub)  # init, schema
 
     t = sub.add_parser("test", help="run policy test cases")
     t.add_argument("files", nargs="+")
@@ -293,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--by", default=os.environ.get("USER", "cli"), help="recorded as the approver")
     a.add_argument("--admin-url", default="http://127.0.0.1:9090")
     a.add_argument("--token-env", default="TETHER_ADMIN_TOKEN")
+    a.add_argument("--format", choices=["text", "json"], default="text",
+                   help="list: text, or the admin API's JSON")
     a.set_defaults(func=cmd_approvals)
 
     au = sub.add_parser("audit", help="check the audit log's hash chain (verify), or list "

@@ -8,6 +8,8 @@
       max_connections: 1024   # open client connections per port (proxy, admin, forward);
                               # one more is answered 503 and closed
       drain_timeout: 10s      # at SIGTERM: how long requests still running may finish
+      event_loop: asyncio     # asyncio | auto | uvloop (event_loop.py)
+      workers: 1              # processes sharing every port (workers.py; --workers wins)
 
 They hold on the proxy, admin and forward ports (server/connections.py; the forward
 port through mitmproxy's own hooks, forward/limits.py). A connection closed for a
@@ -24,7 +26,8 @@ from .policy.rules import parse_duration
 from .policy.source import YMap
 
 KEYS = frozenset({"header_timeout", "idle_timeout", "body_timeout", "max_connections",
-                  "drain_timeout"})
+                  "drain_timeout", "event_loop", "workers"})
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,8 @@ class ServerLimits:
     body_timeout_s: float = 60.0
     max_connections: int = 1024
     drain_timeout_s: float = 10.0
+    event_loop: str = "asyncio"
+    workers: int = 1
 
 
 def parse_server_limits(node: YMap) -> ServerLimits:
@@ -50,6 +55,13 @@ def parse_server_limits(node: YMap) -> ServerLimits:
     if (not isinstance(max_connections, int) or isinstance(max_connections, bool)
             or not 1 <= max_connections <= 1_000_000):
         raise err("must be a whole number from 1 to 1000000", "max_connections")
+    event_loop = node.get("event_loop", "asyncio")
+    if event_loop not in ("auto", "asyncio", "uvloop"):
+        raise err("must be auto, asyncio or uvloop", "event_loop")
+    workers = node.get("workers", 1)
+    if (not isinstance(workers, int) or isinstance(workers, bool)
+            or not 1 <= workers <= MAX_WORKERS):
+        raise err(f"must be a whole number from 1 to {MAX_WORKERS}", "workers")
     return ServerLimits(duration("header_timeout", 10.0), duration("idle_timeout", 60.0),
                         duration("body_timeout", 60.0), max_connections,
-                        duration("drain_timeout", 10.0))
+                        duration("drain_timeout", 10.0), str(event_loop), workers)

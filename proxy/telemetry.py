@@ -9,47 +9,17 @@ No session id or tool argument is ever a label.
 
 from __future__ import annotations
 
-import fnmatch
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .policy.rule_index import glob_of as glob_of  # guard.py reads it from here
+
 OTHER = "other"
-_TRANSLATED = re.compile(r"\(\?s:(?P<body>.*)\)\\Z", re.S)
-
-
-def glob_of(pattern: re.Pattern[str]) -> str | None:
-    """The glob `fnmatch.translate` made `pattern` from, when it can be read back
-    (verified by translating it again), else None. Rules and price tables keep only
-    the compiled form; a label wants the text people wrote."""
-    found = _TRANSLATED.fullmatch(pattern.pattern)
-    if found is None:
-        return None
-    body, out, i = found["body"], [], 0
-    while i < len(body):
-        if body.startswith("(?>.*?", i):
-            out.append("*")
-            i += 6
-        elif body.startswith(".*", i):
-            out.append("*")
-            i += 2
-        elif body[i] == "\\" and i + 1 < len(body):
-            out.append(body[i + 1])
-            i += 2
-        elif body[i] == ".":
-            out.append("?")
-            i += 1
-        elif body[i] == ")":
-            i += 1  # the end of an atomic group opened by a middle `*`
-        elif body[i] in "([":
-            return None  # character sets: not worth reading back
-        else:
-            out.append(body[i])
-            i += 1
-    text = "".join(out)
-    return text if fnmatch.translate(text) == pattern.pattern else None
+MODEL_LABELS_CACHED = 1024
 
 
 def exact_names(patterns: Iterable[re.Pattern[str]]) -> set[str]:
@@ -73,6 +43,8 @@ class Labels:
     tools: set[str] = field(default_factory=set)      # normalised tool names
     agents: set[str] = field(default_factory=set)
     models: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+    _model_labels: dict[str, str] = field(default_factory=dict, repr=False)
+    _labelled_by: object = field(default=None, repr=False)
 
     def tool(self, normalised: str) -> str:
         return normalised if normalised in self.tools else OTHER
@@ -81,8 +53,15 @@ class Labels:
         return name if name is not None and name in self.agents else OTHER
 
     def model(self, name: str) -> str:
-        lowered = name.lower()
-        return next((label for p, label in self.models if p.fullmatch(lowered)), OTHER)
+        if self._labelled_by is not self.models:  # a new price table (guard.py, a reload)
+            self._model_labels, self._labelled_by = {}, self.models
+        label = self._model_labels.get(name)
+        if label is None:
+            lowered = name.lower()
+            label = next((label for p, label in self.models if p.fullmatch(lowered)), OTHER)
+            if len(self._model_labels) < MODEL_LABELS_CACHED:  # names come from agents
+                self._model_labels[name] = label
+        return label
 
     @staticmethod
     def provider(name: str) -> str:
@@ -329,4 +308,11 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # `tether serve --workers N` (workers.py): every worker's numbers, summed.
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)

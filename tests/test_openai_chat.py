@@ -294,3 +294,21 @@ def test_interleaved_choices_are_decided_per_choice() -> None:
                 finishes[ch["index"]] = ch["finish_reason"]
     assert by_choice == {0: [(0, "get_weather"), (1, "list_volumes")], 1: [(0, "get_weather")]}
     assert finishes == {0: "tool_calls", 1: "tool_calls"}
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"m","stream":true,"messages":[]}',
+    b' {}',
+    b'{"model":"m","stream_options":{"include_usage":false}}',
+    b'{"model":"m","stream_options":{"x":1}}',
+    # an escaped key is the same key to a parser: the whole object is rewritten
+    b'{"model":"m","stream\\u005foptions":{"include_usage":false}}',
+])
+def test_with_usage_turns_usage_on_whatever_the_body_holds(body: bytes) -> None:
+    from proxy.providers.openai_chat import with_usage
+
+    pairs = json.loads(with_usage(body), object_pairs_hook=lambda p: p)
+    options = [v for k, v in pairs if k == "stream_options"]
+    assert len(options) == 1 and ("include_usage", True) in options[0]
+    assert [k for k, _ in pairs if k != "stream_options"] == [
+        k for k, _ in json.loads(body, object_pairs_hook=lambda p: p) if k != "stream_options"]

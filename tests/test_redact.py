@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.audit.redact import MASK, is_secret_key, mask_text, redact
+from proxy.audit.redact import MASK, is_secret_key, mask_text, redact, redact_record
 from proxy.policy.names import normalize
 
 redact_mod = importlib.import_module("proxy.audit.redact")  # proxy.audit.redact is a function
@@ -148,3 +148,40 @@ def test_arguments_as_deep_as_json_allows_are_redacted() -> None:
     value = nested(depth)
     out = redact({"arguments": value})
     assert out.masked == (".".join(["arguments", *["a"] * depth, "password"]),)
+
+
+RECORD = {"kind": "decision", "decision_id": "6a6e04fc716245efabb750bdcd6dfa24",
+          "action": "allow", "rules": ["r1"], "latency_ms": 0.06, "stream": False,
+          "session": "s-1", "tool": "get_weather", "message": "no rule matched",
+          "arguments": {"city": "Paris", "nested": [{"unit": "celsius"}, "x"]}}
+
+
+@pytest.mark.parametrize("change", [
+    {},
+    {"arguments": {"password": "hunter2"}},
+    {"arguments": {"note": "use Bearer abc.def please"}},
+    {"arguments": ["AKIAABCDEFGHIJKLMNOP", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]},
+    {"arguments": {"aws_secret": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}},
+    {"arguments": "curl -H 'x-api-key: sk-abcdefghijklmnopqrstuvwx'"},
+    {"message": "token=abc123", "tool": "sk-abcdefghijklmnopqrstuvwxyz"},
+    {"rules": [{"token": "t"}]},                 # not what tether puts there: walked
+    {"kind": "xoxb-1234567890-abcdef"},          # tether-made: not visited
+])
+def test_an_audit_record_is_redacted_as_by_the_whole_walk(change: dict[str, object]) -> None:
+    record = {**RECORD, **change}
+    fast, full = redact_record(record), redact(record)
+    if change.get("kind"):
+        assert fast.value == record and fast.masked == ()   # the one documented difference
+        return
+    assert fast.value == full.value and fast.masked == full.masked
+    if not change:
+        assert fast.value is record   # nothing to mask: not even copied
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20))
+def test_redact_record_agrees_with_redact_on_any_arguments(arguments: object) -> None:
+    record = {**RECORD, "arguments": arguments}
+    fast, full = redact_record(record), redact(record)
+    assert fast.value == full.value and fast.masked == full.masked

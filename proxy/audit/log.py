@@ -34,7 +34,7 @@ from ..errors import TetherError
 from ..telemetry import Metrics
 from .chain import GENESIS_HASH, canonical, digest, rotated_name
 from .instance import default_name, new_instance, valid_id
-from .redact import redact
+from .redact import redact_record
 from .settings import AuditSettings, Fsync
 from .signing import HEAD_KIND
 
@@ -148,7 +148,7 @@ class AuditLog:
         if self.path is None:
             return
         paths = tuple(("arguments", *p) for p in self.settings.redact)
-        redacted = redact(record, paths)
+        redacted = redact_record(record, paths)
         assert isinstance(redacted.value, dict)
         if self.spool is not None and (refused := self.spool.admit()) is not None:
             # Shipping lags (spool full, a required sink down): refused like a full disk, but

@@ -245,6 +245,61 @@ def redact(value: object, paths: Sequence[Path] = (), *, prefix: Path = ()) -> R
     return Redacted(root[0], tuple(masked))
 
 
+# Top-level audit fields whose values tether makes itself (verdicts, its own ids, names
+# from the loaded config, numbers): nothing an agent, a model or an upstream wrote can be
+# in them, so the audit log's redaction does not visit them. Only while they hold what
+# tether puts there (scalars, or a list of them): anything else is walked as usual.
+TETHER_MADE = frozenset({
+    "kind", "event", "decision_id", "trace_id", "action", "policy_action", "outcome",
+    "rules", "shadow_rules", "effect", "policy_revision", "latency_ms", "stream", "stage",
+    "round", "continues", "linked_decision",
+})
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _tether_made(key: str, value: object) -> bool:
+    return key in TETHER_MADE and (isinstance(value, _SCALARS) or (
+        isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value)))
+
+
+def _unchanged(value: object) -> bool:
+    """Whether `redact` (no configured paths) would mask nothing in `value`, checked
+    without its copies and paths: no key names a secret, and no string changes under
+    `mask_text` even next to an AWS key id (a string that does not change there does not
+    change anywhere). A string is run through the passes only past the pre-check. True
+    for most records: they are written as they are."""
+    todo: list[object] = [value]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, str):
+            if ((len(node) >= 40 or _may_hold(node))
+                    and mask_text(node, aws_context=True) != node):
+                return False
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                if is_secret_key(str(k)):
+                    return False
+                if isinstance(v, str | dict | list | tuple):
+                    todo.append(v)
+        elif isinstance(node, list | tuple):
+            todo += node
+    return True
+
+
+def redact_record(record: dict[str, object], paths: Sequence[Path] = ()) -> Redacted:
+    """`redact` of an audit record, with the same result (tests/test_redact.py compares
+    the two) for less: the fields in TETHER_MADE are not visited, and a record with
+    nothing to mask (checked first, without copying) is returned as it is. The values
+    are the record's own, not copies: serialise them, do not change them."""
+    skipped = {k: v for k, v in record.items() if _tether_made(k, v)}
+    rest = {k: v for k, v in record.items() if k not in skipped} if skipped else record
+    if not paths and _unchanged(rest):
+        return Redacted(record, ())
+    done = redact(rest, paths)
+    assert isinstance(done.value, dict)
+    return Redacted({**done.value, **skipped}, done.masked)
+
+
 def redact_arguments(arguments: object, paths: Sequence[Path] = ()) -> object:
     """For display (Slack, the approvals page, spans): the masked copy only."""
     return redact(arguments, paths).value

@@ -18,9 +18,10 @@ import logging
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import options
-from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy import mode_servers, mode_specs
 
 # mitmproxy.addons (which mitmproxy.master imports) loads every addon, proxyauth's
 # ldap3 included, which warns about pyasn1 names it still uses: not tether's to see.
@@ -83,7 +84,8 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
                         resolver: Resolver | None = None,
                         transparent_port: int | None = None,
                         auth: Authenticator | None = None,
-                        limits: ServerLimits | None = None) -> ForwardProxy:
+                        limits: ServerLimits | None = None,
+                        reuse_port: bool = False) -> ForwardProxy:
     """Open the HTTP_PROXY listener on `host:port` (0: any free port; None: none) and,
     with `transparent_port`, the transparent listener on `host:transparent_port`
     (0 is allowed for one of the two only: mitmproxy refuses two servers on one address).
@@ -95,7 +97,8 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     `auth`: the reverse route's Authenticator (`auth:`), shared so that the identity
     the forward proxy established reaches the reverse route (proxy/auth/handoff.py);
     `limits`: `server:` timeouts and connection cap (forward/limits.py; default: the
-    defaults).
+    defaults); `reuse_port`: the ports are shared with the other workers of
+    `tether serve --workers N` (workers.py).
     One per process: mitmproxy keeps its master and options in a module global."""
     modes = ([] if port is None else [f"regular@{port}"]) + (
         [] if transparent_port is None else [f"transparent@{transparent_port}"])
@@ -104,6 +107,8 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     if port is not None and port == transparent_port:
         raise ForwardStartError(f"the HTTP_PROXY and transparent listeners share port {port}")
     ensure_ca(settings.ca_dir)
+    if reuse_port:
+        _share_ports()
     opts = options.Options()
     master = Master(opts, event_loop=asyncio.get_running_loop())
     server = proxyserver.Proxyserver()  # type: ignore[no-untyped-call]
@@ -146,3 +151,16 @@ async def start_forward(governor: Governor, metrics: Metrics, settings: ForwardS
     if transparent is not None:
         log.info("transparent proxy on %s:%d", host, transparent)
     return ForwardProxy(master, server, addon, host, regular, transparent)
+
+
+def _share_ports() -> None:
+    """The HTTP_PROXY and transparent listeners open with SO_REUSEPORT, so the kernel
+    spreads connections over the workers. mitmproxy opens them with asyncio.start_server
+    and no such option, so their `listen` is replaced in this process (a worker runs one
+    forward proxy, and its parent has made every port concrete: never 0 here)."""
+    async def listen(self: mode_servers.AsyncioServerInstance[Any], host: str,
+                     port: int) -> list[asyncio.Server]:
+        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+    for instance in (mode_servers.RegularInstance, mode_servers.TransparentInstance):
+        instance.listen = listen  # type: ignore[method-assign,assignment]

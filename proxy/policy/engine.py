@@ -29,6 +29,7 @@ from .flows import Flows
 from .names import normalize
 from .provider_tools import UNLISTED, is_provider_run
 from .provider_tools import effect_of as provider_effect
+from .rule_index import RuleIndex
 from .rules import Rule, Subject
 
 DEFAULT_CONTINUATIONS = 3
@@ -123,6 +124,7 @@ class PolicyEngine:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._agents = {normalize(k): v for k, v in policy.agents.items()}
+        self._index = RuleIndex(policy.rules)   # the rules a tool name can match
 
     @property
     def revision(self) -> str:
@@ -183,7 +185,7 @@ class PolicyEngine:
                           labels=self.policy.flows.labels.of(name, api),
                           history=exchange.history)
         by_id: dict[str, Rule] = {}
-        for rule in self.policy.rules:
+        for rule in self.policy.rules if explain else self._index.candidates(name):
             trace = rule.evaluate(subject)
             if trace.matched and not trace.shadow:
                 by_id[rule.id] = rule

@@ -106,7 +106,16 @@ def _fingerprint(messages: object) -> str | None:
 
 
 def with_usage(body: bytes) -> bytes:
-    """The request with `stream_options.include_usage` on, so a stream reports its usage."""
+    """The request with `stream_options.include_usage` on, so a stream reports its usage.
+    `body` is a JSON object (parse_request read it). Without any `stream_options` in it,
+    the member is put first, the rest of the bytes as the agent sent them (no second
+    parse, nothing re-serialised); else the object is rewritten."""
+    if b'"stream_options"' not in body and b"\\" not in body:
+        start = len(body) - len(body.lstrip())
+        if body[start:start + 1] == b"{":
+            rest = body[start + 1:]
+            comma = b"" if rest.lstrip().startswith(b"}") else b","
+            return b'{"stream_options":{"include_usage":true}' + comma + rest
     obj = json.loads(body)
     options = obj.get("stream_options")
     obj["stream_options"] = {**(options if isinstance(options, dict) else {}),

@@ -32,6 +32,7 @@ from ..sessions.redis_store import RedisStore
 from ..sessions.rewrites import rewrites_for
 from ..sessions.store import MemoryStore, Store
 from ..telemetry import Metrics
+from ..workers import Worker
 from .admin import build_admin
 from .connections import GuardedRunner, Port, guard_middleware
 from .context import Context
@@ -106,12 +107,16 @@ def make_store(url: str) -> Store:
     return RedisStore(url)
 
 
-def build(config: Config, tracer_provider: TracerProvider | None = None) -> Tether:
-    """`tracer_provider`: where spans go; None takes `tracing.installed()` (None: no tracing)."""
+def build(config: Config, tracer_provider: TracerProvider | None = None,
+          worker: Worker | None = None) -> Tether:
+    """`tracer_provider`: where spans go; None takes `tracing.installed()` (None: no tracing).
+    `worker`: one of `tether serve --workers N`, which writes its own audit chain."""
     metrics = Metrics()
-    audit = AuditLog(config.audit_path, config.audit, metrics)
-    shipper = (Shipper(config.audit_path, config.audit_shipping, metrics)
-               if config.audit_path and config.audit_shipping.sinks else None)
+    audit_path = worker.audit_path(config.audit_path) if worker else config.audit_path
+    audit = AuditLog(audit_path, worker.audit_settings(config.audit) if worker else config.audit,
+                     metrics)
+    shipper = (Shipper(audit_path, config.audit_shipping, metrics)
+               if audit_path and config.audit_shipping.sinks else None)
     audit.spool = shipper  # the log refuses records while shipping lags too far
     spans = tracer_provider or tracing.installed()
     governor = Governor(PolicyEngine(config.policy), audit, metrics, tracing.tracer_of(spans))
@@ -151,11 +156,15 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
                                         sock_read=config.upstream_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        # No trace config unless spans are exported: with one, aiohttp makes and awaits a
+        # signal for every step of every request (connection reused, headers sent, chunk).
         traces = [client_trace_config(spans)] if spans is not None else []
-        traces.append(app[UPSTREAM_READS].trace_config())  # what a stop cuts (lifecycle.py)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,
                                          auto_decompress=True, trust_env=False,
-                                         trace_configs=traces) as client:
+                                         trace_configs=traces,
+                                         # what a stop cuts (lifecycle.py)
+                                         response_class=app[UPSTREAM_READS].response_class
+                                         ) as client:
             ctx = Context(config, governor, guard, holds, client,
                           auth=make_authenticator(config, client, metrics))
             ctx.opa = opa
@@ -195,10 +204,12 @@ def build(config: Config, tracer_provider: TracerProvider | None = None) -> Teth
     return tether
 
 
-async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> list[web.AppRunner]:
+async def start(tether: Tether, *, host: str, port: int, admin_port: int,
+                reuse_port: bool = False) -> list[web.AppRunner]:
     """Start both apps; returns the runners (stop them with `runner.cleanup()`, or
     server/lifecycle.py's `shutdown`). Each port's connections are bounded by
-    `server:` (server/connections.py)."""
+    `server:` (server/connections.py). `reuse_port`: the ports are shared with the
+    other workers of `tether serve --workers N` (SO_REUSEPORT, workers.py)."""
     runners: list[web.AppRunner] = []
     limits = tether.config.connections
     for app, p, name in ((tether.proxy, port, "proxy"), (tether.admin, admin_port, "admin")):
@@ -209,7 +220,7 @@ async def start(tether: Tether, *, host: str, port: int, admin_port: int) -> lis
         runner = GuardedRunner(app, guarded, access_log=None, handle_signals=False,
                                shutdown_timeout=2.0)
         await runner.setup()
-        await web.TCPSite(runner, host, p).start()
+        await web.TCPSite(runner, host, p, reuse_port=reuse_port or None).start()
         runners.append(runner)
     return runners
 

@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -97,16 +97,16 @@ class _Guard(asyncio.Protocol):
     # -- the asyncio protocol, passed on ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is one, though no subclass of asyncio.Transport).
+        self.transport = stream = cast(asyncio.Transport, transport)
         limits = self.port.limits
         if self.port.open >= limits.max_connections:
             self.state = "refused"
             self.port.metrics.connections_refused.labels(self.port.name).inc()
-            transport.write(self.port.refusal)
-            if transport.can_write_eof():
-                transport.write_eof()   # the answer, then FIN; what the client sends is dropped
-            self._arm(LINGER_S, transport.close)
+            stream.write(self.port.refusal)
+            if stream.can_write_eof():
+                stream.write_eof()   # the answer, then FIN; what the client sends is dropped
+            self._arm(LINGER_S, stream.close)
             return
         self.inner = self.factory()
         self.port.opened(self, self.inner)

@@ -75,17 +75,20 @@ class UpstreamReads:
     under aiohttp's client does not wake a reader of its body, an exception does."""
 
     def __init__(self) -> None:
-        self._live: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
+        live: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
+        self._live = live
 
-    def trace_config(self) -> aiohttp.TraceConfig:
-        config = aiohttp.TraceConfig()
+        class Answer(aiohttp.ClientResponse):
+            """Known once its head is in (a trace config's on_request_end would do the
+            same, at the price of a signal for every step of every request)."""
 
-        async def answered(_session: aiohttp.ClientSession, _ctx: object,
-                           params: aiohttp.TraceRequestEndParams) -> None:
-            self._live.add(params.response)
+            async def start(self, connection: aiohttp.connector.Connection
+                            ) -> aiohttp.ClientResponse:
+                started = await super().start(connection)
+                live.add(self)
+                return started
 
-        config.on_request_end.append(answered)
-        return config
+        self.response_class: type[aiohttp.ClientResponse] = Answer
 
     def cut(self) -> int:
         """Each body still being read fails as a broken upstream; how many there were."""
