@@ -1,7 +1,7 @@
 # An example tether policy for Open Policy Agent (or tether's embedded rego-cpp).
 #
 # tether asks for data.tether.decision with the input document described in the
-# README ("Open Policy Agent"): version, source, agent, claims, session, provider,
+# docs/opa.md (the input document): version, source, agent, claims, session, provider,
 # model, endpoint, tool, arguments, raw_arguments, effect, api, declared_tools,
 # budget. An answer allows only when it is true or has allow: true;
 # action: hold sends the call to a human; reason is shown to the agent.
