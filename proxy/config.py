@@ -166,7 +166,8 @@ def _bool(node: YMap, key: str, default: bool) -> bool:
     return value
 
 
-def _open_gate_warnings(doc: YMap, d: Defaults, builder: Builder) -> tuple[bool, list[str]]:
+def _open_gate_warnings(doc: YMap, d: Defaults, builder: Builder,
+                        failed: bool = False) -> tuple[bool, list[str]]:
     out = []
     if d.on_store_error is Action.ALLOW:
         out.append(f"{doc.file}: defaults.on_store_error is allow: budgets fail OPEN "
@@ -176,7 +177,7 @@ def _open_gate_warnings(doc: YMap, d: Defaults, builder: Builder) -> tuple[bool,
     # Nothing that could refuse a call: no rule, no written default, no OPA, no tool scope.
     open_gate = (not builder.rules and not d.written_action and "opa" not in doc
                  and not builder.agents)
-    if open_gate:
+    if open_gate and not failed:   # rules that failed to load are errors, not an open gate
         out.append(f"{doc.file}: no rules and no defaults.action: every tool call is "
                    "allowed (write `defaults: {action: allow}` if that is meant; a reload "
                    "to such a config is refused)")
@@ -202,7 +203,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
     builder.include(doc, file.parent)
     builder.add_rules(doc)
     d = parse_defaults(doc, p)
-    open_gate, more = _open_gate_warnings(doc, d, builder)
+    open_gate, more = _open_gate_warnings(doc, d, builder, failed=bool(p.errors))
     warnings += more
 
     server = _section(doc, "server", SERVER, p)

@@ -1,7 +1,8 @@
 """Warnings about a config that loads: what it says that cannot do what it seems to.
 
 - a rule shadowed by an earlier one: the same match, and the earlier rule's action is
-  as strict or stricter, so it always decides first (the strictest matching rule wins)
+  as strict or stricter, so it matches wherever the later one does and the strictest
+  matching rule wins
   and the later one never changes a decision;
 - a rule no tool can match: `tools:` declares the tools, and none of them fits the
   rule's `match.tool`.
@@ -47,8 +48,8 @@ def shadowed(rules: Sequence[Rule]) -> list[Finding]:
                     and earlier.action.strictness >= rule.action.strictness):
                 out.append(Finding(
                     "warning", f"shadowed: rule {earlier.id} ({earlier.file}:{earlier.line}) "
-                    f"has the same match and action {earlier.action.value}, which always "
-                    "decides first; this rule never changes a decision", rule.file, rule.line,
+                    f"has the same match and action {earlier.action.value}, as strict or stricter; "
+                    "this rule never changes a decision", rule.file, rule.line,
                     None, "match", rule.id))
                 break
     return out

@@ -76,12 +76,24 @@ def test_five_mistakes_in_two_files_are_all_reported(tmp_path: Path) -> None:
     warnings = lines[len(errors):]   # apart, after every error
     assert warnings == [
         f"{rules}:10:5: warning: rule c: match: shadowed: rule a ({rules}:4) has the same "
-        "match and action allow, which always decides first; this rule never changes a "
-        "decision",
+        "match and action allow, as strict or stricter; this rule never changes a decision",
         f"{rules}:13:5: warning: rule d: match.tool: no tool can match: tools: declares "
         "get_volume and none fits match.tool",
     ], out.stderr
     assert out.stdout.strip() == f"{config}: 5 errors"
+
+
+def test_rules_that_fail_to_load_are_not_also_an_open_gate(tmp_path: Path) -> None:
+    """A config whose only rule is broken has errors; it is not warned of as a config
+    that allows every call on purpose."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("rules:\n  - id: a\n    match: {tool: x}\n    action: explode\n")
+    out = tether("check", str(config))
+    assert out.returncode == 1
+    assert "action must be allow, deny or hold" in out.stderr
+    assert "every tool call is allowed" not in out.stderr + out.stdout
+    config.write_text("server: {port: 8080}\n")   # no rules at all: the warning stays
+    assert "every tool call is allowed" in tether("check", str(config)).stderr
 
 
 def test_json_output_for_ci_annotations(tmp_path: Path) -> None:
