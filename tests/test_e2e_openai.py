@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from openai.types.chat import ChatCompletionToolParam
 
 from tests.conftest import MakeStack, Stack
-from tests.fakes import Call, FakeOpenAI, Reply
+from tests.fakes import Call, FakeOpenAI, Reply, stream_events
 
 TOOLS: list[ChatCompletionToolParam] = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
@@ -265,3 +268,42 @@ async def test_many_concurrent_streams(make_stack: MakeStack) -> None:
     import asyncio
     await asyncio.gather(*(one(i) for i in range(40)))
     assert len(stack.decisions()) == 80
+
+
+class _SlowFirstToken:
+    """An upstream that sends its headers at once and its first event only when told,
+    as a model that thinks a while before its first token does."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def chat(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await out.prepare(request)
+            await self.go.wait()
+            options = body.get("stream_options") or {}
+            for event in stream_events(Reply(content="Hello there."), body["model"],
+                                       include_usage=bool(options.get("include_usage"))):
+                await out.write(event)
+            await out.write_eof()
+            return out
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+
+async def test_stream_headers_reach_the_agent_before_the_first_token(
+        make_stack: MakeStack) -> None:
+    """tether sends a stream's headers with its first bytes when they came together, but
+    not later than the upstream sent its own: a client that times out waiting for the
+    headers must not time out through tether where it would not directly."""
+    slow = _SlowFirstToken()
+    made = await make_stack(upstreams={"openai": slow})
+    stream = await asyncio.wait_for(made.client().chat.completions.create(
+        model="gpt-x", messages=MESSAGES, tools=TOOLS, stream=True), 10)
+    slow.go.set()
+    text, calls, finishes = await collect(stream)
+    assert (text, calls, finishes) == ("Hello there.", {}, ["stop"])

@@ -11,7 +11,7 @@ from proxy import config as config_mod
 from proxy.errors import ConfigError
 from proxy.model import ToolCall, Usage
 from proxy.providers.base import ParsedRequest
-from proxy.sessions import loops
+from proxy.sessions import loops, prices
 from proxy.sessions.budgets import Budgets, Counter, Limit, Loops, Scope, counters, worst_case
 from proxy.sessions.identity import agent_of, session_of
 from proxy.sessions.prices import Price, PriceTable
@@ -56,6 +56,20 @@ def test_worst_case_and_prices() -> None:
         "llm_calls": 1}
     assert table.cost_micro_usd("GPT-4o-mini", Usage(1_000_000, 0)) == 150_000
     assert table.price("unknown-model") == Price(15, 75)
+
+
+def test_prices_are_remembered_per_model_within_bounds() -> None:
+    """A model's price is matched once and remembered; model names come from agents, so
+    only so many, so long, are (the others are matched each time, with the same result)."""
+    table = PriceTable.build([("gpt-4o*", Price(2.5, 10))], Price(15, 75))
+    for _ in range(2):
+        assert table.price("GPT-4o-x") == table.price("gpt-4o-x") == Price(2.5, 10)
+    long = "gpt-4o" + "x" * prices.CACHED_LENGTH
+    assert table.price(long) == Price(2.5, 10) and long not in table._found
+    for i in range(prices.PRICES_CACHED + 10):
+        table.price(f"m{i}")
+    assert len(table._found) == prices.PRICES_CACHED
+    assert table.price("gpt-4o-late") == Price(2.5, 10) and "gpt-4o-late" not in table._found
 
 
 def test_counters_name_agent_and_session_separately() -> None:

@@ -44,6 +44,24 @@ def test_any_rechunking_gives_the_same_events(cuts: list[int]) -> None:
     assert decode(split_at(RECORDED, cuts)) == EXPECTED
 
 
+LF_ONLY = b"".join(b'data: {"n": %d, "t": "caf\xc3\xa9 \xe2\x9c\x93"}\n\n' % i for i in range(20)) \
+    + b": comment\nevent: e\ndata: a\ndata: b\n\ndata: [DONE]\n\n"
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(LF_ONLY)), max_size=40))
+def test_lf_only_reads_split_anywhere_give_the_same_events(cuts: list[int]) -> None:
+    """Reads without a CR take the way that splits their lines at once: the same events
+    as one byte per read, a character split between reads included."""
+    assert decode(split_at(LF_ONLY, cuts)) == decode(
+        [LF_ONLY[i:i + 1] for i in range(len(LF_ONLY))])
+    assert len(decode([LF_ONLY])) == 22
+
+
+def test_invalid_utf8_after_good_lines_is_an_error() -> None:
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        SSEDecoder().feed(b"data: ok\n\ndata: \xed\xa0\x80\n\n")
+
+
 @given(st.text(min_size=1).filter(lambda t: "\r" not in t), st.sampled_from([None, "x"]))
 def test_encode_then_decode_round_trips(data: str, event: str | None) -> None:
     ev = SSEEvent(data.replace("\r", ""), event=event)

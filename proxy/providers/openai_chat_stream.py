@@ -60,7 +60,8 @@ class ChatStream:
         self._queue: deque[SSEEvent] = deque()
         self._choices: dict[int, _Choice] = {}
         self._waiting: list[tuple[_Open, ToolCall]] = []
-        self._template: JSONObject = {}
+        self._last: JSONObject = {}  # the last chunk passed: rendered calls copy its fields
+        self._grew = False  # fragments were held since the limit was last checked
         self._ended = False
         self._done_seen = False
         self._eof = False
@@ -221,8 +222,10 @@ class ChatStream:
             except ProtocolError as e:
                 step = self._fail(e.message, "bad_upstream_stream")
                 return Step(bytes(out) + step.data, step.pending)
-            if self._held() > self._max_arguments:
-                return Step(bytes(out), self._cut())
+            if self._grew:  # only held fragments can take it over the limit
+                self._grew = False
+                if self._held() > self._max_arguments:
+                    return Step(bytes(out), self._cut())
         if self._eof and not self._queue and not self._waiting and not self._ended:
             finished = bool(self._choices) and all(c.finished for c in self._choices.values())
             if any(c.open for c in self._choices.values()) or not (self._done_seen or finished):
@@ -273,7 +276,7 @@ class ChatStream:
 
     def _pass(self, event: SSEEvent, obj: JSONObject) -> bytes:
         """Apply one chunk: buffer its tool-call fragments, release everything else."""
-        self._template = {k: v for k, v in obj.items() if k not in ("choices", "usage")}
+        self._last = obj
         choices = obj.get("choices") or []
         assert isinstance(choices, list)
         if "usage" in obj and obj["usage"] is not None:
@@ -285,7 +288,7 @@ class ChatStream:
         kept: list[object] = []
         for ch in choices:
             assert isinstance(ch, dict)
-            state = self._state(ch.get("index"))
+            state = self._choices[ch["index"]]  # made (and its index checked) by _completing
             delta = ch.get("delta") or {}
             assert isinstance(delta, dict)
             if delta.get("content"):
@@ -344,6 +347,7 @@ class ChatStream:
                 if not isinstance(args, str):
                     raise ProtocolError(f"stream tool call {idx} arguments are not text")
                 open_.fragments.append(args)
+                self._grew = True
 
     def _render_call(
         self, state: _Choice, open_: _Open, call: ToolCall, decision: Decision
@@ -370,7 +374,7 @@ class ChatStream:
             delta = {"content": ("\n\n" if state.text else "") + text}
             state.text = True
         chunk = {
-            **self._template,
+            **{k: v for k, v in self._last.items() if k not in ("choices", "usage")},
             "choices": [
                 {"index": open_.choice, "delta": delta, "logprobs": None, "finish_reason": None}
             ],

@@ -50,8 +50,22 @@ class SSEDecoder:
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         self._buf += chunk
-        start = 0
         buf = self._buf
+        if b"\r" not in chunk:  # LF-only lines, the usual case: split them all at once
+            last = buf.rfind(b"\n", self._scanned)
+            if last >= 0:
+                try:
+                    lines = bytes(buf[:last]).decode("utf-8").split("\n")
+                except UnicodeDecodeError as e:
+                    raise ProtocolError(f"server-sent event is not valid UTF-8: {e}") from e
+                del buf[:last + 1]
+                for line in lines:
+                    self._text_line(line, events)
+            self._scanned = len(buf)
+            if len(buf) > self._max_line:
+                raise ProtocolError(f"server-sent event line longer than {self._max_line} bytes")
+            return events
+        start = 0
         n = len(buf)
         scan = self._scanned
         nl = buf.find(b"\n", scan)  # searched again only once passed: CR-only lines
@@ -94,6 +108,9 @@ class SSEDecoder:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ProtocolError(f"server-sent event is not valid UTF-8: {e}") from e
+        self._text_line(line, events)
+
+    def _text_line(self, line: str, events: list[SSEEvent]) -> None:
         if not line:
             if self._has_fields and self._data:
                 events.append(SSEEvent("\n".join(self._data), self._event, self._id, self._retry))
@@ -122,6 +139,9 @@ class SSEDecoder:
 
 
 def encode(event: SSEEvent) -> bytes:
+    if event.event is None and event.id is None and event.retry is None \
+            and "\n" not in event.data:  # most events: one data line
+        return b"data: " + event.data.encode("utf-8") + b"\n\n"
     out: list[str] = []
     if event.event is not None:
         out.append(f"event: {event.event}\n")

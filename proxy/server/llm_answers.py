@@ -46,7 +46,7 @@ from .approvals_continue import Send
 from .context import Context
 from .errors import reply
 from .flows import FlowState
-from .upstream import read_at_most, return_headers
+from .upstream import StreamedAnswer, read_at_most, return_headers
 
 log = logging.getLogger("tether.server")
 
@@ -255,10 +255,10 @@ class Answers:
 
     async def stream(self, request: web.Request, resp: aiohttp.ClientResponse, call: Call,
                      exchange: Exchange, stream: StreamFilter) -> web.StreamResponse:
-        out = web.StreamResponse(status=200, headers=return_headers(resp.headers))
+        out = StreamedAnswer(status=200, headers=return_headers(resp.headers))
         out.headers["Cache-Control"] = "no-cache"
         try:
-            await out.prepare(request)
+            await out.start(request, resp.content)
             # Time to first byte: the agent's response headers, less the upstream's.
             self.ctx.governor.metrics.overhead_seconds.labels(call.provider.name, "stream").observe(
                 call.overhead())

@@ -125,6 +125,20 @@ async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body[:limit])
 
 
+class StreamedAnswer(web.StreamResponse):
+    """An answer streamed from an upstream's: `prepare` keeps the headers back, and
+    `start` sends them with the first bytes when the upstream's first bytes came with
+    its headers (one write, not two), else at once, as the upstream sent its own (a
+    model may think a while before its first token)."""
+
+    _send_headers_immediately = False  # aiohttp's switch: headers go with the first write
+
+    async def start(self, request: web.Request, upstream: aiohttp.StreamReader) -> None:
+        await self.prepare(request)
+        if upstream.total_bytes == 0 and not upstream.is_eof():
+            await self.write(b"")  # the headers alone (aiohttp writes no empty chunk)
+
+
 async def relay(client: aiohttp.ClientSession, request: web.Request, url: URL | str,
                 body: bytes, headers: CIMultiDict[str], *, what: str,
                 allow_redirects: bool = True, ssl: ssl_.SSLContext | bool = True,
@@ -137,8 +151,8 @@ async def relay(client: aiohttp.ClientSession, request: web.Request, url: URL | 
     try:
         async with client.request(request.method, url, data=body or None, headers=headers,
                                   allow_redirects=allow_redirects, ssl=ssl) as resp:
-            out = web.StreamResponse(status=resp.status, headers=return_headers(resp.headers))
-            await out.prepare(request)
+            out = StreamedAnswer(status=resp.status, headers=return_headers(resp.headers))
+            await out.start(request, resp.content)
             if counted is not None:
                 counted(resp.status)
             try:
