@@ -32,13 +32,6 @@ BELOW = {  # package -> packages it must not import from
     "proxy.forward": ("proxy.server",),
     "proxy.auth": ("proxy.server", "proxy.forward"),
 }
-# What is left of tracker 20 (issue 17): a request/response module and its stream module
-# that still import each other. Remove a circle here when it is broken.
-KNOWN_CIRCLES = frozenset({
-    frozenset({"proxy.providers.openai_chat", "proxy.providers.openai_chat_stream"}),
-})
-
-
 def module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -162,13 +155,6 @@ def test_no_layer_reaches_up(graph: Graph) -> None:
     assert layer_violations(graph) == []
 
 
-def test_providers_gain_no_new_circle(graph: Graph) -> None:
-    assert circles(graph, "proxy.providers") <= KNOWN_CIRCLES
-
-
-@pytest.mark.xfail(strict=True, reason="tracker 20 is not done: openai_chat and "
-                   "openai_chat_stream still import each other; when they no longer do, "
-                   "empty KNOWN_CIRCLES and remove this mark")
 def test_providers_have_no_circle(graph: Graph) -> None:
     assert circles(graph, "proxy.providers") == set()
 

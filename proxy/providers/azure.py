@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from .base import ErrorReply, Route, RouteKind
 from .batch_routes import openai_batches
 from .openai import NOT_YET_GOVERNED
-from .openai_chat import CHAT, error_reply
+from .openai_chat import CHAT
+from .openai_chat_wire import error_reply
 from .openai_responses import RESPONSES
 
 RESPONSES_PATHS = (["openai", "v1", "responses"], ["openai", "responses"])

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 from .base import ErrorReply, Route, RouteKind
 from .batch_routes import openai_batches
-from .openai_chat import CHAT, error_reply
+from .openai_chat import CHAT
+from .openai_chat_wire import error_reply
 from .openai_responses import RESPONSES
 from .openai_stored import stored_route
 

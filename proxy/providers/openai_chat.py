@@ -12,34 +12,24 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
-from ..strict_json import strict_pairs
 from ..surrogates import json_text
 from . import tool_scope
-from .arguments import parse_arguments
-from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_summary, denial_text
+from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS
-
-if TYPE_CHECKING:
-    from .openai_chat_stream import ChatStream
-
-type JSONObject = dict[str, object]
+from .openai_chat_stream import ChatStream
+from .openai_chat_wire import (
+    CUT_REASONS,
+    JSONObject,
+    denied_error,
+    tool_call,
+    usage_of,
+)
+from .openai_chat_wire import loads_object as _loads_object
 
 NAME = "openai"
-CUT_REASONS = {"length", "content_filter"}
-
-
-def _loads_object(body: bytes, what: str) -> JSONObject:
-    try:
-        value = json.loads(body, object_pairs_hook=strict_pairs)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise BadRequest(f"{what} must be a JSON object")
-    return value
 
 
 def parse_request(body: bytes, default_model: str = "") -> ParsedRequest:
@@ -121,38 +111,6 @@ def with_usage(body: bytes) -> bytes:
     obj["stream_options"] = {**(options if isinstance(options, dict) else {}),
                              "include_usage": True}
     return json_text(obj).encode()
-
-
-def usage_of(obj: object) -> Usage | None:
-    if not isinstance(obj, dict):
-        return None
-    prompt, completion = obj.get("prompt_tokens"), obj.get("completion_tokens")
-    return Usage(
-        input_tokens=prompt if isinstance(prompt, int) else 0,
-        output_tokens=completion if isinstance(completion, int) else 0,
-    )
-
-
-def tool_call(
-    *,
-    id: str,
-    name: str,
-    raw: str,
-    index: int,
-    choice: int,
-    problem: str | None = None,
-) -> ToolCall:
-    arguments, why = parse_arguments(raw)
-    problem = problem or why
-    return ToolCall(
-        id=id,
-        name=name,
-        raw_arguments=raw,
-        arguments=None if problem else arguments,
-        index=index,
-        choice=choice,
-        problem=problem,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,27 +215,6 @@ def render_response(response: ChatResponse, decisions: Sequence[Decision]) -> by
     return json_text(obj).encode("utf-8")
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               501: "not_implemented_error", 502: "upstream_error", 504: "upstream_error"}
-
-
-def error_body(message: str, *, kind: str, code: str) -> bytes:
-    return json.dumps(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    ).encode()
-
-
-def error_reply(status: int, message: str, code: str) -> ErrorReply:
-    """An error in OpenAI's shape (also Azure OpenAI's)."""
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return ErrorReply(status, error_body(message, kind=kind, code=code))
-
-
-def denied_error(calls: Sequence[ToolCall], decisions: Sequence[Decision]) -> ErrorReply:
-    return error_reply(403, denial_summary(calls, decisions), "tool_call_denied")
-
-
 class OpenAIChat:
     """The Chat Completions wire format, as OpenAI and Azure OpenAI serve it."""
 
@@ -298,7 +235,6 @@ class OpenAIChat:
         return render_response(parsed, decisions)
 
     def stream(self, route: Route, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> ChatStream:
-        from .openai_chat_stream import ChatStream  # the stream module builds on this one
 
         return ChatStream(max_arguments=max_arguments)
 
@@ -306,7 +242,6 @@ class OpenAIChat:
                           max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> tuple[bytes, ChatStream]:
         """For budgets: a stream must report its usage. If the client did not ask for it,
         ask upstream anyway and hide the extra usage chunk from the client."""
-        from .openai_chat_stream import ChatStream
 
         if request.include_usage:
             return body, ChatStream(max_arguments=max_arguments)

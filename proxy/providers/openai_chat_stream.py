@@ -20,7 +20,7 @@ from ..model import Action, Decision, OnDeny, ToolCall, Usage
 from ..surrogates import json_text
 from .base import Step, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
-from .openai_chat import CUT_REASONS, JSONObject, error_body, tool_call, usage_of
+from .openai_chat_wire import CUT_REASONS, JSONObject, error_body, tool_call, usage_of
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
 
 

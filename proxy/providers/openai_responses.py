@@ -32,7 +32,8 @@ from . import tool_scope
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, denial_text
 from .held import DEFAULT_MAX_ARGUMENTS
 from .mcp_approvals import approval_call
-from .openai_chat import _loads_object, denied_error
+from .openai_chat_wire import denied_error
+from .openai_chat_wire import loads_object as _loads_object
 from .openai_responses_stream import ResponsesStream
 from .openai_responses_wire import JSONObject as JSONObject
 from .openai_responses_wire import error_event as error_event
