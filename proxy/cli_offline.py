@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import config as config_mod
 from .errors import ConfigError
-from .model import Exchange, PastCall, ToolCall
+from .model import Action, Exchange, OnDeny, PastCall, ToolCall
 from .policy.engine import PolicyEngine
 from .providers.arguments import parse_arguments
 
@@ -54,6 +54,16 @@ def _explain_call(engine: PolicyEngine, tool: str, raw: str, agent: str | None,
     return call, exchange
 
 
+# How a denial reaches the agent and the model, per `on_deny` (docs/continuations.md).
+_REACHES = {
+    OnDeny.CONTINUE: "the model reads the denial as the call's result and the agent gets "
+                     "its next answer",
+    OnDeny.REWRITE: "the call becomes text in the answer; the model reads it on the "
+                    "agent's next turn",
+    OnDeny.ERROR: "the agent gets an error (HTTP 403, or an error event in a stream)",
+}
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .opa.offline import OfflineDecider
 
@@ -76,6 +86,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if decision.message:
         print(f"message:  {decision.message}")
     print(f"effect:   {decision.effect.value}")
+    if decision.action is Action.DENY:
+        print(f"on_deny:  {decision.on_deny.value}: {_REACHES[decision.on_deny]}")
     for t in decision.trace:
         mark = ("SHADOW" if t.shadow else "MATCH") if t.matched else "no   "
         action = f" -> {t.action.value}" if t.matched and t.action else ""

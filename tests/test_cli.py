@@ -62,6 +62,20 @@ def test_explain_names_every_rule() -> None:
     assert any(line.strip().startswith("no    no-drop-database") for line in lines)
 
 
+def test_explain_says_how_a_denial_reaches_the_agent(tmp_path: Path) -> None:
+    """The default (continue), and a rule's own on_deny."""
+    args = '{"volume_id": "v", "tags": {"env": "production-candidate"}}'
+    result = tether("explain", "--config", "rules/tether.yaml", "--tool", "delete_volume",
+                    "--args", args)
+    assert "on_deny:  continue: the model reads the denial as the call's result" in result.stdout
+    config = tmp_path / "tether.yaml"
+    config.write_text("rules:\n  - {id: refuse-x, match: {tool: x}, action: deny, on_deny: error}\n")
+    result = tether("explain", "--config", str(config), "--tool", "x")
+    assert "on_deny:  error: the agent gets an error" in result.stdout, result.stdout
+    result = tether("explain", "--config", str(config), "--tool", "y")
+    assert "on_deny" not in result.stdout   # allowed: nothing to reach anyone
+
+
 def test_demo_runs_offline_and_shows_allowed_and_denied() -> None:
     started = time.monotonic()
     result = tether("demo", timeout=60)
