@@ -383,7 +383,10 @@ def test_two_tether_processes_share_one_redis_budget(
     """Two real `tether serve` processes, one redis-server, one budget of 5 calls."""
     fake, upstream_port = fake_upstream
     config = tmp_path / "tether.yaml"
+    # The fake's answer holds a denied call; `rewrite` keeps it one upstream call per request
+    # (a continuation is an LLM call too and would take a slot as soon as one answer is back).
     config.write_text(f"audit: {{path: {tmp_path / 'audit.jsonl'}}}\n"
+                      "defaults: {on_deny: rewrite}\n"
                       + budget("llm_calls: 5", redis_server.url))
     env = {**os.environ, "TETHER_UPSTREAM_OPENAI": f"http://127.0.0.1:{upstream_port}"}
     ports = [(free_port(), free_port()) for _ in range(2)]
