@@ -131,6 +131,40 @@ async def test_observe_keeps_counts_and_recent_history(store: Store,
     await store.close()
 
 
+async def test_admit_reads_trip_and_age_and_reserves_in_one_step(
+        store: Store, request: pytest.FixtureRequest) -> None:
+    bucket = f"t-{request.node.name}"
+    calls = [Counter(bucket, "llm_calls", 1, 2, False, 60)]
+    first = await store.admit(bucket, calls, now=1000.0, ttl_s=60, max_age_s=30,
+                              enforce_age=True)
+    assert (first.tripped, first.first_seen) == (None, 1000.0)
+    assert first.reserved is not None and first.reserved.ok
+    later = await store.admit(bucket, calls, now=1020.0, ttl_s=60, max_age_s=30,
+                              enforce_age=True)
+    assert later.first_seen == 1000.0 and later.reserved is not None and later.reserved.ok
+    full = await store.admit(bucket, calls, now=1021.0, ttl_s=60, max_age_s=None,
+                             enforce_age=True)
+    assert full.first_seen is None and full.reserved is not None
+    assert full.reserved.blocked == (calls[0],)
+    # Too old: with the age enforced nothing is reserved; in shadow it is, and the age shows.
+    other = [Counter(bucket, "tokens", 5, None, False, 60)]
+    old = await store.admit(bucket, other, now=1031.0, ttl_s=60, max_age_s=30, enforce_age=True)
+    assert (old.first_seen, old.reserved) == (1000.0, None)
+    assert "tokens" not in await store.read(bucket)
+    shadow = await store.admit(bucket, other, now=1031.0, ttl_s=60, max_age_s=30,
+                               enforce_age=False)
+    assert shadow.first_seen == 1000.0 and shadow.reserved is not None
+    assert (await store.read(bucket))["tokens"] == 5
+    # Tripped: the note, and nothing else read or reserved.
+    await store.trip(bucket, "a loop", 60)
+    stopped = await store.admit(bucket, other, now=1032.0, ttl_s=60, max_age_s=30,
+                                enforce_age=True)
+    assert (stopped.tripped, stopped.first_seen, stopped.reserved) == ("a loop", None, None)
+    assert (await store.read(bucket))["tokens"] == 5
+    await store.delete([bucket])
+    await store.close()
+
+
 def test_memory_store_is_bounded() -> None:
     import asyncio
 

@@ -68,22 +68,16 @@ class SessionGuard:
         bucket = session_bucket(agent, session)
         input_estimate = estimate_input_tokens(body_bytes)
         admission = Admission(agent, session, model, bucket, input_estimate=input_estimate)
+        limit = self.budgets.session
+        max_age = limit.max_age_s if limit is not None else None
         try:
-            reason = await self.store.tripped(bucket)
-            if reason:
-                self.metrics.budget_trips.labels("session", "tripped", "enforce").inc()
-                raise BudgetExceeded(f"this session was stopped: {reason}")
-            limit = self.budgets.session
-            if limit is not None and limit.max_age_s is not None:
-                first = await self.store.first_seen(bucket, now, self.budgets.session_ttl_s)
-                if now - first > limit.max_age_s:
-                    self._trip_metric(limit.shadow, "session", "max_age")
-                    if not limit.shadow:
-                        raise BudgetExceeded(f"the session is older than its maximum age of "
-                                             f"{int(limit.max_age_s)} s")
             amounts = worst_case(self.budgets, model, input_estimate, max_output)
             wanted = counters(self.budgets, agent, session, now, amounts)
-            result = await self.store.reserve(wanted)
+            # One store call (one Redis round trip): the trip note, the session's age,
+            # then the reservation, which is not made when either stops the request.
+            found = await self.store.admit(bucket, wanted, now=now,
+                                           ttl_s=self.budgets.session_ttl_s, max_age_s=max_age,
+                                           enforce_age=limit is not None and not limit.shadow)
         except StoreUnavailable as e:
             self._store_failed("reserve", e)
             if self.fail_open:
@@ -91,6 +85,18 @@ class SessionGuard:
                 return replace(admission, done=True)
             self.metrics.fail_closed.labels("store").inc()
             raise
+        if found.tripped:
+            self.metrics.budget_trips.labels("session", "tripped", "enforce").inc()
+            raise BudgetExceeded(f"this session was stopped: {found.tripped}")
+        if limit is not None and max_age is not None and found.first_seen is not None \
+                and now - found.first_seen > max_age:
+            self._trip_metric(limit.shadow, "session", "max_age")
+            if not limit.shadow:
+                raise BudgetExceeded(f"the session is older than its maximum age of "
+                                     f"{int(max_age)} s")
+        result = found.reserved
+        if result is None:  # a store reserves unless tripped or too old (both above)
+            raise StoreUnavailable("the session store made no reservation")
         for c in result.shadow:
             self._trip_metric(True, c.label.split(" ")[0], c.field)
             self._record(admission, c, shadow=True)

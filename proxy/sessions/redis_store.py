@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from ..errors import StoreUnavailable
 from .budgets import Counter
-from .store import Reserved
+from .store import Admitted, Reserved
 
 PREFIX = "tether:"
 T = TypeVar("T")
@@ -49,6 +49,30 @@ end
 return {blocked, shadow}
 """
 
+# KEYS: the n counters' buckets, then the session's trip key and its bucket.
+# ARGV: n, five per counter (as RESERVE), then now, the session ttl, max age (-1: not
+# asked), enforce age ('1'/'0'). Returns {trip note or false, first_seen or false,
+# reserve's answer or false}.
+ADMIT = """
+local n = tonumber(ARGV[1])
+local note = redis.call('GET', KEYS[n + 1])
+if note then return {note, false, false} end
+local at = 2 + n * 5
+local max_age = tonumber(ARGV[at + 2])
+local first = false
+if max_age >= 0 then
+  local session, ttl = KEYS[n + 2], tonumber(ARGV[at + 1])
+  redis.call('HSETNX', session, 'first_seen', ARGV[at])
+  if redis.call('TTL', session) < ttl then redis.call('EXPIRE', session, ttl) end
+  first = redis.call('HGET', session, 'first_seen')
+  if ARGV[at + 3] == '1' and tonumber(ARGV[at]) - tonumber(first) > max_age then
+    return {false, first, false}
+  end
+end
+""" + RESERVE.replace("return {blocked, shadow}", "return {false, first, {blocked, shadow}}") \
+    + """
+"""
+
 OBSERVE = """
 local count = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('LPUSH', KEYS[2], ARGV[1])
@@ -76,6 +100,7 @@ class RedisStore:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             decode_responses=True, encoding_errors="surrogatepass", health_check_interval=5)
         self._reserve = self._redis.register_script(RESERVE)
+        self._admit = self._redis.register_script(ADMIT)
         self._observe = self._redis.register_script(OBSERVE)
         self._first_seen = self._redis.register_script(FIRST_SEEN)
 
@@ -91,15 +116,22 @@ class RedisStore:
             raise StoreUnavailable(f"the session store (Redis) is unavailable during {what}: "
                                    f"{type(e).__name__}") from e
 
+    async def admit(self, bucket: str, counters: Sequence[Counter], *, now: float,
+                    ttl_s: int, max_age_s: float | None, enforce_age: bool) -> Admitted:
+        keys, args = _reservation(counters)
+        keys += [PREFIX + bucket + ":trip", PREFIX + bucket]
+        args += [int(now), ttl_s, -1 if max_age_s is None else max_age_s,
+                 1 if enforce_age else 0]
+        note, first, reserved = await self._call(
+            "admission", lambda: self._admit(keys=keys, args=args))
+        return Admitted(None if note is None else str(note),
+                        None if first is None else float(first),
+                        None if reserved is None else _reserved(counters, *reserved))
+
     async def reserve(self, counters: Sequence[Counter]) -> Reserved:
-        keys = [PREFIX + c.bucket for c in counters]
-        args: list[str | int] = [len(counters)]
-        for c in counters:
-            args += [c.field, c.amount, -1 if c.limit is None else c.limit,
-                     1 if c.shadow else 0, c.ttl_s]
+        keys, args = _reservation(counters)
         blocked, shadow = await self._call("reserve", lambda: self._reserve(keys=keys, args=args))
-        return Reserved(tuple(counters[int(i) - 1] for i in blocked),
-                        tuple(counters[int(i) - 1] for i in shadow))
+        return _reserved(counters, blocked, shadow)
 
     async def adjust(self, counters: Sequence[Counter]) -> None:
         async def run() -> None:
@@ -145,3 +177,19 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _reservation(counters: Sequence[Counter]) -> tuple[list[str], list[str | int | float]]:
+    """RESERVE's keys and arguments for `counters`."""
+    keys = [PREFIX + c.bucket for c in counters]
+    args: list[str | int | float] = [len(counters)]
+    for c in counters:
+        args += [c.field, c.amount, -1 if c.limit is None else c.limit,
+                 1 if c.shadow else 0, c.ttl_s]
+    return keys, args
+
+
+def _reserved(counters: Sequence[Counter], blocked: Sequence[Any], shadow: Sequence[Any]
+              ) -> Reserved:
+    return Reserved(tuple(counters[int(i) - 1] for i in blocked),
+                    tuple(counters[int(i) - 1] for i in shadow))

@@ -32,7 +32,22 @@ class Reserved:
         return not self.blocked
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What one admission found, read and applied in one step (one Redis round trip)."""
+    tripped: str | None        # the session was stopped: nothing was reserved
+    first_seen: float | None   # when the session began (asked for: `max_age_s` is set)
+    reserved: Reserved | None  # None: nothing was tried (tripped, or older than max_age)
+
+
 class Store(Protocol):
+    async def admit(self, bucket: str, counters: Sequence[Counter], *, now: float,
+                    ttl_s: int, max_age_s: float | None, enforce_age: bool) -> Admitted:
+        """In one atomic step: the session's trip note; when `max_age_s` is set, its first
+        sighting (recorded now if new); then, unless it is tripped or (`enforce_age`) older
+        than `max_age_s`, the reservation of `counters`."""
+        ...
+
     async def reserve(self, counters: Sequence[Counter]) -> Reserved: ...
 
     async def adjust(self, counters: Sequence[Counter]) -> None: ...
@@ -97,6 +112,18 @@ class MemoryStore:
             if current is None or c.bucket != name:
                 current, name = self._get(c.bucket, c.ttl_s), c.bucket
             current.fields[c.field] = current.fields.get(c.field, 0) + c.amount
+
+    async def admit(self, bucket: str, counters: Sequence[Counter], *, now: float,
+                    ttl_s: int, max_age_s: float | None, enforce_age: bool) -> Admitted:
+        found = self._buckets.get(bucket)
+        if found is not None and found.note is not None:
+            return Admitted(found.note, None, None)
+        first: float | None = None
+        if max_age_s is not None:
+            first = await self.first_seen(bucket, now, ttl_s)
+            if enforce_age and now - first > max_age_s:
+                return Admitted(None, first, None)
+        return Admitted(None, first, await self.reserve(counters))
 
     async def reserve(self, counters: Sequence[Counter]) -> Reserved:
         blocked: list[Counter] = []
