@@ -46,7 +46,7 @@ from .approvals_continue import Send
 from .context import Context
 from .errors import reply
 from .flows import FlowState
-from .upstream import StreamedAnswer, read_at_most, return_headers
+from .upstream import StreamedAnswer, first_event_apart, read_at_most, return_headers
 
 log = logging.getLogger("tether.server")
 
@@ -263,7 +263,7 @@ class Answers:
             self.ctx.governor.metrics.overhead_seconds.labels(call.provider.name, "stream").observe(
                 call.overhead())
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in first_event_apart(resp.content.iter_any()):
                     await self.drive(stream, stream.feed(chunk), out, exchange, call)
                     if stream.failed is not None:
                         # The filter ended the stream (a cut, a denial, a broken upstream):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl as ssl_
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -137,6 +137,22 @@ class StreamedAnswer(web.StreamResponse):
         await self.prepare(request)
         if upstream.total_bytes == 0 and not upstream.is_eof():
             await self.write(b"")  # the headers alone (aiohttp writes no empty chunk)
+
+
+async def first_event_apart(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks, with the first one cut after its first event (`\\n\\n`) when more
+    follows: a burst's first event is filtered and written before the rest of the burst
+    is (an upstream that sends its whole answer at once, or a proxy in front of it that
+    buffers). Every stream filter takes bytes split anywhere (tests/streaming.py)."""
+    first = True
+    async for chunk in chunks:
+        if first:
+            first = False
+            cut = chunk.find(b"\n\n") + 2
+            if 1 < cut < len(chunk):
+                yield chunk[:cut]
+                chunk = chunk[cut:]
+        yield chunk
 
 
 async def relay(client: aiohttp.ClientSession, request: web.Request, url: URL | str,
