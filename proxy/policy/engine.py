@@ -125,6 +125,11 @@ class PolicyEngine:
         self.policy = policy
         self._agents = {normalize(k): v for k, v in policy.agents.items()}
         self._index = RuleIndex(policy.rules)   # the rules a tool name can match
+        # Whether a denied answer can go on at all (server/continuation.py asks per request):
+        # a bound above 0, and `continue` as the default or some rule's on_deny.
+        self.continues = policy.max_continuations > 0 and (
+            policy.on_deny is OnDeny.CONTINUE
+            or any(r.on_deny is OnDeny.CONTINUE for r in policy.rules))
 
     @property
     def revision(self) -> str:

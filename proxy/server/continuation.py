@@ -60,12 +60,8 @@ STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream", "appl
 
 
 def enabled(ctx: Context) -> bool:
-    """Whether this policy can continue at all: a bound above 0, and `continue` as the
-    default or some rule's `on_deny`."""
-    policy = ctx.governor.engine.policy
-    return policy.max_continuations > 0 and (
-        policy.on_deny is OnDeny.CONTINUE
-        or any(r.on_deny is OnDeny.CONTINUE for r in policy.rules))
+    """Whether this policy can continue at all (PolicyEngine.continues)."""
+    return ctx.governor.engine.continues
 
 
 def continuing(ctx: Context, fmt: WireFormat, first: StreamFilter,
