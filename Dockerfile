@@ -14,7 +14,11 @@ COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
 # Every dependency is pinned (==) in pyproject.toml. Bytecode is compiled here, at build
 # time, because the running container cannot write it (read-only root filesystem).
-RUN /opt/tether/bin/pip install . \
+# The azure and gcp extras are the identity libraries of cloud.lookups.azure and
+# cloud.lookups.gcp: a sidecar that judges every cloud ships them (without them those lookups
+# deny). Measured: +9.3 MB installed (azure-identity, azure-core, msal, google-auth ...),
+# the image 357 -> 365 MB.
+RUN /opt/tether/bin/pip install '.[azure,gcp]' \
  && /opt/tether/bin/python -m compileall -q /opt/tether/lib
 
 # ---- runtime ----------------------------------------------------------------------------

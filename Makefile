@@ -56,8 +56,11 @@ node-deps:
 run: $(STAMP)
 	$(BIN)/tether serve --config rules/tether.yaml
 
+# The janitor story, then its Azure leg (disk deletes judged by the tags tether looks up).
 demo: $(STAMP)
 	$(BIN)/tether demo
+	@echo
+	$(BIN)/tether demo --cloud azure
 
 test: $(STAMP) system-deps node-deps
 	$(BIN)/pytest -q

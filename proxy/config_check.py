@@ -78,7 +78,7 @@ def check_file(path: str, env: dict[str, str] | None = None) -> Checked:
     errors = [_error(e, lines) for e in problems.errors]
     warnings = [_warning(w, cfg.source or path) for w in cfg.warnings]
     warnings += [replace(f, column=_column(f, lines))
-                 for f in lint(cfg.policy.rules, cfg.declared_tools)]
+                 for f in lint(cfg.policy.rules, cfg.declared_tools, cfg.lookups, cfg.cloud)]
     errors.sort(key=lambda f: (f.file != path, f.file or "", f.line or 0, f.column or 0))
     return Checked(path, None if errors else cfg, tuple(errors + warnings))
 

@@ -43,7 +43,8 @@ MATCH = table(
     Key("agent", "string|strings", "agent names or globs"),
     Key("effect", "string", "what the call does (an unknown tool counts as write)",
         values=EFFECTS),
-    Key("api", "string", "an API operation (jira.createIssue, aws.ec2.DeleteVolume; globs)"),
+    Key("api", "string|strings", "API operations (jira.createIssue, aws.ec2.DeleteVolume; "
+        "globs, or a list of them)"),
     Key("args", "map", "dotted argument paths, each mapped to conditions; all must hold",
         each=CONDITION),
     Key("label", "string|strings", "the call carries one of these labels (flows.labels)"),
@@ -224,9 +225,44 @@ LOOKUPS_AWS = table(
     Key("tags", "boolean", "EC2: fetch the tags of the resources a call names", False),
     Key("timeout", "duration", "per lookup; one that fails or times out denies", "5s"),
 )
+LOOKUPS_AZURE = table(
+    "cloud.lookups.azure",
+    Key("tags", "boolean", "ARM writes: fetch the tags of the resource a call names", False),
+    Key("scopes", "strings", "whose tags, any of: resource (args.Tags), resource_group "
+        "(args.ResourceGroupTags), subscription (args.SubscriptionTags)", ["resource"]),
+    Key("apis", "strings", "the operations looked up (globs; writes only): narrow it to "
+        "leave out resource types the Tags API cannot answer for", ["azure.*"]),
+    Key("endpoint", "string", "the ARM endpoint tether asks (https; its host must be the "
+        "one the call goes to)", "https://management.azure.com"),
+    Key("credential", "string", "tether's own identity: the chain (environment, then "
+        "workload identity, then managed identity) or one of them", "default",
+        values=("default", "environment", "workload_identity", "managed_identity")),
+    Key("timeout", "duration", "per lookup, token included; one that fails or times out "
+        "denies", "5s"),
+)
+LOOKUPS_GCP_ENDPOINTS = table(
+    "cloud.lookups.gcp.endpoints",
+    Key("compute", "string", "GCE (disks, instances, snapshots, images): https://host[:port]",
+        "https://compute.googleapis.com"),
+    Key("storage", "string", "Cloud Storage (buckets): https://host[:port]",
+        "https://storage.googleapis.com"),
+    Key("container", "string", "GKE (clusters): https://host[:port]",
+        "https://container.googleapis.com"),
+)
+LOOKUPS_GCP = table(
+    "cloud.lookups.gcp",
+    Key("labels", "boolean", "writes on GCE disks, instances, snapshots, images, GKE clusters "
+        "and Cloud Storage buckets: fetch the resource's labels (args.Tags)", False),
+    Key("timeout", "duration", "per lookup, token included; one that fails or times out "
+        "denies", "5s"),
+    Key("endpoints", "mapping", "where tether asks, by API (never the host the call goes to)",
+        keys=LOOKUPS_GCP_ENDPOINTS),
+)
 LOOKUPS = table(
     "cloud.lookups",
     Key("aws", "mapping", "AWS lookups", keys=LOOKUPS_AWS),
+    Key("azure", "mapping", "Azure Resource Manager lookups", keys=LOOKUPS_AZURE),
+    Key("gcp", "mapping", "Google Cloud lookups", keys=LOOKUPS_GCP),
 )
 CLOUD = table(
     "cloud",

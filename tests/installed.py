@@ -127,3 +127,28 @@ def check_upstream_saw(fake: FakeOpenAI, count: int, key: str | None) -> None:
 def audit_actions(path: Path) -> list[str]:
     records = [json.loads(line) for line in path.read_text().split("\n") if line]
     return [r["action"] for r in records if r.get("kind") == "decision"]
+
+
+# The Azure leg of the demo (`tether demo --cloud azure`): tether looks the disks' tags up with
+# azure-identity (tether[azure]); without it every lookup denies and nothing is deleted.
+AZURE_DEMO_KEPT = "still in ARM:    disk-prod (production), disk-cand (production-candidate)"
+AZURE_DEMO_DELETED = "deleted in ARM:  disk-tmp"
+
+# tether's own Google identity, asked for a token with a key file that is not there: with
+# google-auth (tether[gcp]) the ADC chain says so; without it the lookup says what to install.
+GCP_IDENTITY_PROBE = """
+import asyncio
+from proxy.forward.lookups import LookupFailed
+from proxy.forward.lookups_gcp import GoogleIdentity
+try:
+    asyncio.run(GoogleIdentity(None, 5.0).headers())
+except LookupFailed as e:
+    print(e)
+"""
+GCP_IDENTITY_ENV = {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}
+GCP_IDENTITY_FOUND = "no usable Google credentials"
+
+
+def check_azure_demo(out: subprocess.CompletedProcess[str]) -> None:
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert AZURE_DEMO_KEPT in out.stdout and AZURE_DEMO_DELETED in out.stdout, out.stdout

@@ -76,6 +76,25 @@ def test_explain_says_how_a_denial_reaches_the_agent(tmp_path: Path) -> None:
     assert "on_deny" not in result.stdout   # allowed: nothing to reach anyone
 
 
+def test_the_azure_demo_keeps_the_candidate_disk_by_the_tags_tether_looked_up() -> None:
+    """`tether demo --cloud azure`: the janitor's ARM deletes through the forward proxy,
+    judged by the tags tether fetched from ARM itself (the agent's DELETE names no tag)."""
+    result = tether("demo", "--cloud", "azure", timeout=90)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "model: disk-cand, disk-tmp look temporary, deleting them" in out
+    assert "agent: DELETE disk-cand -> HTTP 403 TetherRequestDenied" in out
+    assert "agent: DELETE disk-tmp -> 202, operation polled to Succeeded" in out
+    rows = [line.split() for line in out.splitlines() if "/disks/delete" in line
+            and line.lstrip()[:1].isdigit()]
+    assert [(r[2], r[4]) for r in rows] == [("disk-cand", "DENY"),
+                                            ("disk-tmp", "HOLD->APPROVED")]
+    assert '"env":"production-candidate"' in rows[0][3] and "no-prod-disk-deletes," in rows[0]
+    assert "deleted in ARM:  disk-tmp" in out
+    assert "still in ARM:    disk-prod (production), disk-cand (production-candidate)" in out
+    assert "tags looked up:  2 (ARM's Tags API, as tether, token from Entra ID 1 time(s))" in out
+
+
 def test_demo_runs_offline_and_shows_allowed_and_denied() -> None:
     started = time.monotonic()
     result = tether("demo", timeout=60)

@@ -114,6 +114,16 @@ def test_the_base_image_is_python_312_slim_pinned_by_tag() -> None:
     assert len(froms) == 2 and all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
 
 
+def test_the_image_installs_every_cloud_extra() -> None:
+    """A sidecar that judges every cloud ships each lookup's identity library: the build
+    installs tether with every extra but dev (tests/test_image.py checks they work there)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (install,) = [r for r in args_of("RUN") if "pip install" in r]
+    named = re.search(r"pip install '\.\[([a-z0-9,]+)\]'", install)
+    assert named is not None, install
+    assert sorted(named.group(1).split(",")) == sorted(set(extras) - {"dev"})
+
+
 def test_entrypoint_and_cmd_parse_with_tethers_cli() -> None:
     assert exec_form("ENTRYPOINT") == ["tether"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

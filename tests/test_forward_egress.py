@@ -27,13 +27,13 @@ from aiohttp import web
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from proxy.egress import Egress
 from proxy.forward.ca import export_pem
-from proxy.forward.master import ForwardProxy, start_forward
+from proxy.forward.master import ForwardProxy
 from proxy.forward.targets import Address
 from proxy.server.app import bound_port
 from tests.conftest import MakeStack, Stack
 from tests.fakes.tls import make_fake_ca
+from tests.forwarding import forward_for
 from tests.test_e2e_approvals import TOKEN, admin, pending
 
 SPECS = Path(__file__).resolve().parent.parent / "rules" / "openapi"
@@ -168,12 +168,7 @@ async def start_egr(make_stack: MakeStack, tmp_path: Path) -> AsyncIterator[Star
             policy=policy, extra=f"forward: {{ca_dir: {ca_dir}, upstream_ca: {test_ca.ca_file}, "
                                  f"{body}}}\n{apis}{extra}")
         cfg = stack.tether.config
-        fwd = await start_forward(
-            stack.tether.governor, stack.tether.governor.metrics, cfg.forward,
-            host="127.0.0.1", port=0, reverse=("127.0.0.1", int(stack.proxy_url.rsplit(":", 1)[1])),
-            own_ports=(), resolver=resolver,
-            egress=Egress(cfg.apis, cfg.cloud, stack.tether.holds, cfg.agent_keys,
-                          cfg.trust_identity_headers, cfg.lookups))
+        fwd = await forward_for(stack, resolver)
         proxies.append(fwd)
         ca_file = tmp_path / f"tether-ca-{len(proxies)}.pem"
         ca_file.write_text(export_pem(cfg.forward.ca_dir))

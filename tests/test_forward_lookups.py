@@ -24,13 +24,8 @@ from botocore.exceptions import ClientError
 
 from proxy import config as config_mod
 from proxy.errors import ConfigError
-from proxy.forward.lookups import (
-    LookupFailed,
-    describe_tags_body,
-    parse_describe_tags,
-    resource_ids,
-    with_tags,
-)
+from proxy.forward.lookups import LookupFailed, with_tags
+from proxy.forward.lookups_aws import describe_tags_body, parse_describe_tags, resource_ids
 from tests import test_forward_egress as egress_tests
 from tests.test_forward_egress import EC2, Egr, FakeUpstream, StartEgr, describe_tags_xml
 
@@ -284,7 +279,7 @@ def test_config(tmp_path: Any) -> None:
     cfg.write_text('cloud:\n  effects: {"aws.ec2.Describe*": read}\n')
     assert not config_mod.load(cfg, env={}).lookups.aws_tags
     for text, line, key in [("cloud:\n  lookups:\n    aws: {tags: yes please}\n", 3, "tags"),
-                            ("cloud:\n  lookups:\n    gcp: {tags: true}\n", 3, "gcp"),
+                            ("cloud:\n  lookups:\n    ibm: {tags: true}\n", 3, "ibm"),
                             ("cloud:\n  lookups:\n    aws:\n      timeout: soon\n", 4, "timeout"),
                             ("cloud:\n  lookups: [aws]\n", 2, "lookups")]:
         cfg.write_text(text)

@@ -33,8 +33,12 @@ import pytest
 
 from tests.fakes.threaded import ThreadedServer
 from tests.installed import (
+    GCP_IDENTITY_ENV,
+    GCP_IDENTITY_FOUND,
+    GCP_IDENTITY_PROBE,
     audit_actions,
     check_admin,
+    check_azure_demo,
     check_forwarded,
     check_governed,
     check_upstream_saw,
@@ -214,6 +218,21 @@ def test_the_image_is_the_one_the_manifests_name(image: str) -> None:
                      "{{.Docker.Config.User}} {{.Docker.Config.Entrypoint}} "
                      "{{.Docker.Config.Healthcheck}}", image).stdout
     assert config.startswith(f"{UID}:{UID} [tether]") and "healthz" in config, config
+
+
+def test_the_image_ships_the_identity_libraries_of_every_clouds_lookups(pod: Pod) -> None:
+    """Built with the azure and gcp extras: the Azure demo runs as uid 10001, tether looking
+    the disks' tags up with azure-identity, and tether's own Google identity gets as far as
+    google-auth's credential chain (not "install tether[gcp]")."""
+    run = ("run", "--isolation", "chroot", "--network", "host", "--user", f"{UID}:{UID}")
+    demo = buildah(*run, pod.container(), "--", "tether", "demo", "--cloud", "azure",
+                   check=False, timeout=180)
+    check_azure_demo(demo)
+    env = [a for k, v in GCP_IDENTITY_ENV.items() for a in ("-e", f"{k}={v}")]
+    google = buildah(*run, *env, pod.container(), "--", "python", "-c", GCP_IDENTITY_PROBE,
+                     check=False)
+    assert google.returncode == 0 and GCP_IDENTITY_FOUND in google.stdout, \
+        google.stdout + google.stderr
 
 
 def test_the_ca_init_container_refuses_placeholders_then_feeds_tether(pod: Pod) -> None:

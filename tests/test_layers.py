@@ -146,7 +146,7 @@ def graph() -> dict[str, frozenset[str]]:
 def test_the_walk_sees_the_tree(graph: Graph) -> None:
     # A walk that found nothing would pass every rule below.
     assert len(graph) > 100
-    assert "proxy.upstream_auth.sigv4" in graph["proxy.forward.lookups"]
+    assert "proxy.upstream_auth.sigv4" in graph["proxy.forward.lookups_aws"]
     assert "proxy.paths" in graph["proxy.forward.judge"]
     assert "proxy.providers.tool_scope" in graph["proxy.providers.openai_chat"]
 

@@ -79,6 +79,12 @@ def test_make_demo_in_a_fresh_clone_tells_the_readme_story(clone: Path) -> None:
             assert row is not None and verdict in row.split(), (line, out)
             if rules and rules[0] != "-":
                 assert rules[0] in row, (line, row)
+    # The Azure leg's block (the second): its rows and lines as the demo prints them.
+    azure = re.findall(r"^```text\n(.*?)^```", readme, re.S | re.M)[1]
+    assert "still in ARM:" in azure
+    for line in azure.splitlines():
+        if line.strip():
+            assert line.rstrip() in out, (line, out)
 
 
 def test_the_clone_runs_its_own_code(clone: Path) -> None:

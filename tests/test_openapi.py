@@ -565,7 +565,7 @@ def test_rules_may_name_apis_that_are_not_openapi(tmp_path: Path) -> None:
     """`api:` names of other catalogs (cloud operations) are not this module's to refuse."""
     path = write_config(tmp_path, "rules:\n  - id: r\n    match: {api: ec2.DeleteVolume}\n"
                                   "    action: deny\n")
-    assert config_mod.load(path, env={}).policy.rules[0].api == "ec2.DeleteVolume"
+    assert config_mod.load(path, env={}).policy.rules[0].api == ("ec2.DeleteVolume",)
 
 
 def test_deep_copies_of_the_spec_are_not_shared() -> None:

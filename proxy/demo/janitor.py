@@ -126,7 +126,7 @@ async def _run_tool(http: aiohttp.ClientSession, cloud: str, name: str, args: di
         return await resp.text()
 
 
-async def _operator(admin_url: str, out: TextIO) -> None:
+async def operator(admin_url: str, out: TextIO) -> None:
     """A person at the approvals page: confirms held deletes of temporary volumes."""
     headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
     async with aiohttp.ClientSession(headers=headers) as http:
@@ -191,7 +191,7 @@ async def run_demo(rules: str | None = None, out: TextIO | None = None,
     runners = await start(tether, host="127.0.0.1", port=0, admin_port=0)
     base = f"http://127.0.0.1:{bound_port(runners[0])}/openai/v1"
     admin_url = f"http://127.0.0.1:{bound_port(runners[1])}"
-    operator = asyncio.create_task(_operator(admin_url, out), name="demo-operator")
+    approver = asyncio.create_task(operator(admin_url, out), name="demo-operator")
     cloud_url = f"http://127.0.0.1:{cloud_port}"
     print("tether demo: the autonomous cloud janitor, offline\n", file=out)
     print(f"  agent -> tether {base} -> fake LLM :{llm_port}; tools -> fake cloud :{cloud_port}",
@@ -225,7 +225,7 @@ async def run_demo(rules: str | None = None, out: TextIO | None = None,
                 if not calls:
                     break
     finally:
-        operator.cancel()
+        approver.cancel()
         for runner in reversed([llm_runner, cloud_runner, *runners]):
             await runner.cleanup()
         await tether.close()

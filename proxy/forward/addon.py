@@ -21,7 +21,7 @@ mitmproxy never buffers it. Every other host, after the SSRF checks
    judged (`api: aws.ec2.DeleteVolume`); one tether cannot name is an unknown
    write, denied unless `forward.pass_hosts` lists that exact host (a wildcard
    entry never does); an ambiguous request is refused; denials come in the
-   cloud's own error shape; with `cloud.lookups.aws.tags`, an EC2 call naming
+   cloud's own error shape; with `cloud.lookups` on, a cloud call naming
    resources is judged with their tags (`args.Tags`, looked up by tether first:
    `proxy.forward.lookups`; a failed lookup denies, `tether:lookup-failed`);
    both in `judge.py`;
@@ -59,8 +59,7 @@ from ..errors import Unauthorized
 from ..governor import Governor
 from ..telemetry import Metrics
 from .identity import PROXY_AUTHORIZATION, ForwardIdentity, Found
-from .judge import ApiJudge, client_gone
-from .lookups import TagLookup
+from .judge import ApiJudge, client_gone, cloud_lookups
 from .refusals import IDENTITY, PROVIDER, Refusals, kill
 from .resolve import Resolver, check_all, preferred, resolve, resolve_check
 from .targets import Refusal, Targets, authority_host, ip_literal, llm_provider, norm_host, same_host
@@ -93,11 +92,15 @@ class ForwardAddon:
         self.resolver = resolver  # None: the system's DNS (others: split-horizon, tests)
         self.refusals = Refusals(governor, metrics, self.identity.trust_headers)
         self.judge = ApiJudge(governor, self.egress,
-                              TagLookup(self.egress.lookups, targets.settings.upstream_ca),
+                              cloud_lookups(self.egress.lookups, targets.settings.upstream_ca),
                               self.refusals)
         self.claims = Claims()
 
     # -- hooks ----------------------------------------------------------------------------
+
+    async def done(self) -> None:
+        """mitmproxy's shutdown hook (ForwardProxy.stop): the lookups close what they keep."""
+        await self.judge.lookup.close()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A CONNECT: refused now when the name alone settles it (a bare IP, an unknown

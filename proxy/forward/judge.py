@@ -37,7 +37,11 @@ from ..model import Action, HttpRequest, RuleTrace
 from ..paths import canonical_tail
 from ..policy.apis_config import ToolApi
 from ..policy.cloud import CloudHost, CloudOperation, classify, cloud_host
-from .lookups import LookupFailed, TagLookup
+from .lookup_settings import LookupSettings
+from .lookups import CloudLookup, LookupFailed, Lookups
+from .lookups_aws import AwsTagLookup
+from .lookups_azure import AzureTagLookup
+from .lookups_gcp import GcpLabelLookup
 from .refusals import PROVIDER, Refusals, judged_as, outcome
 from .resolve import Resolver, check_all, preferred, resolve
 from .settings import ForwardSettings
@@ -46,8 +50,19 @@ from .targets import Refusal, Targets, norm_host
 log = logging.getLogger("tether.forward")
 
 
+def cloud_lookups(settings: LookupSettings, upstream_ca: str | None) -> Lookups:
+    """The lookups of every cloud `cloud.lookups` configures (each does nothing until
+    its `tags: true`)."""
+    by_cloud: dict[str, CloudLookup] = {"aws": AwsTagLookup(settings, upstream_ca)}
+    if settings.azure is not None:
+        by_cloud["azure"] = AzureTagLookup(settings.azure, upstream_ca)
+    if settings.gcp is not None:
+        by_cloud["gcp"] = GcpLabelLookup(settings.gcp, upstream_ca)
+    return Lookups(by_cloud)
+
+
 class ApiJudge:
-    def __init__(self, governor: Governor, egress: Egress, lookup: TagLookup,
+    def __init__(self, governor: Governor, egress: Egress, lookup: Lookups,
                  refusals: Refusals) -> None:
         self.governor = governor
         self.egress = egress
@@ -125,9 +140,10 @@ class ApiJudge:
             ids = self.lookup.wanted(found)
             if not ids:
                 return found, ()
-            addresses = await resolve(http_req.host, http_req.port, resolver)
-            refusal = check_all(targets, http_req.host, http_req.port, addresses) if addresses \
-                else Refusal("tether:dns", f"{http_req.host} does not resolve")
+            host, port = self.lookup.where(found, http_req)
+            addresses = await resolve(host, port, resolver)
+            refusal = check_all(targets, host, port, addresses) if addresses \
+                else Refusal("tether:dns", f"{host} does not resolve")
             if refusal is not None:
                 raise LookupFailed(refusal.message)
             address = str(preferred(addresses))

@@ -1,133 +1,78 @@
-"""Resource-tag lookups for EC2 calls: the facts a call does not carry, fetched by tether.
+"""Cloud lookups: the facts a call does not carry, fetched by tether before it is judged.
 
-`DeleteVolume` names a volume, not its tags, yet "production volumes are never
-deleted" is a rule about tags. With `cloud.lookups.aws.tags` on, before an EC2
-call that names resources (`VolumeId`, `InstanceId`, `SnapshotId`, `ImageId`,
-one or a list) is judged, tether asks the same regional endpoint the agent
-called for `DescribeTags` (filter `resource-id`), signed with tether's own AWS
-credentials (botocore's chain, as for Bedrock; service `ec2`), over TLS with
-the forward proxy's upstream trust (`forward.upstream_ca`, else certifi) and to
-the address the SSRF checks passed. The tags are put into the call's arguments:
+`DeleteVolume` names a volume, `disks.begin_delete` a disk id, `disks.delete` a
+disk name; none carries the tags, yet "production disks are never deleted" is a
+rule about tags. With `cloud.lookups.<cloud>` on, the forward proxy asks the
+cloud itself, with tether's own read-only identity, and puts the answer into the
+call's arguments under one name for every cloud:
 
   one resource   `Tags: {env: production, owner: ops}`
   several        `Tags: [{...}, {...}]`, one object per resource, in call order
 
-so `args: {Tags.env: {in: [production]}}` reads both (dotted paths fan out over
-lists; a condition holds when any reached value satisfies it). The looked-up
-`Tags` replace any argument the agent sent under that name (in any case).
+(GCP labels too; Azure adds `ResourceGroupTags` and `SubscriptionTags` where
+configured). `args: {Tags.env: {in: [production]}}` reads both shapes (dotted
+paths fan out over lists; a condition holds when any reached value satisfies
+it). Looked-up names replace any argument the agent sent under them (any case).
 
-Fail closed: a lookup that cannot be made or answered (no credentials, not
-HTTPS, timeout, non-200, unreadable XML, too many pages) raises `LookupFailed`,
-and the call is denied with `tether:lookup-failed`.
+Each cloud's lookup lives in its own module (lookups_aws.py, lookups_azure.py,
+lookups_gcp.py) and has the same two steps: `wanted(found)` names what to look
+up (nothing: judge the call as it is) and `tags(found, http, refs, address)`
+returns the arguments with the facts, asked of the host `where(found, http)`
+names at `address` (which the forward proxy resolved and put through its SSRF
+checks). `Lookups` picks the lookup by `found.cloud`.
 
-No cache: a tag changed a second ago must count (a volume just retagged
-`production` must not be deleted on a stale `temporary`), and lookups are made
-only for calls that name resources. One short-lived HTTP session per lookup.
+Fail closed: a lookup that cannot be made or answered raises `LookupFailed`, and
+the call is denied with `tether:lookup-failed`. No cache: a tag changed a second
+ago must count.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlencode
-from xml.etree import ElementTree
+from typing import Protocol
 
 import aiohttp
 import certifi
 from aiohttp.abc import AbstractResolver, ResolveResult
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.exceptions import BotoCoreError
 
 from ..model import HttpRequest
 from ..policy.cloud import CloudOperation
 from ..policy.names import normalize
-from ..upstream_auth.sigv4 import aws_credentials
-from .lookup_settings import LookupSettings
 
-LOOKUP_FAILED = "tether:lookup-failed"
-RESOURCE_KEYS = ("VolumeId", "InstanceId", "SnapshotId", "ImageId")
 TAGS = "Tags"
-EC2_VERSION = "2016-11-15"
-IDS_PER_REQUEST = 100
-MAX_PAGES = 20
-MAX_PAGE_BYTES = 1024 * 1024
-_WANTED = {normalize(k) for k in RESOURCE_KEYS}
+MAX_ANSWER_BYTES = 1024 * 1024
 
 
 class LookupFailed(Exception):
     """The lookup could not be made or answered; the call is denied."""
 
 
-def resource_ids(arguments: Mapping[str, object]) -> list[str]:
-    """The resources a call names, in order, once each. Keys are matched in normal
-    form (as rules read them); a value that is neither an id nor a list of ids fails."""
-    ids: list[str] = []
-    for key, value in arguments.items():
-        if normalize(key) not in _WANTED:
-            continue
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if not isinstance(v, str) or not v.strip():
-                raise LookupFailed(f"{key} is not a resource id or a list of them")
-            if v not in ids:
-                ids.append(v)
-    return ids
+class CloudLookup(Protocol):
+    def wanted(self, found: CloudOperation) -> list[str]: ...
+
+    async def tags(self, found: CloudOperation, http: HttpRequest, refs: Sequence[str],
+                   address: str) -> dict[str, object]: ...
 
 
-def describe_tags_body(ids: Sequence[str], next_token: str | None = None) -> bytes:
-    pairs = [("Action", "DescribeTags"), ("Version", EC2_VERSION),
-             ("Filter.1.Name", "resource-id")]
-    pairs += [(f"Filter.1.Value.{i}", rid) for i, rid in enumerate(ids, 1)]
-    pairs.append(("MaxResults", "1000"))
-    if next_token:
-        pairs.append(("NextToken", next_token))
-    return urlencode(pairs).encode()
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def _child(node: ElementTree.Element, name: str) -> ElementTree.Element | None:
-    return next((c for c in node if _local(c.tag) == name), None)
-
-
-def parse_describe_tags(body: bytes) -> tuple[list[tuple[str, str, str]], str | None]:
-    """(resource id, key, value) triples and the next page's token, from EC2's XML."""
-    if b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
-        raise LookupFailed("the DescribeTags answer declares a DTD")
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError as e:
-        raise LookupFailed(f"the DescribeTags answer is not XML ({e})") from None
-    if _local(root.tag) != "DescribeTagsResponse":
-        raise LookupFailed(f"the DescribeTags answer is a {_local(root.tag)}")
-    tag_set = _child(root, "tagSet")
-    if tag_set is None:
-        raise LookupFailed("the DescribeTags answer has no tagSet")
-    found: list[tuple[str, str, str]] = []
-    for item in tag_set:
-        rid, key, value = (_child(item, n) for n in ("resourceId", "key", "value"))
-        if _local(item.tag) != "item" or rid is None or key is None or not rid.text or not key.text:
-            raise LookupFailed("a DescribeTags item lacks resourceId or key")
-        found.append((rid.text, key.text, (value.text or "") if value is not None else ""))
-    token = _child(root, "nextToken")
-    return found, (token.text or None) if token is not None else None
+def without(arguments: Mapping[str, object], names: Sequence[str]) -> dict[str, object]:
+    """`arguments` less any key that is one of `names` in normal form (what the agent
+    sent under a name tether fills itself)."""
+    drop = {normalize(n) for n in names}
+    return {k: v for k, v in arguments.items() if normalize(k) not in drop}
 
 
 def with_tags(arguments: Mapping[str, object], ids: Sequence[str],
               tags: Mapping[str, Mapping[str, str]]) -> dict[str, object]:
     """The call's arguments with the looked-up `Tags` (see the module docstring)."""
-    merged = {k: v for k, v in arguments.items() if normalize(k) != normalize(TAGS)}
+    merged = without(arguments, [TAGS])
     per = [dict(tags.get(rid, {})) for rid in ids]
     merged[TAGS] = per[0] if len(per) == 1 else per
     return merged
 
 
-class _Pinned(AbstractResolver):
+class Pinned(AbstractResolver):
     """Connect to the address the forward proxy's SSRF checks passed, not a fresh DNS answer."""
 
     def __init__(self, address: str) -> None:
@@ -143,82 +88,59 @@ class _Pinned(AbstractResolver):
         return None
 
 
-class TagLookup:
-    def __init__(self, settings: LookupSettings, upstream_ca: str | None) -> None:
-        self.settings = settings
-        self.upstream_ca = upstream_ca
-
-    def wanted(self, found: CloudOperation) -> list[str]:
-        """The resource ids to look up for `found` (none: judge it as it is)."""
-        if not self.settings.aws_tags or found.cloud != "aws" or found.service != "ec2":
-            return []
-        return resource_ids(found.arguments)
-
-    async def tags(self, found: CloudOperation, http: HttpRequest, ids: Sequence[str],
-                   address: str) -> dict[str, object]:
-        """`found`'s arguments with the tags of `ids`, asked of `http`'s host at `address`."""
-        if http.scheme != "https":
-            raise LookupFailed("tether looks tags up over HTTPS only; the call was plain HTTP")
-        try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                tags = await self._fetch(found.region or "us-east-1", http, ids, address)
-        except TimeoutError:
-            raise LookupFailed(f"DescribeTags timed out after {self.settings.timeout_s:g}s") from None
-        except (aiohttp.ClientError, OSError, BotoCoreError) as e:
-            raise LookupFailed(f"DescribeTags failed: {type(e).__name__}: {e}") from None
-        return with_tags(found.arguments, ids, tags)
-
-    def _context(self) -> ssl.SSLContext:
-        # As mitmproxy does for upstreams: the configured CA file instead of certifi's.
-        return ssl.create_default_context(cafile=self.upstream_ca or certifi.where())
-
-    async def _fetch(self, region: str, http: HttpRequest, ids: Sequence[str],
-                     address: str) -> dict[str, dict[str, str]]:
-        netloc = http.host if http.port == 443 else f"{http.host}:{http.port}"
-        url = f"https://{netloc}/"
-        tags: dict[str, dict[str, str]] = {}
-        connector = aiohttp.TCPConnector(ssl=self._context(), resolver=_Pinned(address),
-                                         use_dns_cache=False, force_close=True)
-        async with aiohttp.ClientSession(connector=connector, trust_env=False,
-                                         auto_decompress=False) as session:
-            for start in range(0, len(ids), IDS_PER_REQUEST):
-                chunk = ids[start:start + IDS_PER_REQUEST]
-                token: str | None = None
-                for _page in range(MAX_PAGES):
-                    body = describe_tags_body(chunk, token)
-                    headers = _signed(region, url, netloc, body)
-                    async with session.post(url, data=body, headers=headers,
-                                            allow_redirects=False) as resp:
-                        text = await _read(resp)
-                        if resp.status != 200:
-                            raise LookupFailed(f"DescribeTags answered HTTP {resp.status}")
-                    found, token = parse_describe_tags(text)
-                    for rid, key, value in found:
-                        if rid in chunk:
-                            tags.setdefault(rid, {})[key] = value
-                    if token is None:
-                        break
-                else:
-                    raise LookupFailed(f"DescribeTags had more than {MAX_PAGES} pages")
-        return tags
+def tls_context(upstream_ca: str | None) -> ssl.SSLContext:
+    # As mitmproxy does for upstreams: the configured CA file instead of certifi's.
+    return ssl.create_default_context(cafile=upstream_ca or certifi.where())
 
 
-async def _read(resp: aiohttp.ClientResponse) -> bytes:
+def pinned_session(address: str, upstream_ca: str | None) -> aiohttp.ClientSession:
+    """One short-lived session for one lookup: TLS with tether's upstream trust, to
+    `address` only, no proxy from the environment, bodies as sent."""
+    connector = aiohttp.TCPConnector(ssl=tls_context(upstream_ca), resolver=Pinned(address),
+                                     use_dns_cache=False, force_close=True)
+    return aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False)
+
+
+async def read_limited(resp: aiohttp.ClientResponse, what: str) -> bytes:
     data = bytearray()
     async for chunk in resp.content.iter_chunked(65536):
         data += chunk
-        if len(data) > MAX_PAGE_BYTES:
-            raise LookupFailed("the DescribeTags answer is too large")
+        if len(data) > MAX_ANSWER_BYTES:
+            raise LookupFailed(f"the {what} answer is too large")
     return bytes(data)
 
 
-def _signed(region: str, url: str, netloc: str, body: bytes) -> dict[str, str]:
-    """SigV4 with tether's own credentials (never the agent's, which tether drops)."""
-    credentials = aws_credentials()
-    if credentials is None:
-        raise LookupFailed("tether has no AWS credentials to look tags up with "
-                           "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)")
-    headers = {"Host": netloc, "Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
-    request = AWSRequest(method="POST", url=url, data=body, headers=headers)
-    SigV4Auth(credentials.get_frozen_credentials(), "ec2", region).add_auth(request)
-    return {k: str(v) for k, v in request.headers.items()}
+class Lookups:
+    """Every configured cloud's lookup, picked by the operation's cloud (the list is
+    built in judge.py `cloud_lookups`)."""
+
+    def __init__(self, by_cloud: Mapping[str, CloudLookup]) -> None:
+        self.by_cloud = dict(by_cloud)
+
+    def wanted(self, found: CloudOperation) -> list[str]:
+        """What to look up for `found` (nothing: judge it as it is)."""
+        lookup = self.by_cloud.get(found.cloud)
+        return lookup.wanted(found) if lookup is not None else []
+
+    def where(self, found: CloudOperation, http: HttpRequest) -> tuple[str, int]:
+        """The host and port the lookup asks: the call's own (AWS) or the endpoint of
+        tether's configuration (Azure, GCP), never one the agent chose there."""
+        where = getattr(self.by_cloud.get(found.cloud), "where", None)
+        if where is None:
+            return http.host, http.port
+        host, port = where(found, http)
+        return str(host), int(port)
+
+    async def tags(self, found: CloudOperation, http: HttpRequest, refs: Sequence[str],
+                   address: str) -> dict[str, object]:
+        lookup = self.by_cloud.get(found.cloud)
+        if lookup is None:
+            raise LookupFailed(f"no lookup is configured for {found.cloud}")
+        return await lookup.tags(found, http, refs, address)
+
+    async def close(self) -> None:
+        """At shutdown: a lookup that keeps a credential (its token cache) closes it."""
+        for lookup in self.by_cloud.values():
+            close = getattr(lookup, "close", None)
+            if close is not None:
+                await close()

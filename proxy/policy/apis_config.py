@@ -235,9 +235,10 @@ def _link(apis: Apis, link: ToolLink) -> Operation:
 def _check_rule(apis: Apis, rule: Rule) -> None:
     """A rule naming an operation of a configured API must name a real one. Names
     whose prefix is no configured API (cloud catalogs, other front ends) pass."""
-    if rule.api is None or any(c in rule.api for c in "*?["):
-        return  # a glob names a family of operations, not one
-    api, _, oid = rule.api.partition(".")
-    if apis.get(api) is not None and apis.operation(rule.api) is None:
-        raise ConfigError(f"no operation {oid!r} in the {api} API ({_known(apis, api)})",
-                          file=rule.file, line=rule.line, rule_id=rule.id, key="match.api")
+    for name in rule.api or ():
+        if any(c in name for c in "*?["):
+            continue  # a glob names a family of operations, not one
+        api, _, oid = name.partition(".")
+        if apis.get(api) is not None and apis.operation(name) is None:
+            raise ConfigError(f"no operation {oid!r} in the {api} API ({_known(apis, api)})",
+                              file=rule.file, line=rule.line, rule_id=rule.id, key="match.api")

@@ -1,7 +1,7 @@
 """YAML rules compiled into matchers, once, at load.
 
 A rule matches a call when every condition it names holds: `tool` (glob or
-list of globs, on normalised names), `agent` (glob or list), `effect`, `api`,
+list of globs, on normalised names), `agent` (glob or list), `effect`, `api` (glob or list),
 `args` conditions on dotted paths, and the flow conditions (flows.py): `label`
 (the call's own labels) and `session: {after: ...}` (the session's earlier calls).
 A bad rule raises `ConfigError` naming the file, line, rule id and key.
@@ -183,8 +183,8 @@ class Rule:
     tools: tuple[re.Pattern[str], ...] | None = None
     agents: tuple[re.Pattern[str], ...] | None = None
     effect: Effect | None = None
-    api: str | None = None              # as written: an operation name or a glob
-    api_pattern: re.Pattern[str] | None = None
+    api: tuple[str, ...] | None = None  # as written: operation names or globs
+    api_patterns: tuple[re.Pattern[str], ...] | None = None
     args: tuple[Condition, ...] = ()
     file: str | None = None
     line: int = 0
@@ -200,9 +200,10 @@ class Rule:
             return RuleTrace(self.id, False, f"agent {subject.agent!r} not in match.agent")
         if self.effect is not None and subject.effect is not self.effect:
             return RuleTrace(self.id, False, f"effect is {subject.effect}, not {self.effect}")
-        if self.api_pattern is not None and (
-                subject.api is None or not self.api_pattern.fullmatch(normalize(subject.api))):
-            return RuleTrace(self.id, False, f"api is {subject.api!r}, not {self.api!r}")
+        if self.api_patterns is not None and (subject.api is None or not any(
+                p.fullmatch(normalize(subject.api)) for p in self.api_patterns)):
+            shown = self.api[0] if self.api and len(self.api) == 1 else list(self.api or ())
+            return RuleTrace(self.id, False, f"api is {subject.api!r}, not {shown!r}")
         if self.labels is not None and not (self.labels & subject.labels):
             shown = ", ".join(sorted(subject.labels)) or "none"
             return RuleTrace(self.id, False, f"labels are {shown}, not any of "
@@ -307,9 +308,13 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
             effect = Effect(match["effect"])
         except ValueError:
             raise where("effect must be read or write", "match.effect") from None
-    api = match.get("api")
-    if api is not None and not isinstance(api, str):
-        raise where("api must be an operation name like jira.createIssue", "match.api")
+    api: tuple[str, ...] | None = None
+    if "api" in match:
+        items = match["api"] if isinstance(match["api"], list) else [match["api"]]
+        if not items or not all(isinstance(i, str) and i.strip() for i in items):
+            raise where("api must be an operation name like jira.createIssue (or a glob), "
+                        "or a list of them", "match.api")
+        api = tuple(str(i) for i in items)
     labels = (frozenset(label_names(match["label"], mwhere("label")))
               if "label" in match else None)
     session = (compile_session(match["session"], mwhere("session"))
@@ -343,7 +348,7 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
         agents=agents,
         effect=effect,
         api=api,
-        api_pattern=_glob(api) if api is not None else None,
+        api_patterns=tuple(_glob(a) for a in api) if api is not None else None,
         args=tuple(conditions),
         file=file,
         line=raw.line,
