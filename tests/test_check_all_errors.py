@@ -123,6 +123,17 @@ def test_an_unreadable_include_is_named_where_it_is_included(tmp_path: Path) -> 
     assert f"{config}:3" in out.stderr and "rule x" in out.stderr   # and the rest goes on
 
 
+def test_an_id_yaml_reads_as_a_boolean_or_a_number_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "t.yaml"
+    config.write_text("rules:\n  - id: no\n    match: {tool: a}\n    action: deny\n"
+                      "  - id: 42\n    match: {tool: b}\n    action: deny\n")
+    out = tether("check", str(config))
+    assert out.returncode == 1
+    assert f"{config}:2:" in out.stderr and "'id' is the bool false here" in out.stderr
+    assert 'quote the id (id: "no")' in out.stderr
+    assert f"{config}:5:" in out.stderr and "'id' is the int 42 here" in out.stderr
+
+
 def test_a_yaml_syntax_error_has_its_column(tmp_path: Path) -> None:
     config = tmp_path / "t.yaml"
     config.write_text("rules:\n  - id: a\n    action: [deny\n")

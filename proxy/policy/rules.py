@@ -257,6 +257,10 @@ def compile_rule(raw: object, file: str | None, fallback_line: int) -> Rule:
             message, file=file, line=line, rule_id=str(rule_id) if rule_id else None, key=key
         )
 
+    if isinstance(rule_id, bool | int | float):  # YAML read it as a boolean or a number
+        raise where(f"'id' is the {type(rule_id).__name__} {str(rule_id).lower()} here, not a "
+                    "string: YAML reads yes/no/on/off/true/false and numbers unquoted; quote "
+                    "the id (id: \"no\")", "id")
     if not isinstance(rule_id, str) or not rule_id.strip():
         raise where("every rule needs an 'id' (a non-empty string)", "id")
     if rule_id.startswith(BUILTIN_PREFIX):
