@@ -31,6 +31,7 @@ TOOL_CONFIG = {"tools": [{"toolSpec": {"name": n, "inputSchema": {"json": {"type
                          for n in TOOLS]}
 MESSAGES = [{"role": "user", "content": [{"text": "clean up"}]}]
 MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+OTHER_VENDOR = "meta.llama3-70b-instruct-v1:0"
 ARN = ("arn:aws:bedrock:us-east-1:123456789012:inference-profile/"
        "us.anthropic.claude-3-5-sonnet-20240620-v1:0")
 ODD_ARGS = '{ "city":"Zürich",\n  "note": "tab\\there \\u00e9 \\"q\\" 漢字", "n": 1.50e2 }'
@@ -313,8 +314,9 @@ async def test_without_credentials_nothing_is_sent(stack: Stack,
 async def test_other_bedrock_operations_are_refused_with_501(stack: Stack) -> None:
     c = client(stack)
     calls: list[Callable[[], Any]] = [
-        lambda: c.invoke_model(modelId=MODEL, body=b'{"prompt": "hi"}'),
-        lambda: c.invoke_model_with_response_stream(modelId=MODEL, body=b"{}"),
+        # InvokeModel is governed for Anthropic models (test_e2e_bedrock_invoke.py) only.
+        lambda: c.invoke_model(modelId=OTHER_VENDOR, body=b'{"prompt": "hi"}'),
+        lambda: c.invoke_model_with_response_stream(modelId=OTHER_VENDOR, body=b"{}"),
         lambda: c.apply_guardrail(guardrailIdentifier="g", guardrailVersion="1", source="INPUT",
                                   content=[{"text": {"text": "hi"}}]),
         lambda: c.count_tokens(modelId=MODEL, input={"converse": {"messages": MESSAGES}}),

@@ -2,6 +2,8 @@
 
     POST /model/{modelId}/converse          JSON, toolUse content blocks
     POST /model/{modelId}/converse-stream   application/vnd.amazon.eventstream
+    POST /model/{modelId}/invoke[-with-response-stream]
+                                            Anthropic bodies (fake_bedrock_invoke.py)
 
 Every request must carry a valid SigV4 signature (service `bedrock`) made with
 the one key pair the fake was given; the fake recomputes it with botocore from
@@ -34,6 +36,8 @@ from botocore.credentials import Credentials
 
 from ..providers.eventstream import encode, event
 from .fake_base import Body, Call, RawReply, Reply, ScriptedFake, pieces, send_raw, write_stream
+from .fake_bedrock_invoke import HEADERS as INVOKE_HEADERS
+from .fake_bedrock_invoke import invoke_body, invoke_frames, invoke_problem
 from .fake_history import bedrock_problem
 
 type Turn = Reply | RawReply
@@ -179,7 +183,8 @@ class FakeBedrock(ScriptedFake[Turn]):
             self.rejected.append(why)
             kind, _, message = why.partition(": ")
             return error(403, kind, message)
-        m = re.fullmatch(r"/model/([^/]+)/(converse|converse-stream)", request.rel_url.raw_path)
+        m = re.fullmatch(r"/model/([^/]+)/(converse|converse-stream|invoke"
+                         r"|invoke-with-response-stream)", request.rel_url.raw_path)
         if request.method != "POST" or m is None:
             return error(404, "UnknownOperationException", f"no operation at {request.raw_path}")
         try:
@@ -187,16 +192,24 @@ class FakeBedrock(ScriptedFake[Turn]):
         except ValueError:
             return error(400, "ValidationException", "the request body is not JSON")
         self.requests.append(parsed)
-        self.models.append(unquote(m.group(1)))
-        problem = bedrock_problem(parsed)
+        model, operation = unquote(m.group(1)), m.group(2)
+        self.models.append(model)
+        invoke = operation.startswith("invoke")
+        problem = invoke_problem(parsed) if invoke else bedrock_problem(parsed)
         if problem is not None:
             return error(400, "ValidationException", problem)
         turn = self._next(parsed)
         if isinstance(turn, RawReply):
             return await send_raw(request, turn)
         rid = {"x-amzn-RequestId": str(uuid.uuid4())}
-        if m.group(2) == "converse":
+        if operation == "converse":
             return web.Response(body=converse_body(turn),
                                 headers={**rid, "Content-Type": "application/json"})
-        return await write_stream(request, stream_frames(turn, fragment=self.fragment),
+        if operation == "invoke":
+            return web.Response(body=invoke_body(turn, model),
+                                headers={**rid, **INVOKE_HEADERS,
+                                         "Content-Type": "application/json"})
+        frames = invoke_frames(turn, model, fragment=self.fragment) if invoke \
+            else stream_frames(turn, fragment=self.fragment)
+        return await write_stream(request, frames,
                                   {**rid, "Content-Type": "application/vnd.amazon.eventstream"})

@@ -61,21 +61,32 @@ MESSAGES_PATH = "v1/messages"
 # --- requests ---------------------------------------------------------------------------
 
 
-def parse_request(body: bytes) -> ParsedRequest:
-    """Model, stream, the declared tool names (custom and server tools alike, so a
-    call to anything else is undeclared) and `metadata.user_id` as the user."""
+def request_object(body: bytes) -> JSONObject:
     try:
         obj = json.loads(body, object_pairs_hook=strict_pairs)
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(obj, dict):
         raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def parse_request(body: bytes) -> ParsedRequest:
+    """Model, stream, the declared tool names (custom and server tools alike, so a
+    call to anything else is undeclared) and `metadata.user_id` as the user."""
+    obj = request_object(body)
     model = obj.get("model")
     if not isinstance(model, str):
         raise BadRequest("'model' must be a string")
     stream = obj.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
+    return read_request(obj, model, bool(stream))
+
+
+def read_request(obj: JSONObject, model: str, stream: bool) -> ParsedRequest:
+    """The rest of a Messages body, where `model` and `stream` were read (from the body,
+    or from the path, as Bedrock InvokeModel names them)."""
     names: list[str] = []
     tools = obj.get("tools")
     if tools is not None:
@@ -99,7 +110,7 @@ def parse_request(body: bytes) -> ParsedRequest:
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                    or max_tokens < 0):
         raise BadRequest("'max_tokens' must be a whole number")
-    return ParsedRequest(model=model, stream=bool(stream), declared_tools=tuple(names),
+    return ParsedRequest(model=model, stream=stream, declared_tools=tuple(names),
                          user=user or None, max_output_tokens=max_tokens,
                          fingerprint=_fingerprint(obj.get("system"), obj.get("messages")))
 

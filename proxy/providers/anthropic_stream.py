@@ -29,12 +29,11 @@ bytes of input held, the stream is cut (providers/held.py).
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..errors import ProtocolError
-from ..model import Decision, OnDeny, ToolCall, Usage
+from ..model import Decision, ToolCall, Usage
 from ..surrogates import json_text
 from .anthropic_wire import (
     CUT_REASONS,
@@ -49,14 +48,39 @@ from .anthropic_wire import (
     usage_of,
     usage_total,
 )
-from .base import Step, denial_text
-from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
+from .base import denial_text
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut
 from .provider_ran import ANTHROPIC_RAN, StreamedBlock
 from .sse import SSEDecoder, SSEEvent, encode
+from .stream_engine import Completing, Failure, StreamEngine, UpstreamFailed
 
 
-def _event(kind: str, body: JSONObject) -> bytes:
-    return encode(SSEEvent(json_text(body), event=kind))
+class Framing(Protocol):
+    """How Messages events travel: read from the upstream's bytes, written for the client."""
+
+    def decode(self, chunk: bytes) -> list[SSEEvent]: ...
+
+    def flush(self) -> list[SSEEvent]: ...
+
+    def encode(self, event: SSEEvent) -> bytes: ...
+
+    def error(self, message: str, kind: str) -> bytes: ...
+
+
+class SSEFraming:
+    """The Anthropic API's own: named server-sent events."""
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+
+    def decode(self, chunk: bytes) -> list[SSEEvent]:
+        return self._decoder.feed(chunk)
+
+    def flush(self) -> list[SSEEvent]:
+        return self._decoder.flush()
+
+    encode = staticmethod(encode)
+    error = staticmethod(error_event)
 
 
 @dataclass(slots=True)
@@ -72,166 +96,84 @@ class _Tool:
     problem: str | None = None
 
 
-class MessagesStream:
-    """Filters one Messages SSE stream; see `providers.base` for the protocol."""
+class MessagesCodec:
+    """Messages events for the stream engine (providers/stream_engine.py).
 
-    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
-        """`max_arguments`: the input bytes held back at most (limits.max_arguments_bytes)."""
+    `framing` reads and writes the events: SSE here, AWS event-stream frames for Bedrock
+    InvokeModel (bedrock_invoke.py); what the events mean is the same."""
+
+    def __init__(self, max_arguments: int, framing: Framing | None = None) -> None:
         self._max_arguments = max_arguments
-        self._decoder = SSEDecoder()
-        self._queue: deque[SSEEvent] = deque()
+        self._framing = framing or SSEFraming()
+        self._encode = self._framing.encode  # on the per-event path: looked up once
+        self.noun = "tool call"
+        self.grew = False
+        self.done = False
+        self.ran: list[ToolCall] = []  # provider-run blocks stopped, not yet reported
+        self.completed: list[_Tool] = []  # never: a later event completes a call
+        self.failed: str | None = None
         self._started = False
         self._next_index = 0
         self._open: set[int] = set()       # blocks passed through and not yet stopped
         self._held: _Tool | None = None
         self._running: dict[int, StreamedBlock] = {}  # provider-run blocks not yet stopped
-        self._ran: list[ToolCall] = []                 # ... stopped, not yet reported
-        self._pending: ToolCall | None = None
         self._kept = 0
         self._denied = 0
         self._finished = False             # a message_delta with a stop_reason arrived
-        self._ended = False
-        self._eof = False
-        self._final = b""
         self._usage: dict[str, int] = {}
-        self._failed: str | None = None
+        self._kind = ""
+        self._obj: JSONObject = {}
 
     @property
     def usage(self) -> Usage | None:
         return usage_total(self._usage)
 
-    @property
-    def failed(self) -> str | None:
-        """Why the stream was ended with an error event, or None."""
-        return self._failed
+    def decode(self, chunk: bytes) -> list[SSEEvent]:
+        return self._framing.decode(chunk)
 
-    def feed(self, chunk: bytes) -> Step:
-        if self._ended:
-            return Step()
-        try:
-            self._queue.extend(self._decoder.feed(chunk))
-        except ProtocolError as e:
-            return self._fail(e.message)
-        return self._reported(self._run())
+    def flush(self) -> list[SSEEvent]:
+        return self._framing.flush()
 
-    def close(self) -> Step:
-        """The upstream ended. Without message_stop (or a final message_delta) the
-        answer was cut: a held call is denied and the client gets an error event."""
-        if self._ended:
-            return Step()
-        try:
-            self._decoder.flush()
-        except ProtocolError as e:
-            return self._fail(e.message)
-        self._eof = True
-        return self._reported(self._run())
+    def held(self) -> list[_Tool]:
+        return [] if self._held is None else [self._held]
 
-    def decide(self, decisions: Sequence[Decision]) -> Step:
-        call, held = self._pending, self._held
-        if call is None or held is None or len(decisions) != 1:
-            raise ValueError("one decision is needed for the pending call")
-        decision = decisions[0]
-        self._pending = self._held = None
-        if self._ended:
-            # The stream failed while the call was open: it is denied, never released.
-            final, self._final = self._final, b""
-            return Step(final)
-        if not decision.allowed and decision.on_deny is OnDeny.ERROR:
-            self._ended = True
-            self._failed = "tool call denied"
-            self._queue.clear()
-            return Step(error_event(denial_text(call, decision), "permission_error"))
-        out = self._render(held, call, decision)
-        step = self._run()
-        return self._reported(Step(out + step.data, step.pending))
+    def held_size(self) -> int:
+        return sum(h.fragments.size for h in self.held())
 
-    def _reported(self, step: Step) -> Step:
-        """`step`, with the provider-run calls completed since the last one."""
-        if not self._ran:
-            return step
-        ran, self._ran = tuple(self._ran), []
-        return Step(step.data, step.pending, step.ran + ran)
+    def dropped(self, handle: _Tool, limit: int) -> ToolCall:
+        handle.fragments.clear()
+        return cut(self.call(handle, None), limit)
 
-    def _fail(self, message: str, *, notify: bool = True) -> Step:
-        """End the stream with an error event; a held call is still decided (as denied)."""
-        self._ended = True
-        self._failed = message
-        self._queue.clear()
-        self._final = error_event(message, "api_error") if notify else b""
-        if self._held is not None:
-            problem = f"{message}; the tool call was not released"
-            self._pending = self._complete(self._held, problem)
-            return Step(b"", (self._pending,))
-        final, self._final = self._final, b""
-        return Step(final)
+    def complete(self) -> bool:
+        return self._held is None and self._finished
 
-    def _cut(self, held: _Tool) -> tuple[ToolCall, ...]:
-        """Too much input held: end the stream with the denial, buffer nothing more, and
-        hand out the call, input dropped, to be judged and audited."""
-        self._pending = cut(tool_call(id=held.id, name=held.name, raw="", index=held.index),
-                            self._max_arguments)
-        held.fragments.clear()
-        self._ended = True
-        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
-        self._queue.clear()
-        self._final = error_event(cut_denial((self._pending,)), "permission_error")
-        return (self._pending,)
+    def trailer(self, chunk: bytes) -> bytes:
+        return b""  # nothing may follow the end
 
-    def _complete(self, held: _Tool, problem: str | None = None) -> ToolCall:
-        return tool_call(id=held.id, name=held.name, raw=held.fragments.text(),
-                         index=held.index, problem=problem or held.problem)
+    def settle(self, handle: _Tool, call: ToolCall) -> None:
+        self._held = None
 
-    def _run(self) -> Step:
-        out = bytearray()
-        while self._queue and self._pending is None and not self._ended:
-            event = self._queue[0]
-            try:
-                kind, obj = read_event(event)
-                if kind == "error":
-                    self._queue.popleft()
-                    out += encode(event)
-                    step = self._fail("the upstream sent an error event mid-stream", notify=False)
-                    return Step(bytes(out) + step.data, step.pending)
-                if kind == "ping":
-                    self._queue.popleft()
-                    out += encode(event)
-                    continue
-                if self._held is not None:
-                    if self._hold(self._held, kind, obj, event):
-                        self._pending = self._complete(self._held)
-                        return Step(bytes(out), (self._pending,))
-                    if self._held.fragments.size > self._max_arguments:
-                        return Step(bytes(out), self._cut(self._held))
-                    continue
-                self._queue.popleft()
-                out += self._pass(kind, obj, event)
-            except ProtocolError as e:
-                step = self._fail(e.message)
-                return Step(bytes(out) + step.data, step.pending)
-        if self._eof and not self._queue and self._pending is None and not self._ended:
-            if self._held is not None or not self._finished:
-                step = self._fail("the upstream stream ended before the response was complete")
-                return Step(bytes(out) + step.data, step.pending)
-            self._ended = True
-        return Step(bytes(out))
+    def error(self, message: str, failure: Failure) -> bytes:
+        return self._framing.error(
+            message, "permission_error" if failure is Failure.DENIED else "api_error")
 
+    def call(self, handle: _Tool, problem: str | None) -> ToolCall:
+        return tool_call(id=handle.id, name=handle.name, raw=handle.fragments.text(),
+                         index=handle.index, problem=problem or handle.problem)
 
-    def _hold(self, held: _Tool, kind: str, obj: JSONObject, event: SSEEvent) -> bool:
-        """Take the next event while a tool_use block is held; True when it is complete."""
+    def completes(self, event: SSEEvent) -> Completing[_Tool] | None:
+        kind, obj = read_event(event)
+        self._kind, self._obj = kind, obj
+        if kind == "error":
+            raise UpstreamFailed(self._encode(event),
+                                 "the upstream sent an error event mid-stream")
+        held = self._held
+        if kind == "ping" or held is None:
+            return None
         if held.stop is None:
-            if kind == "content_block_delta" and block_index(obj) == held.index:
-                delta = obj.get("delta")
-                if not isinstance(delta, dict) or delta.get("type") != "input_json_delta" \
-                        or not isinstance(delta.get("partial_json"), str):
-                    raise ProtocolError(f"tool_use block {held.index} got a delta that is not "
-                                        "input_json_delta text")
-                held.fragments.append(str(delta["partial_json"]))
-                self._queue.popleft()
-                return False
-            if kind == "content_block_stop" and block_index(obj) == held.index:
-                held.stop = event
-                self._queue.popleft()
-                return False
+            if kind in ("content_block_delta", "content_block_stop") \
+                    and block_index(obj) == held.index:
+                return None
             reason = stop_reason(obj) if kind == "message_delta" else None
             if reason not in CUT_REASONS:
                 raise ProtocolError(f"upstream sent {kind} while tool_use block {held.index} "
@@ -243,11 +185,29 @@ class MessagesStream:
         elif kind == "message_delta":
             reason = stop_reason(obj)
         else:
-            return True
+            return [held], None
         if reason in CUT_REASONS:
             assert reason is not None
             held.problem = cut_problem(reason)
-        return True
+        return [held], None
+
+    def apply(self, event: SSEEvent) -> bytes:
+        kind, obj, held = self._kind, self._obj, self._held
+        if kind == "ping":  # pings pass at once, even while a block is held
+            return self._encode(event)
+        if held is None:
+            return self._pass(kind, obj, event)
+        if kind == "content_block_stop":
+            held.stop = event
+            return b""
+        delta = obj.get("delta")
+        if not isinstance(delta, dict) or delta.get("type") != "input_json_delta" \
+                or not isinstance(delta.get("partial_json"), str):
+            raise ProtocolError(f"tool_use block {held.index} got a delta that is not "
+                                "input_json_delta text")
+        held.fragments.append(str(delta["partial_json"]))
+        self.grew = True
+        return b""
 
     def _pass(self, kind: str, obj: JSONObject, event: SSEEvent) -> bytes:
         """Apply one event with no block held: hold a tool_use start, release the rest."""
@@ -259,7 +219,7 @@ class MessagesStream:
                 raise ProtocolError("upstream message_start carries content blocks")
             self._started = True
             usage_of(self._usage, message.get("usage"))
-            return encode(event)
+            return self._encode(event)
         if not self._started:
             raise ProtocolError(f"upstream sent {kind} before message_start")
         if kind == "content_block_start":
@@ -275,8 +235,8 @@ class MessagesStream:
             if running is not None and kind == "content_block_delta":
                 running.take(obj.get("delta"))
             elif running is not None and (done := self._running.pop(index).call()) is not None:
-                self._ran.append(done)
-            return encode(event)
+                self.ran.append(done)
+            return self._encode(event)
         if kind == "message_delta":
             reason = stop_reason(obj)
             usage_of(self._usage, obj.get("usage"))
@@ -285,15 +245,15 @@ class MessagesStream:
                 delta = obj["delta"]
                 assert isinstance(delta, dict)
                 body = {**obj, "delta": {**delta, "stop_reason": "end_turn"}}
-                return encode(SSEEvent(json_text(body), event.event,
-                                       event.id, event.retry))
-            return encode(event)
+                return self._encode(SSEEvent(json_text(body), event.event,
+                                                    event.id, event.retry))
+            return self._encode(event)
         if kind == "message_stop":
             if not self._finished:
                 raise ProtocolError("upstream sent message_stop before message_delta")
-            self._ended = True
+            self.done = True
         # Unknown event types pass: the SDKs build content only from the events above.
-        return encode(event)
+        return self._encode(event)
 
     def _start(self, index: int, obj: JSONObject, event: SSEEvent) -> bytes:
         if index != self._next_index or self._finished:
@@ -306,7 +266,7 @@ class MessagesStream:
             self._open.add(index)
             if block["type"] in ANTHROPIC_RAN:
                 self._running[index] = StreamedBlock(block, index, self._max_arguments)
-            return encode(event)
+            return self._encode(event)
         call_id, name = block.get("id"), block.get("name")
         if not isinstance(call_id, str) or not isinstance(name, str):
             raise ProtocolError(f"upstream tool_use block {index} has no id or name")
@@ -318,22 +278,35 @@ class MessagesStream:
         self._held = _Tool(index, call_id, name, event)
         return b""
 
-    def _render(self, held: _Tool, call: ToolCall, decision: Decision) -> bytes:
+    def _event(self, kind: str, body: JSONObject) -> bytes:
+        return self._encode(SSEEvent(json_text(body), event=kind))
+
+    def render(self, held: _Tool, call: ToolCall, decision: Decision) -> bytes:
         index = held.index
-        stop = _event("content_block_stop", {"type": "content_block_stop", "index": index})
+        stop = self._event("content_block_stop", {"type": "content_block_stop", "index": index})
         if decision.allowed:
             self._kept += 1
-            out = encode(held.start)
+            out = self._encode(held.start)
             if held.fragments.pieces:
-                out += _event("content_block_delta", {
+                out += self._event("content_block_delta", {
                     "type": "content_block_delta", "index": index,
                     "delta": {"type": "input_json_delta", "partial_json": call.raw_arguments}})
-            return out + (encode(held.stop) if held.stop is not None else stop)
+            return out + (self._encode(held.stop) if held.stop is not None else stop)
         self._denied += 1
-        return (_event("content_block_start", {"type": "content_block_start", "index": index,
+        return (self._event("content_block_start", {"type": "content_block_start", "index": index,
                                                "content_block": {"type": "text", "text": ""}})
-                + _event("content_block_delta", {
+                + self._event("content_block_delta", {
                     "type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": denial_text(call, decision)}})
                 + stop)
 
+
+
+class MessagesStream(StreamEngine[SSEEvent, _Tool]):
+    """Filters one Messages stream; see `providers.base` for the protocol."""
+
+    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS,
+                 framing: Framing | None = None) -> None:
+        """`max_arguments`: the input bytes held back at most (limits.max_arguments_bytes);
+        `framing`: how the events travel, SSE unless given."""
+        super().__init__(MessagesCodec(max_arguments, framing), max_arguments)

@@ -19,6 +19,9 @@ A format's stream filter is an incremental object driven by the front end:
 them is released until they are decided, which is how "decide before bytes
 leave" holds in a stream while text before the calls flows at once.
 
+Every format's filter is the one engine of stream_engine.py driving that format's
+codec: the order, holds, cuts and failures are the engine's, the frames the codec's.
+
 `approvals` holds OpenAI MCP approval requests (mcp_approvals.py), judged like calls
 and answered with the filter's `approve`.
 

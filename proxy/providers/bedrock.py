@@ -2,17 +2,18 @@
 
     POST model/{modelId}/converse          a JSON answer; calls are `toolUse` content blocks
     POST model/{modelId}/converse-stream   the binary event stream (see bedrock_stream.py)
+    POST model/{modelId}/invoke[-with-response-stream]
+                                           Anthropic models only: bedrock_invoke.py
 
 What both read the same way (calls, cut-offs, usage, duplicate keys) is in
 bedrock_wire.py.
 
 The model id is one URL-encoded path segment: ARNs carry `%3A` and `%2F`, so
 `/` is the one reserved escape this provider accepts. Every other Bedrock path
-(invoke-model, invoke-model-with-response-stream, apply-guardrail ...) is
-refused with 501: invoke-model bodies carry each model vendor's own tool-call
-format, which tether does not read there, and tether signs what it forwards
-with its own AWS credentials, so passing a path through would lend them to an
-ungoverned call.
+(InvokeModel for another vendor's model, apply-guardrail ...) is refused with
+501: those invoke bodies carry each model vendor's own tool-call format, which
+tether does not read there, and tether signs what it forwards with its own AWS
+credentials, so passing a path through would lend them to an ungoverned call.
 
 Errors have Bedrock's shape: `{"message": ...}` with the exception name in
 `x-amzn-ErrorType`, which is where botocore (and the other AWS SDKs) read the
@@ -21,7 +22,6 @@ error code from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, unquote_to_bytes
@@ -40,6 +40,8 @@ from .base import (
     denial_summary,
     denial_text,
 )
+from .bedrock_invoke import INVOKE, is_anthropic
+from .bedrock_invoke import OPERATIONS as INVOKE_OPERATIONS
 from .bedrock_stream import ConverseStream
 from .bedrock_wire import (
     CUT_REASONS,
@@ -52,30 +54,10 @@ from .bedrock_wire import (
     tool_call,
     usage_of,
 )
+from .bedrock_wire import error_reply as error_reply  # re-exported: forward/ shapes errors with it
 from .held import DEFAULT_MAX_ARGUMENTS
 
 OPERATIONS = {"converse": False, "converse-stream": True}  # operation -> streamed
-# 401 (tether's own authentication failed): AWS's code for credentials it does not
-# recognise. botocore does not model it for bedrock-runtime, so it is a ClientError
-# with that code, never mistaken for AccessDeniedException (a policy denial, 403).
-ERROR_TYPES = {400: "ValidationException", 401: "UnrecognizedClientException",
-               403: "AccessDeniedException",
-               404: "ResourceNotFoundException", 408: "ModelTimeoutException",
-               413: "ValidationException", 429: "ThrottlingException",
-               503: "ServiceUnavailableException"}
-
-
-def error_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "InternalServerException" if status >= 500
-                           else "ValidationException")
-
-
-def error_reply(status: int, message: str, code: str = "") -> ErrorReply:
-    """An error as Bedrock sends one; `code` (tether's own) travels in `x-tether-error`."""
-    return ErrorReply(status, json.dumps({"message": message}).encode(),
-                      headers={"x-amzn-ErrorType": error_type(status)})
-
-
 def parse_request(body: bytes, route: Route) -> ParsedRequest:
     try:
         obj = load_object(body, "request body")
@@ -217,22 +199,34 @@ class BedrockProvider:
     def route(self, method: str, path: str, query: Mapping[str, str]) -> Route:
         segments = path.split("/")
         if len(segments) == 3 and segments[0] == "model" and segments[1] \
-                and segments[2] in OPERATIONS and method == "POST":
+                and segments[2] in OPERATIONS.keys() | INVOKE_OPERATIONS.keys() \
+                and method == "POST":
             try:
                 model = unquote_to_bytes(segments[1]).decode("utf-8")
             except UnicodeDecodeError:
                 return Route(RouteKind.REFUSE, status=400,
                              message="the model id in the path is not valid UTF-8")
-            return Route(RouteKind.GOVERNED, CONVERSE, upstream_path=path, model=model,
-                         stream=OPERATIONS[segments[2]])
+            if segments[2] in OPERATIONS:
+                return Route(RouteKind.GOVERNED, CONVERSE, upstream_path=path, model=model,
+                             stream=OPERATIONS[segments[2]])
+            if is_anthropic(model):
+                return Route(RouteKind.GOVERNED, INVOKE, upstream_path=path, model=model,
+                             stream=INVOKE_OPERATIONS[segments[2]])
+            return Route(RouteKind.REFUSE, status=501, message=(
+                f"/{self.name}/{path} is not governed: tether reads InvokeModel bodies only "
+                "for Anthropic models (anthropic.*); other vendors' bodies carry their own "
+                "tool-call format, so use converse or converse-stream for them"))
         # Judged decoded too: `model/ID%2Fconverse` is a near-miss, not another operation.
-        if any(s.lower() in OPERATIONS for s in unquote(path).split("/")):
+        if any(s.lower() in OPERATIONS or s.lower() in INVOKE_OPERATIONS
+               for s in unquote(path).split("/")):
             return Route(RouteKind.REFUSE, status=404, message=(
                 f"{method} /{self.name}/{path}: the governed endpoints are POST "
-                f"/{self.name}/model/MODEL_ID/converse and .../converse-stream"))
+                f"/{self.name}/model/MODEL_ID/converse and .../converse-stream, and for "
+                "Anthropic models .../invoke and .../invoke-with-response-stream"))
         return Route(RouteKind.REFUSE, status=501, message=(
             f"/{self.name}/{path} is not governed: tether reads tool calls only on "
-            "model/MODEL_ID/converse and converse-stream, and signs what it forwards with its "
+            "model/MODEL_ID/converse, converse-stream and (Anthropic models) invoke, "
+            "invoke-with-response-stream, and signs what it forwards with its "
             "own credentials, so other Bedrock operations are refused rather than passed "
             "through"))
 

@@ -26,14 +26,12 @@ the stream with an exception frame (the upstream's own, passed on, or
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ProtocolError
-from ..model import Decision, OnDeny, ToolCall, Usage
+from ..model import Decision, ToolCall, Usage
 from ..surrogates import json_text
-from .base import Step, denial_text
+from .base import denial_text
 from .bedrock_wire import (
     CUT_REASONS,
     END_TURN,
@@ -46,7 +44,8 @@ from .bedrock_wire import (
     usage_of,
 )
 from .eventstream import BadFrame, EventStreamDecoder, Header, Message, encode, event
-from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut
+from .stream_engine import Broken, Completing, Failure, StreamEngine, UpstreamFailed
 
 PASS_STARTS = frozenset({"toolResult", "image"})
 PASS_DELTAS = frozenset({"text", "reasoningContent", "citation", "toolResult", "image"})
@@ -101,173 +100,94 @@ class _Block:
     fragments: HeldText = field(default_factory=HeldText)
 
 
-class ConverseStream:
-    """Filters one ConverseStream response; see `providers.base` for the protocol."""
+class ConverseCodec:
+    """Converse events for the stream engine (providers/stream_engine.py)."""
 
-    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
-        """`max_arguments`: the input bytes held back at most (limits.max_arguments_bytes)."""
-        self._max_arguments = max_arguments
+    def __init__(self) -> None:
+        self.noun = "tool call"
+        self.grew = False
+        self.done = False
+        self.ran: list[ToolCall] = []
+        self.completed: list[_Block] = []  # never: a later event completes a call
+        self.failed: str | None = None
+        self.usage: Usage | None = None
         self._decoder = EventStreamDecoder()
-        self._queue: deque[Message] = deque()
         self._open: dict[int, _Block] = {}
         self._closed: set[int] = set()
         self._stopped: _Block | None = None  # a complete toolUse block, decided at the next event
-        self._waiting: list[tuple[_Block, ToolCall]] = []
         self._allowed = 0
         self._message_stopped = False
-        self._broken: str | None = None
-        self._eof = False
-        self._ended = False
-        self._final = b""
-        self._usage: Usage | None = None
-        self._failed: str | None = None
+        self._read_type = ""
+        self._read_payload: JSONObject = {}
 
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
+    def decode(self, chunk: bytes) -> list[Message]:
+        try:
+            return self._decoder.feed(chunk)
+        except BadFrame as e:
+            # The frames before the bad one are handled first, whatever the chunking.
+            raise Broken(e.message, e.messages) from None
 
-    @property
-    def failed(self) -> str | None:
-        """Why the stream was ended with an exception frame, or None."""
-        return self._failed
+    def flush(self) -> list[Message]:
+        try:
+            self._decoder.flush()
+        except BadFrame as e:
+            raise Broken(e.message, []) from None
+        return []
 
-    def feed(self, chunk: bytes) -> Step:
-        if self._ended:
-            return Step()
-        if self._broken is None:
-            try:
-                self._queue.extend(self._decoder.feed(chunk))
-            except BadFrame as e:
-                # The frames before the bad one are handled first, whatever the chunking.
-                self._queue.extend(e.messages)
-                self._broken = e.message
-        return self._run()
-
-    def close(self) -> Step:
-        """The upstream ended; without a messageStop the answer was cut."""
-        if self._ended:
-            return Step()
-        if self._broken is None:
-            try:
-                self._decoder.flush()
-            except BadFrame as e:
-                self._broken = e.message
-        self._eof = True
-        return self._run()
-
-    def decide(self, decisions: Sequence[Decision]) -> Step:
-        if len(decisions) != len(self._waiting):
-            raise ValueError("one decision is needed for each pending call")
-        out = bytearray()
-        refused: list[tuple[ToolCall, Decision]] = []
-        for (block, call), decision in zip(self._waiting, decisions, strict=True):
-            self._open.pop(block.index, None)
-            self._closed.add(block.index)
-            if self._ended:
-                continue
-            if not decision.allowed and decision.on_deny is OnDeny.ERROR:
-                refused.append((call, decision))
-            out += self._render(block, call, decision)
-        self._waiting = []
-        if refused and not self._ended:
-            self._ended = True
-            self._failed = "tool call denied"
-            self._queue.clear()
-            text = " ".join(denial_text(c, d) for c, d in refused)
-            return Step(error_frame(text, "AccessDeniedException"))
-        if self._ended:
-            final, self._final = self._final, b""
-            return Step(bytes(out) + final)
-        step = self._run()
-        return Step(bytes(out) + step.data, step.pending)
-
-    def _call(self, block: _Block, problem: str | None = None) -> ToolCall:
-        return tool_call(id=block.id, name=block.name, raw=block.fragments.text(),
-                         index=block.index, problem=problem)
-
-    def _request(self, blocks: list[_Block], problem: str | None) -> tuple[ToolCall, ...]:
-        self._waiting = [(b, self._call(b, problem)) for b in blocks]
-        return tuple(c for _, c in self._waiting)
-
-    def _fail(self, out: bytearray, message: str, *, passed_on: bool = False) -> Step:
-        """End the stream with an exception frame (unless the upstream's was `passed_on`);
-        open calls are still handed out, to be decided as denied and audited."""
-        self._ended = True
-        self._failed = message
-        self._queue.clear()
-        self._final = b"" if passed_on else exception_frame(message)
-        blocks = [b for b in self._open.values() if b.tool]
-        if self._stopped is not None:
-            blocks.append(self._stopped)
-            self._stopped = None
-        if blocks:
-            return Step(bytes(out), self._request(
-                blocks, f"{message}; the tool call was not released"))
-        final, self._final = self._final, b""
-        return Step(bytes(out) + final)
-
-    def _held(self) -> list[_Block]:
+    def held(self) -> list[_Block]:
         held = [b for b in self._open.values() if b.tool]
         return held + [self._stopped] if self._stopped is not None else held
 
-    def _cut(self) -> tuple[ToolCall, ...]:
-        """Too much input held: end the stream with the denial, buffer nothing more, and
-        hand out the open calls, input dropped, to be judged and audited."""
-        blocks = self._held()
-        self._stopped = None
-        self._waiting = [(b, cut(tool_call(id=b.id, name=b.name, raw="", index=b.index),
-                                 self._max_arguments)) for b in blocks]
-        for b in blocks:
-            b.fragments.clear()
-        calls = tuple(c for _, c in self._waiting)
-        self._ended = True
-        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
-        self._queue.clear()
-        self._final = error_frame(cut_denial(calls), "AccessDeniedException")
-        return calls
+    def held_size(self) -> int:
+        return sum(h.fragments.size for h in self.held())
 
-    def _run(self) -> Step:
-        out = bytearray()
-        while self._queue and not self._waiting and not self._ended:
-            message = self._queue[0]
-            try:
-                event_type, payload = self._read(message)
-            except ProtocolError as e:
-                return self._fail(out, e.message)
-            if payload is None:
-                self._queue.popleft()
-                out += encode(message)
-                return self._fail(out, f"the upstream sent {event_type} mid-stream", passed_on=True)
-            if event_type == "messageStop" and not isinstance(payload.get("stopReason"), str):
-                return self._fail(out, "stream messageStop has no stopReason")
-            if self._stopped is not None:
-                reason = payload.get("stopReason") if event_type == "messageStop" else None
-                problem = cut_problem(str(reason)) if reason in CUT_REASONS else None
-                block, self._stopped = self._stopped, None
-                return Step(bytes(out), self._request([block], problem))
-            if event_type == "messageStop":
-                opens = [b for b in self._open.values() if b.tool]
-                if opens:
-                    reason = payload.get("stopReason")
-                    return Step(bytes(out), self._request(opens, (
-                        f"the message stopped (stopReason {reason}) before the tool call was "
-                        "complete")))
-            self._queue.popleft()
-            try:
-                out += self._apply(event_type, message, payload)
-            except ProtocolError as e:
-                return self._fail(out, e.message)
-            if sum(b.fragments.size for b in self._held()) > self._max_arguments:
-                return Step(bytes(out), self._cut())
-        if self._queue or self._waiting or self._ended:
-            return Step(bytes(out))
-        if self._broken is not None:
-            return self._fail(out, self._broken)
-        if self._eof:
-            if not self._message_stopped:
-                return self._fail(out, "the upstream stream ended before the response was complete")
-            self._ended = True
-        return Step(bytes(out))
+    def dropped(self, handle: _Block, limit: int) -> ToolCall:
+        handle.fragments.clear()
+        return cut(self.call(handle, None), limit)
+
+    def complete(self) -> bool:
+        return self._message_stopped
+
+    def trailer(self, chunk: bytes) -> bytes:
+        return b""  # nothing may follow the end
+
+    def settle(self, handle: _Block, call: ToolCall) -> None:
+        self._open.pop(handle.index, None)
+        self._closed.add(handle.index)
+        if self._stopped is handle:
+            self._stopped = None
+
+    def error(self, message: str, failure: Failure) -> bytes:
+        if failure is Failure.DENIED:
+            return error_frame(message, "AccessDeniedException")
+        return exception_frame(message)
+
+    def call(self, handle: _Block, problem: str | None) -> ToolCall:
+        return tool_call(id=handle.id, name=handle.name, raw=handle.fragments.text(),
+                         index=handle.index, problem=problem)
+
+    def completes(self, message: Message) -> Completing[_Block] | None:
+        event_type, payload = self._read(message)
+        if payload is None:
+            raise UpstreamFailed(encode(message), f"the upstream sent {event_type} mid-stream")
+        if event_type == "messageStop" and not isinstance(payload.get("stopReason"), str):
+            raise ProtocolError("stream messageStop has no stopReason")
+        if self._stopped is not None:
+            reason = payload.get("stopReason") if event_type == "messageStop" else None
+            problem = cut_problem(str(reason)) if reason in CUT_REASONS else None
+            block, self._stopped = self._stopped, None
+            return [block], problem
+        if event_type == "messageStop":
+            opens = [b for b in self._open.values() if b.tool]
+            if opens:
+                reason = payload.get("stopReason")
+                return opens, (f"the message stopped (stopReason {reason}) before the tool "
+                               "call was complete")
+        self._read_type, self._read_payload = event_type, payload
+        return None
+
+    def apply(self, message: Message) -> bytes:
+        return self._apply(self._read_type, message, self._read_payload)
 
     def _read(self, message: Message) -> tuple[str, JSONObject | None]:
         """(event type, payload), or (exception name, None) for an exception or error frame."""
@@ -292,7 +212,7 @@ class ConverseStream:
         """Apply one event: hold toolUse blocks, release everything else."""
         if event_type in ("messageStart", "metadata"):
             if event_type == "metadata":
-                self._usage = usage_of(payload.get("usage"))
+                self.usage = usage_of(payload.get("usage"))
             return encode(message)
         if event_type == "messageStop":
             self._message_stopped = True
@@ -333,6 +253,7 @@ class ConverseStream:
                 if not isinstance(body, dict) or not isinstance(body.get("input"), str):
                     raise ProtocolError(f"stream toolUse delta for block {index} has no input text")
                 block.fragments.append(str(body["input"]))
+                self.grew = True
                 return b""
             if block is not None and block.tool:
                 raise ProtocolError(f"stream toolUse block {index} got a {kind!r} delta")
@@ -349,7 +270,7 @@ class ConverseStream:
             return b""
         return encode(message)
 
-    def _render(self, block: _Block, call: ToolCall, decision: Decision) -> bytes:
+    def render(self, block: _Block, call: ToolCall, decision: Decision) -> bytes:
         stop = encode(block.stop) if block.stop is not None else _event(
             "contentBlockStop", {"contentBlockIndex": block.index})
         if decision.allowed:
@@ -360,3 +281,11 @@ class ConverseStream:
                 "contentBlockDelta", {"contentBlockIndex": block.index, "delta": delta}) + stop
         text: JSONObject = {"text": denial_text(call, decision)}
         return _event("contentBlockDelta", {"contentBlockIndex": block.index, "delta": text}) + stop
+
+
+class ConverseStream(StreamEngine[Message, _Block]):
+    """Filters one ConverseStream response; see `providers.base` for the protocol."""
+
+    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`max_arguments`: the input bytes held back at most (limits.max_arguments_bytes)."""
+        super().__init__(ConverseCodec(), max_arguments)

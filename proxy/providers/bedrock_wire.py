@@ -12,6 +12,7 @@ import json
 
 from ..model import ToolCall, Usage
 from .arguments import parse_arguments
+from .base import ErrorReply
 
 type JSONObject = dict[str, object]
 
@@ -87,3 +88,24 @@ def tool_call(*, id: str, name: str, raw: str, index: int, problem: str | None =
     problem = problem or why
     return ToolCall(id=id, name=name, raw_arguments=raw, arguments=None if problem else arguments,
                     index=index, problem=problem)
+
+
+# 401 (tether's own authentication failed): AWS's code for credentials it does not
+# recognise. botocore does not model it for bedrock-runtime, so it is a ClientError
+# with that code, never mistaken for AccessDeniedException (a policy denial, 403).
+ERROR_TYPES = {400: "ValidationException", 401: "UnrecognizedClientException",
+               403: "AccessDeniedException",
+               404: "ResourceNotFoundException", 408: "ModelTimeoutException",
+               413: "ValidationException", 429: "ThrottlingException",
+               503: "ServiceUnavailableException"}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "InternalServerException" if status >= 500
+                           else "ValidationException")
+
+
+def error_reply(status: int, message: str, code: str = "") -> ErrorReply:
+    """An error as Bedrock sends one; `code` (tether's own) travels in `x-tether-error`."""
+    return ErrorReply(status, json.dumps({"message": message}).encode(),
+                      headers={"x-amzn-ErrorType": error_type(status)})

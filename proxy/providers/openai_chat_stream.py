@@ -11,17 +11,16 @@ openai_chat.py.
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ProtocolError
-from ..model import Action, Decision, OnDeny, ToolCall, Usage
+from ..model import Action, Decision, ToolCall, Usage
 from ..surrogates import json_text
-from .base import Step, denial_text
-from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut, cut_denial
+from .base import denial_text
+from .held import DEFAULT_MAX_ARGUMENTS, HeldText, cut
 from .openai_chat_wire import CUT_REASONS, JSONObject, error_body, tool_call, usage_of
 from .sse import SSEDecoder, SSEEvent, encode, encode_data
+from .stream_engine import Completing, Failure, StreamEngine, UpstreamFailed
 
 
 @dataclass(slots=True)
@@ -44,198 +43,92 @@ class _Choice:
 
 
 LEGACY = -1
+_ERRORS = {Failure.BAD: ("upstream_error", "bad_upstream_stream"),
+           Failure.TRUNCATED: ("upstream_error", "upstream_truncated"),
+           Failure.UPSTREAM: ("upstream_error", "upstream_error"),
+           Failure.DENIED: ("permission_error", "tool_call_denied")}
 
 
-class ChatStream:
-    """Filters one Chat Completions SSE stream; see `providers.base` for the protocol."""
+class ChatCodec:
+    """Chat Completions chunks for the stream engine (providers/stream_engine.py)."""
 
-    def __init__(self, strip_usage: bool = False, *,
-                 max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
-        """`strip_usage`: tether asked for usage the client did not; drop the usage chunk.
-        `max_arguments`: the argument bytes held back at most (limits.max_arguments_bytes)."""
+    def __init__(self, strip_usage: bool) -> None:
         self._strip_usage = strip_usage
-        self._max_arguments = max_arguments
         self.output_units = 0  # content and argument deltas seen: ~ tokens, if usage never comes
+        self.noun = "tool call"
+        self.grew = False  # fragments were held since the engine last checked the limit
+        self.done = False
+        self.ran: list[ToolCall] = []
+        self.completed: list[_Open] = []  # never: a later event completes a call
+        self.failed: str | None = None
         self._decoder = SSEDecoder()
-        self._queue: deque[SSEEvent] = deque()
         self._choices: dict[int, _Choice] = {}
-        self._waiting: list[tuple[_Open, ToolCall]] = []
+        self._obj: JSONObject | None = None  # the event `completes` read; None for [DONE]
         self._last: JSONObject = {}  # the last chunk passed: rendered calls copy its fields
-        self._grew = False  # fragments were held since the limit was last checked
-        self._ended = False
         self._done_seen = False
-        self._eof = False
-        self._final = b""
-        self._usage: Usage | None = None
-        self._failed: str | None = None
+        self.usage: Usage | None = None
 
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
+    def decode(self, chunk: bytes) -> list[SSEEvent]:
+        return self._decoder.feed(chunk)
 
-    @property
-    def failed(self) -> str | None:
-        """Why the stream was ended with an error event, or None."""
-        return self._failed
+    def flush(self) -> list[SSEEvent]:
+        return self._decoder.flush()
 
-    def feed(self, chunk: bytes) -> Step:
-        if self._ended:
-            return Step()
-        try:
-            self._queue.extend(self._decoder.feed(chunk))
-        except ProtocolError as e:
-            return self._fail(e.message, "bad_upstream_stream")
-        return self._run()
+    def held(self) -> list[_Open]:
+        return [o for s in self._choices.values() for o in s.open.values()]
 
-    def close(self) -> Step:
-        """The upstream ended. A stream without [DONE] (or a finish for every choice)
-        was cut: its open calls are denied and the client gets an error event."""
-        if self._ended:
-            return Step()
-        try:
-            self._decoder.flush()
-        except ProtocolError as e:
-            return self._fail(e.message, "bad_upstream_stream")
-        self._eof = True
-        return self._run()
+    def held_size(self) -> int:
+        return sum(h.fragments.size for h in self.held())
 
-    def decide(self, decisions: Sequence[Decision]) -> Step:
-        if len(decisions) != len(self._waiting):
-            raise ValueError("one decision is needed for each pending call")
-        out = bytearray()
-        refused: list[tuple[ToolCall, Decision]] = []
-        for (open_, call), decision in zip(self._waiting, decisions, strict=True):
-            state = self._choices[open_.choice]
-            del state.open[open_.index]
-            state.closed.add(open_.index)
-            if self._ended:
-                continue
-            if not decision.allowed and decision.on_deny is OnDeny.ERROR:
-                refused.append((call, decision))
-            out += self._render_call(state, open_, call, decision)
-        self._waiting = []
-        if refused and not self._ended:
-            texts = " ".join(denial_text(c, d) for c, d in refused)
-            self._ended = True
-            self._failed = "tool call denied"
-            self._queue.clear()
-            return Step(bytes(self._error_event(texts, "permission_error", "tool_call_denied")))
-        if self._ended:
-            final, self._final = self._final, b""
-            return Step(bytes(out) + final)
-        step = self._run()
-        return Step(bytes(out) + step.data, step.pending)
+    def dropped(self, handle: _Open, limit: int) -> ToolCall:
+        handle.fragments.clear()
+        return cut(self.call(handle, None), limit)
 
-    def _fail(self, message: str, code: str) -> Step:
-        """End the stream with an error event; open calls are still decided (as denied)."""
-        self._ended = True
-        self._failed = message
-        self._queue.clear()
-        self._final = self._error_event(message, "upstream_error", code)
-        pending = [
-            (o, self._complete(o, problem=f"{message}; the tool call was not released"))
-            for state in self._choices.values()
-            for o in state.open.values()
-            if not any(o is w for w, _ in self._waiting)
-        ]
-        if pending or self._waiting:
-            self._waiting.extend(pending)
-            return Step(b"", tuple(c for _, c in self._waiting))
-        final, self._final = self._final, b""
-        return Step(final)
+    def complete(self) -> bool:
+        """Every call decided, and [DONE] (or a finish for every choice) came."""
+        if any(c.open for c in self._choices.values()):
+            return False
+        return self._done_seen or (
+            bool(self._choices) and all(c.finished for c in self._choices.values()))
 
-    def _held(self) -> int:
-        return sum(o.fragments.size for s in self._choices.values() for o in s.open.values())
+    def trailer(self, chunk: bytes) -> bytes:
+        return b""  # nothing may follow the end
 
-    def _cut(self) -> tuple[ToolCall, ...]:
-        """Too much argument text held: end the stream with the denial, buffer nothing
-        more, and hand out every open call, arguments dropped, to be judged and audited."""
-        opens = [o for state in self._choices.values() for o in state.open.values()]
-        self._waiting = [(o, cut(tool_call(id=o.id, name=o.name, raw="", index=o.index,
-                                           choice=o.choice), self._max_arguments))
-                         for o in opens]
-        calls = tuple(c for _, c in self._waiting)
-        self._ended = True
-        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
-        self._queue.clear()
-        for o in opens:
-            o.fragments.clear()
-        self._final = self._error_event(cut_denial(calls),
-                                        "permission_error", "tool_call_denied")
-        return calls
+    def settle(self, handle: _Open, call: ToolCall) -> None:
+        state = self._choices[handle.choice]
+        del state.open[handle.index]
+        state.closed.add(handle.index)
 
-    def _error_event(self, message: str, kind: str, code: str) -> bytes:
+    def error(self, message: str, failure: Failure) -> bytes:
+        kind, code = _ERRORS[failure]
         return encode_data(error_body(message, kind=kind, code=code).decode())
 
-    def _complete(self, open_: _Open, problem: str | None = None) -> ToolCall:
+    def call(self, handle: _Open, problem: str | None) -> ToolCall:
         return tool_call(
-            id=open_.id,
-            name=open_.name,
-            raw=open_.fragments.text(),
-            index=open_.index,
-            choice=open_.choice,
+            id=handle.id,
+            name=handle.name,
+            raw=handle.fragments.text(),
+            index=handle.index,
+            choice=handle.choice,
             problem=problem,
         )
 
-    def _request(self, opens: list[_Open], problem: str | None = None) -> Step:
-        self._waiting = [(o, self._complete(o, problem)) for o in opens]
-        return Step(b"", tuple(c for _, c in self._waiting))
-
-    def _run(self) -> Step:
-        out = bytearray()
-        while self._queue and not self._waiting and not self._ended:
-            event = self._queue[0]
-            if event.data.strip() == "[DONE]":
-                opens = [o for s in self._choices.values() for o in s.open.values()]
-                if opens:
-                    return Step(bytes(out), self._request(opens).pending)
-                self._queue.popleft()
-                self._done_seen = True
-                self._ended = True
-                out += encode(event)
-                continue
-            try:
-                obj = json.loads(event.data)
-            except ValueError:
-                step = self._fail("upstream stream event is not valid JSON", "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if not isinstance(obj, dict):
-                step = self._fail("upstream stream event is not a JSON object",
-                                  "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if "error" in obj:
-                self._queue.popleft()
-                out += encode(event)
-                step = self._fail("the upstream sent an error event mid-stream", "upstream_error")
-                self._final = b""
-                return Step(bytes(out) + step.data, step.pending)
-            try:
-                completing, problem = self._completing(obj)
-            except ProtocolError as e:
-                step = self._fail(e.message, "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if completing:
-                return Step(bytes(out), self._request(completing, problem).pending)
-            self._queue.popleft()
-            try:
-                out += self._pass(event, obj)
-            except ProtocolError as e:
-                step = self._fail(e.message, "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            if self._grew:  # only held fragments can take it over the limit
-                self._grew = False
-                if self._held() > self._max_arguments:
-                    return Step(bytes(out), self._cut())
-        if self._eof and not self._queue and not self._waiting and not self._ended:
-            finished = bool(self._choices) and all(c.finished for c in self._choices.values())
-            if any(c.open for c in self._choices.values()) or not (self._done_seen or finished):
-                step = self._fail(
-                    "the upstream stream ended before the response was complete",
-                    "upstream_truncated",
-                )
-                return Step(bytes(out) + step.data, step.pending)
-            self._ended = True
-        return Step(bytes(out))
+    def completes(self, event: SSEEvent) -> Completing[_Open] | None:
+        if event.data.strip() == "[DONE]":
+            self._obj = None
+            opens = self.held()
+            return (opens, None) if opens else None
+        try:
+            obj = json.loads(event.data)
+        except ValueError:
+            raise ProtocolError("upstream stream event is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("upstream stream event is not a JSON object")
+        if "error" in obj:
+            raise UpstreamFailed(encode(event), "the upstream sent an error event mid-stream")
+        self._obj = obj
+        completing, problem = self._completing(obj)
+        return (completing, problem) if completing else None
 
     def _state(self, choice: object) -> _Choice:
         if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
@@ -274,13 +167,18 @@ class ChatStream:
                     )
         return done, problem
 
-    def _pass(self, event: SSEEvent, obj: JSONObject) -> bytes:
-        """Apply one chunk: buffer its tool-call fragments, release everything else."""
+    def apply(self, event: SSEEvent) -> bytes:
+        """Apply the chunk `completes` read: buffer its tool-call fragments, release
+        everything else."""
+        obj = self._obj
+        if obj is None:  # [DONE]
+            self._done_seen = self.done = True
+            return encode(event)
         self._last = obj
         choices = obj.get("choices") or []
         assert isinstance(choices, list)
         if "usage" in obj and obj["usage"] is not None:
-            self._usage = usage_of(obj["usage"])
+            self.usage = usage_of(obj["usage"])
             if self._strip_usage and not choices:
                 return b""
         self.output_units += len(choices)
@@ -347,11 +245,10 @@ class ChatStream:
                 if not isinstance(args, str):
                     raise ProtocolError(f"stream tool call {idx} arguments are not text")
                 open_.fragments.append(args)
-                self._grew = True
+                self.grew = True
 
-    def _render_call(
-        self, state: _Choice, open_: _Open, call: ToolCall, decision: Decision
-    ) -> bytes:
+    def render(self, open_: _Open, call: ToolCall, decision: Decision) -> bytes:
+        state = self._choices[open_.choice]
         if decision.action is Action.ALLOW:
             if open_.legacy:
                 delta: JSONObject = {
@@ -380,3 +277,19 @@ class ChatStream:
             ],
         }
         return encode_data(json_text(chunk))
+
+
+class ChatStream(StreamEngine[SSEEvent, _Open]):
+    """Filters one Chat Completions SSE stream; see `providers.base` for the protocol."""
+
+    def __init__(self, strip_usage: bool = False, *,
+                 max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`strip_usage`: tether asked for usage the client did not; drop the usage chunk.
+        `max_arguments`: the argument bytes held back at most (limits.max_arguments_bytes)."""
+        self._chat = ChatCodec(strip_usage)
+        super().__init__(self._chat, max_arguments)
+
+    @property
+    def output_units(self) -> int:
+        """Content and argument deltas seen: about the tokens, if usage never comes."""
+        return self._chat.output_units

@@ -25,15 +25,12 @@ event.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
-
-from ..errors import ProtocolError, UpstreamError
-from ..model import Action, Decision, OnDeny, ToolCall, Usage
+from ..errors import ProtocolError
+from ..model import Action, Decision, ToolCall, Usage
 from ..policy.engine import MALFORMED
 from ..surrogates import json_text
-from .base import Step, denial_text
-from .held import DEFAULT_MAX_ARGUMENTS, cut, cut_denial
+from .base import denial_text
+from .held import DEFAULT_MAX_ARGUMENTS, cut
 from .openai_responses_events import (
     CALL_EVENTS,
     LIFECYCLE,
@@ -53,30 +50,34 @@ from .openai_responses_wire import (
 )
 from .provider_ran import openai_item
 from .sse import SSEDecoder, SSEEvent, encode
+from .stream_engine import Completing, Failure, StreamEngine, UpstreamFailed
+
+_ERRORS = {Failure.BAD: ("upstream_error", "bad_upstream_stream"),
+           Failure.TRUNCATED: ("upstream_error", "upstream_truncated"),
+           Failure.UPSTREAM: ("upstream_error", "upstream_error"),
+           Failure.DENIED: ("permission_error", "tool_call_denied")}
 
 
-class ResponsesStream:
-    """Filters one Responses SSE stream; see `providers.base` for the protocol."""
+class ResponsesCodec:
+    """Responses events for the stream engine (providers/stream_engine.py)."""
 
-    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
-        """`max_arguments`: the argument bytes held back at most (limits.max_arguments_bytes)."""
-        self._max_arguments = max_arguments
+    def __init__(self) -> None:
         self.output_units = 0  # text and argument deltas seen: ~ tokens, if usage never comes
+        self.noun = "tool call"
+        self.grew = False
+        self.done = False
+        self.completed: list[Held] = []
+        self.ran: list[ToolCall] = []      # provider-run calls not yet reported in a Step
+        self.failed: str | None = None     # the upstream said so: `response.failed`
+        self.usage: Usage | None = None
         self._decoder = SSEDecoder()
-        self._queue: deque[SSEEvent] = deque()
         self._open: dict[int, Held] = {}
         self._seen: set[int] = set()
         self._closed: set[int] = set()
         self._released: dict[int, JSONObject] = {}
-        self._waiting: list[tuple[Held, ToolCall]] = []
-        self._ran: list[ToolCall] = []      # provider-run calls not yet reported in a Step
         self._ran_at: set[int] = set()      # output indexes already reported
         self._seq: int | None = None
-        self._ended = False
-        self._eof = False
-        self._final = b""
-        self._usage: Usage | None = None
-        self._failed: str | None = None
+        self._obj: JSONObject = {}
         # What the client was given in place of the upstream's answer, for the next
         # turn (responses_history.py): the response id, the calls decided, and each
         # denied call's id with the message that replaced it.
@@ -84,70 +85,60 @@ class ResponsesStream:
         self.decided: list[str] = []  # call ids
         self.replaced: list[tuple[str, JSONObject]] = []
 
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
+    def decode(self, chunk: bytes) -> list[SSEEvent]:
+        return self._decoder.feed(chunk)
 
-    @property
-    def failed(self) -> str | None:
-        """Why the stream ended in failure (an error event, response.failed), or None."""
-        return self._failed
+    def flush(self) -> list[SSEEvent]:
+        return self._decoder.flush()
 
-    def feed(self, chunk: bytes) -> Step:
-        if self._ended:
-            return Step()
-        try:
-            self._queue.extend(self._decoder.feed(chunk))
-        except ProtocolError as e:
-            return self._fail(e.message, "bad_upstream_stream")
-        return self._reported(self._run())
+    def held(self) -> list[Held]:
+        return list(self._open.values())
 
-    def close(self) -> Step:
-        """The upstream ended. Without a terminal `response.*` event the stream was cut."""
-        if self._ended:
-            return Step()
-        try:
-            self._decoder.flush()
-        except ProtocolError as e:
-            return self._fail(e.message, "bad_upstream_stream")
-        self._eof = True
-        return self._reported(self._run())
+    def held_size(self) -> int:
+        return sum(h.pieces.size for h in self._open.values())
 
-    def decide(self, decisions: Sequence[Decision]) -> Step:
-        if len(decisions) != len(self._waiting):
-            raise ValueError("one decision is needed for each pending call")
-        out = bytearray()
-        refused: list[tuple[ToolCall, Decision]] = []
-        for (held, call), decision in zip(self._waiting, decisions, strict=True):
-            self.decided.append(call.id)
-            self._open.pop(held.index, None)
-            self._closed.add(held.index)
-            if self._ended:
-                continue
-            if not decision.allowed and decision.on_deny is OnDeny.ERROR:
-                refused.append((call, decision))
-            else:
-                out += self._release(held, call, decision)
-        self._waiting = []
-        if refused and not self._ended:
-            # Nothing of this batch is released: the whole answer is refused.
-            self._ended = True
-            self._failed = "tool call denied"
-            self._queue.clear()
-            texts = " ".join(denial_text(c, d) for c, d in refused)
-            return Step(self._error(texts, "permission_error", "tool_call_denied"))
-        if self._ended:
-            final, self._final = self._final, b""
-            return Step(final)
-        step = self._run()
-        return self._reported(Step(bytes(out) + step.data, step.pending))
+    def call(self, handle: Held, problem: str | None) -> ToolCall:
+        return handle.call(problem)
 
-    def _reported(self, step: Step) -> Step:
-        """`step`, with the provider-run calls completed since the last one."""
-        if not self._ran:
-            return step
-        ran, self._ran = tuple(self._ran), []
-        return Step(step.data, step.pending, step.ran + ran)
+    def dropped(self, handle: Held, limit: int) -> ToolCall:
+        handle.pieces.clear()
+        handle.events.clear()
+        return cut(item_call(handle.item, handle.index, text=""), limit)
+
+    def settle(self, handle: Held, call: ToolCall) -> None:
+        self.decided.append(call.id)
+        self._open.pop(handle.index, None)
+        self._closed.add(handle.index)
+
+    def complete(self) -> bool:
+        return False  # only a terminal `response.*` event ends the answer (`done`)
+
+    def trailer(self, chunk: bytes) -> bytes:
+        return b""  # nothing may follow the end
+
+    def error(self, message: str, failure: Failure) -> bytes:
+        kind, code = _ERRORS[failure]
+        data = error_event(message, kind=kind, code=code, sequence=self._sequence({}))
+        return encode(SSEEvent(json_text(data), "error"))
+
+    def completes(self, event: SSEEvent) -> Completing[Held] | None:
+        obj = read_event(event)
+        kind = str(obj["type"])
+        if kind == "error":
+            full, message = upstream_error(obj)
+            raise UpstreamFailed(self._emit(event, full, changed=full != obj),
+                                 f"the upstream sent an error event: {message}")
+        if kind in TERMINAL and self._open:
+            return list(self._open.values()), TERMINAL[kind]
+        self._obj = obj
+        return None
+
+    def apply(self, event: SSEEvent) -> bytes:
+        obj = self._obj
+        data, completed = self._apply(event, obj, str(obj["type"]))
+        if completed is not None:
+            self.completed.append(completed)
+        return data
 
     def _report(self, item: JSONObject, oi: int | None) -> None:
         """Note a provider-run item that is complete; other items are not reported."""
@@ -157,7 +148,7 @@ class ResponsesStream:
         if oi is None:
             raise ProtocolError(f"a {item.get('type')} item has no output_index")
         self._ran_at.add(oi)
-        self._ran.append(done)
+        self.ran.append(done)
 
     # --- output -------------------------------------------------------------------------
 
@@ -181,11 +172,7 @@ class ResponsesStream:
         data = {**obj, "sequence_number": self._sequence(obj)}
         return encode(SSEEvent(json_text(data), str(obj["type"])))
 
-    def _error(self, message: str, kind: str, code: str) -> bytes:
-        data = error_event(message, kind=kind, code=code, sequence=self._sequence({}))
-        return encode(SSEEvent(json_text(data), "error"))
-
-    def _release(self, held: Held, call: ToolCall, decision: Decision) -> bytes:
+    def render(self, held: Held, call: ToolCall, decision: Decision) -> bytes:
         """An allowed, complete call is replayed as it came; anything else is replaced."""
         if decision.allowed and held.done is not None and call.problem is None:
             self._released[held.index] = held.done
@@ -197,80 +184,7 @@ class ResponsesStream:
         self.replaced.append((call.id, item))
         return b"".join(self._new(e) for e in events)
 
-    # --- failure ------------------------------------------------------------------------
-
-    def _fail(self, message: str, code: str, *, event: bool = True) -> Step:
-        """End the stream; open calls are still decided (as denied) but never released."""
-        self._ended = True
-        self._failed = message
-        self._queue.clear()
-        self._final = self._error(message, "upstream_error", code) if event else b""
-        waiting = {id(h) for h, _ in self._waiting}
-        self._waiting.extend(
-            (h, h.call(f"{message}; the tool call was not released"))
-            for h in self._open.values() if id(h) not in waiting)
-        if self._waiting:
-            return Step(b"", tuple(c for _, c in self._waiting))
-        final, self._final = self._final, b""
-        return Step(final)
-
-    def _cut(self) -> tuple[ToolCall, ...]:
-        """Too much argument text held: end the stream with the denial, buffer nothing
-        more, and hand out the open calls, arguments dropped, to be judged and audited."""
-        helds = list(self._open.values())
-        self._waiting = [(h, cut(item_call(h.item, h.index, text=""), self._max_arguments))
-                         for h in helds]
-        for h in helds:
-            h.pieces.clear()
-            h.events.clear()
-        calls = tuple(c for _, c in self._waiting)
-        self._ended = True
-        self._failed = "tool-call arguments over limits.max_arguments_bytes: the stream was cut"
-        self._queue.clear()
-        self._final = self._error(cut_denial(calls), "permission_error",
-                                  "tool_call_denied")
-        return calls
-
-    def _request(self, helds: list[Held], problem: str | None = None) -> tuple[ToolCall, ...]:
-        self._waiting = [(h, h.call(problem)) for h in helds]
-        return tuple(c for _, c in self._waiting)
-
     # --- input --------------------------------------------------------------------------
-
-    def _run(self) -> Step:
-        out = bytearray()
-        while self._queue and not self._waiting and not self._ended:
-            event = self._queue[0]
-            try:
-                obj = read_event(event)
-                kind = str(obj["type"])
-                if kind == "error":
-                    self._queue.popleft()
-                    data, message = self._upstream_error(event, obj)
-                    step = self._fail(f"the upstream sent an error event: {message}",
-                                      "upstream_error", event=False)
-                    return Step(bytes(out) + data + step.data, step.pending)
-                if kind in TERMINAL and self._open:
-                    return Step(bytes(out), self._request(list(self._open.values()), TERMINAL[kind]))
-                self._queue.popleft()
-                data, completed = self._apply(event, obj, kind)
-            except UpstreamError as e:
-                step = self._fail(e.message, "bad_upstream_stream")
-                return Step(bytes(out) + step.data, step.pending)
-            out += data
-            if completed is not None:
-                return Step(bytes(out), self._request([completed]))
-            if sum(h.pieces.size for h in self._open.values()) > self._max_arguments:
-                return Step(bytes(out), self._cut())
-        if self._eof and not self._queue and not self._waiting and not self._ended:
-            step = self._fail("the upstream stream ended before the response was complete",
-                              "upstream_truncated")
-            return Step(bytes(out) + step.data, step.pending)
-        return Step(bytes(out))
-
-    def _upstream_error(self, event: SSEEvent, obj: JSONObject) -> tuple[bytes, str]:
-        full, message = upstream_error(obj)
-        return self._emit(event, full, changed=full != obj), message
 
     def _apply(self, event: SSEEvent, obj: JSONObject, kind: str) -> tuple[bytes, Held | None]:
         """One event: pass it, or hold it; returns the call item it completed, if any."""
@@ -293,6 +207,7 @@ class ResponsesStream:
             return self._emit(event, obj), None
         if oi is not None and oi in self._open:
             held = self._open[oi]
+            self.grew = True
             return b"", held if held.take(event, obj, kind) else None
         if oi is not None and oi in self._closed:
             raise ProtocolError(f"stream event for tool call item {oi} after it was complete")
@@ -332,10 +247,38 @@ class ResponsesStream:
             if changed:
                 obj = {**obj, "response": {**response, "output": rewritten}}
         if kind in TERMINAL:
-            self._ended = True
-            self._usage = usage_of(response)
+            self.done = True
+            self.usage = usage_of(response)
             if kind == "response.failed":
                 error = response.get("error")
                 why = error.get("message") if isinstance(error, dict) else None
-                self._failed = f"the upstream response failed: {why or 'no reason given'}"
+                self.failed = f"the upstream response failed: {why or 'no reason given'}"
         return self._emit(event, obj, changed)
+
+
+class ResponsesStream(StreamEngine[SSEEvent, Held]):
+    """Filters one Responses SSE stream; see `providers.base` for the protocol."""
+
+    def __init__(self, *, max_arguments: int = DEFAULT_MAX_ARGUMENTS) -> None:
+        """`max_arguments`: the argument bytes held back at most (limits.max_arguments_bytes)."""
+        self._responses = ResponsesCodec()
+        super().__init__(self._responses, max_arguments)
+
+    @property
+    def output_units(self) -> int:
+        return self._responses.output_units
+
+    @property
+    def response_id(self) -> str | None:
+        """The upstream's response id, once a lifecycle event named it."""
+        return self._responses.response_id
+
+    @property
+    def decided(self) -> list[str]:
+        """The ids of the calls decided, in order (responses_history.py)."""
+        return self._responses.decided
+
+    @property
+    def replaced(self) -> list[tuple[str, JSONObject]]:
+        """Each denied call's id, with the message item that replaced it."""
+        return self._responses.replaced

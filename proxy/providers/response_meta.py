@@ -52,7 +52,7 @@ def read_meta(fmt: str, body: bytes) -> ResponseMeta:
                             _reasons(obj.get("choices"), "finish_reason"))
     if fmt == "openai.responses":  # no finish reason: `status` says whether it completed
         return ResponseMeta(_text(obj.get("id")), _text(obj.get("model")))
-    if fmt == "anthropic.messages":
+    if fmt in ("anthropic.messages", "bedrock.invoke"):
         return ResponseMeta(_text(obj.get("id")), _text(obj.get("model")),
                             _one(obj, "stop_reason"))
     if fmt == "bedrock.converse":  # the model is in the path; Converse names no response

@@ -30,6 +30,7 @@ from ..providers import responses_history as history
 from ..providers.anthropic_continue import AnthropicContinues
 from ..providers.base import ErrorReply, ParsedRequest, StreamFilter, WireFormat
 from ..providers.bedrock_continue import BedrockContinues
+from ..providers.bedrock_invoke import InvokeContinues
 from ..providers.continuation import Continues, ContinuingStream, Denied, to_continue
 from ..providers.gemini_continue import GeminiContinues
 from ..providers.openai_chat_continue import ChatContinues
@@ -52,6 +53,7 @@ FORMATS: dict[str, Continues] = {
     "openai.responses": ResponsesContinues(),
     "anthropic.messages": AnthropicContinues(),
     "bedrock.converse": BedrockContinues(),
+    "bedrock.invoke": InvokeContinues(),
     "gemini.generate": GeminiContinues(),
 }
 

@@ -29,6 +29,7 @@ type Gate = Callable[[bytes, ProviderTools, provider_run.Judge], provider_run.Ga
 GATES: Mapping[str, Gate] = {
     "openai.responses": provider_run.openai,
     "anthropic.messages": provider_run.anthropic,
+    "bedrock.invoke": provider_run.anthropic,  # an Anthropic body in Bedrock's path
     "gemini.generate": provider_run.gemini,
 }
 
