@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import config as config_mod
+from . import demo
 from .cli_offline import (
     cmd_check,
     cmd_explain,
@@ -239,16 +240,6 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.cloud == "azure":
-        from .demo.janitor_azure import run_azure_demo
-
-        return asyncio.run(run_azure_demo(rules=args.rules, out=sys.stdout))
-    from .demo.janitor import run_demo
-
-    return asyncio.run(run_demo(rules=args.rules, out=sys.stdout))
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit.chain import verify_targets
 
@@ -385,13 +376,7 @@ def parser() -> argparse.ArgumentParser:
     ot.add_argument("dirs", nargs="+", metavar="DIR")
     ot.set_defaults(func=cmd_opa_test)
 
-    d = sub.add_parser("demo", help="the cloud janitor story, offline")
-    d.add_argument("--rules", default=None, help="rule file (default: the packaged janitor.yaml, "
-                   "or janitor_azure.yaml with --cloud azure)")
-    d.add_argument("--cloud", choices=["azure"], default=None,
-                   help="azure: the janitor's disk deletes through the forward proxy, judged "
-                        "by the tags tether looks up at ARM (needs tether[azure])")
-    d.set_defaults(func=cmd_demo)
+    demo.add_command(sub)
     return p
 
 

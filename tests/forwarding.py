@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from proxy.demo.tls import FakeCA
 from proxy.egress import Egress
+from proxy.forward.ca import export_pem
 from proxy.forward.master import ForwardProxy, start_forward
 from proxy.forward.resolve import Resolver
+from proxy.server.app import bound_port
 from tests.conftest import Stack
 
 
@@ -17,3 +25,23 @@ async def forward_for(stack: Stack, resolver: Resolver) -> ForwardProxy:
         own_ports=(), resolver=resolver,
         egress=Egress(cfg.apis, cfg.cloud, stack.tether.holds, cfg.agent_keys,
                       cfg.trust_identity_headers, cfg.lookups))
+
+
+async def agent_proxy(stack: Stack, resolver: Resolver, ca_file: Path,
+                      monkeypatch: pytest.MonkeyPatch) -> ForwardProxy:
+    """`forward_for`, with the agent's environment pointed at it: HTTPS_PROXY, and tether's
+    CA written to `ca_file` for the agent's clients to trust."""
+    fwd = await forward_for(stack, resolver)
+    ca_file.write_text(export_pem(stack.tether.config.forward.ca_dir))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{fwd.port}")
+    monkeypatch.setenv("NO_PROXY", "")
+    return fwd
+
+
+async def serve_tls(app: web.Application, ca: FakeCA, runners: list[web.AppRunner]) -> int:
+    """`app` on a loopback port over TLS with the fakes' CA; its runner joins `runners`."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ca.server_context()).start()
+    runners.append(runner)
+    return bound_port(runner)

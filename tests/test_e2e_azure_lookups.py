@@ -31,7 +31,6 @@ from proxy import config as config_mod
 from proxy.approvals.listing import context_lines
 from proxy.demo.fake_arm import CLIENT_ID, CLIENT_SECRET, SUB, TENANT, FakeArm, FakeEntra
 from proxy.errors import ConfigError
-from proxy.forward.ca import export_pem
 from proxy.forward.lookup_settings import AzureLookupSettings
 from proxy.forward.lookups import LookupFailed
 from proxy.forward.lookups_azure import AzureTagLookup, parse_tags, scopes, tags_path
@@ -39,10 +38,9 @@ from proxy.forward.master import ForwardProxy
 from proxy.forward.targets import Address
 from proxy.model import Effect, HttpRequest
 from proxy.policy.cloud import CloudOperation
-from proxy.server.app import bound_port
 from tests.conftest import MakeStack, Stack
 from tests.fakes.tls import make_fake_ca
-from tests.forwarding import forward_for
+from tests.forwarding import agent_proxy, serve_tls
 from tests.test_e2e_approvals import TOKEN, admin, pending
 
 ARM = "management.azure.com"
@@ -103,17 +101,11 @@ async def start_az(make_stack: MakeStack, tmp_path: Path,
     async def resolver(host: str, port: int) -> list[Address]:
         return [ipaddress.ip_address("127.0.0.1")] if host == ARM else []
 
-    async def serve(app: web.Application) -> int:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=test_ca.server_context()).start()
-        runners.append(runner)
-        return bound_port(runner)
-
     async def start(policy: str = POLICY, lookups: str = "tags: true, credential: environment",
                     arm: FakeArm | None = None, extra: str = "") -> Az:
         arm, entra = arm or FakeArm(), FakeEntra()
-        port, entra_port = await serve(arm.app()), await serve(entra.app())
+        port = await serve_tls(arm.app(), test_ca, runners)
+        entra_port = await serve_tls(entra.app(), test_ca, runners)
         # tether's own identity: a client secret in the environment, its tenant at the fake
         for name, value in (("AZURE_TENANT_ID", TENANT), ("AZURE_CLIENT_ID", CLIENT_ID),
                             ("AZURE_CLIENT_SECRET", CLIENT_SECRET),
@@ -125,13 +117,9 @@ async def start_az(make_stack: MakeStack, tmp_path: Path,
             f"allow_private: [{ARM}]}}\n"
             f"cloud: {{lookups: {{azure: {{endpoint: 'https://{ARM}:{port}', {lookups}}}}}}}\n"
             f"{extra}"))
-        cfg = stack.tether.config
-        fwd = await forward_for(stack, resolver)
+        ca_file = tmp_path / f"tether-ca-{len(proxies) + 1}.pem"
+        fwd = await agent_proxy(stack, resolver, ca_file, monkeypatch)
         proxies.append(fwd)
-        ca_file = tmp_path / f"tether-ca-{len(proxies)}.pem"
-        ca_file.write_text(export_pem(cfg.forward.ca_dir))
-        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{fwd.port}")
-        monkeypatch.setenv("NO_PROXY", "")
         return Az(stack, fwd, f"http://127.0.0.1:{fwd.port}", ca_file, arm, entra, port)
 
     yield start

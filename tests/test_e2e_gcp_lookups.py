@@ -29,14 +29,12 @@ from google.cloud import compute_v1, container_v1
 from google.cloud import storage as gcs  # type: ignore[attr-defined]  # ships no py.typed
 from google.oauth2.credentials import Credentials as OAuthCredentials
 
-from proxy.forward.ca import export_pem
 from proxy.forward.master import ForwardProxy
 from proxy.forward.targets import Address
-from proxy.server.app import bound_port
 from tests.conftest import MakeStack, Stack
 from tests.fakes.google_cloud import AGENT_TOKEN, READ_ONLY, SA_EMAIL, FakeGoogle
 from tests.fakes.tls import make_fake_ca
-from tests.forwarding import forward_for
+from tests.forwarding import agent_proxy, serve_tls
 from tests.test_e2e_approvals import TOKEN, admin, pending
 
 COMPUTE, STORAGE, WWW = "compute.googleapis.com", "storage.googleapis.com", "www.googleapis.com"
@@ -121,11 +119,7 @@ async def start_gcp(make_stack: MakeStack, tmp_path: Path,
     async def start(policy: str = POLICY, lookups: str = "labels: true",
                     fake: FakeGoogle | None = None) -> Gcp:
         fake = fake or FakeGoogle(KEY)
-        runner = web.AppRunner(fake.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=test_ca.server_context()).start()
-        runners.append(runner)
-        port = bound_port(runner)
+        port = await serve_tls(fake.app(), test_ca, runners)
         fake.token_uri = f"https://127.0.0.1:{port}/token"
         key_file = tmp_path / f"tether-sa-{port}.json"
         key_file.write_text(json.dumps(fake.key_file()))
@@ -137,14 +131,10 @@ async def start_gcp(make_stack: MakeStack, tmp_path: Path,
             f"forward: {{ca_dir: {ca_dir}, upstream_ca: {test_ca.ca_file}, "
             f"allow_private: [{', '.join(NAMES)}]}}\n"
             f"cloud: {{lookups: {{gcp: {{{lookups}, endpoints: {endpoints}}}}}}}\n"))
-        cfg = stack.tether.config
-        fwd = await forward_for(stack, resolver)
-        proxies.append(fwd)
-        ca_file = tmp_path / f"tether-ca-{len(proxies)}.pem"
-        ca_file.write_text(export_pem(cfg.forward.ca_dir))
         # The agent's clients (requests underneath) go through tether and trust its CA.
-        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{fwd.port}")
-        monkeypatch.setenv("NO_PROXY", "")
+        ca_file = tmp_path / f"tether-ca-{len(proxies) + 1}.pem"
+        fwd = await agent_proxy(stack, resolver, ca_file, monkeypatch)
+        proxies.append(fwd)
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
         return Gcp(stack, fwd, fake, port)
 
