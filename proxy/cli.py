@@ -34,6 +34,7 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                  forward_port: int | None = None, transparent_port: int | None = None,
                  worker: Worker | None = None) -> None:
     from . import tracing
+    from .event_loop import settle_heap
     from .server.app import CONTEXT, bound_port, build, start
 
     # OTLP/HTTP export only when an OTEL_EXPORTER_OTLP_*ENDPOINT is set; else no tracing.
@@ -61,6 +62,7 @@ async def _serve(cfg: config_mod.Config, host: str, port: int, admin_port: int,
                                       auth=tether.proxy[CONTEXT].auth,
                                       limits=cfg.connections,
                                       reuse_port=worker is not None)
+    settle_heap()
     if worker is None:
         _announce(cfg, host, proxy_port, admin_bound,
                   forward.port if forward and forward_port is not None else None,

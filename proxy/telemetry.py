@@ -13,8 +13,10 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .policy.rule_index import glob_of as glob_of  # guard.py reads it from here
 
@@ -33,6 +35,38 @@ def exact_names(patterns: Iterable[re.Pattern[str]]) -> set[str]:
 
 
 FORWARD = "forward"
+
+
+class _Remembered:
+    """`labels(...)` remembered per tuple of values: prometheus_client checks, converts
+    and locks on every call (a few per request on the hot path); the children it hands
+    out are the same objects either way. Label values are bounded sets (above), so the
+    memo is as bounded as prometheus_client's own table of children."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._remembered: dict[tuple[object, ...], Any] = {}
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        if named:
+            return super().labels(*values, **named)  # type: ignore[misc]
+        try:
+            return self._remembered[values]
+        except KeyError:
+            child = self._remembered[values] = super().labels(*values)  # type: ignore[misc]
+            return child
+
+
+class Counter(_Remembered, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_Remembered, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_Remembered, prometheus_client.Histogram):
+    pass
 
 
 @dataclass(slots=True)

@@ -22,9 +22,10 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
-from ..surrogates import joined, json_bytes
+from ..surrogates import holds, joined, json_bytes
 
 GENESIS = b"tether audit log v1"
 
@@ -42,8 +43,11 @@ def canonical(record: dict[str, object]) -> bytes:
     order too, so a line re-serialises to the same bytes, lone surrogates included.
     Total: any str a parser produced can be written. Keys sort as they read back
     (`joined`), which for text is plain code point order."""
-    return json_bytes(dict(sorted(record.items(), key=lambda kv: joined(kv[0]))),
-                      separators=(",", ":"), default=str)
+    if holds("".join(record)):
+        ordered = sorted(record.items(), key=lambda kv: joined(kv[0]))
+    else:  # plain text keys (tether's own field names): code point order as they are
+        ordered = sorted(record.items(), key=itemgetter(0))
+    return json_bytes(dict(ordered), separators=(",", ":"), default=str)
 
 
 def rotated_name(base: Path, n: int) -> Path:
