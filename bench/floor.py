@@ -285,10 +285,30 @@ def summarise(cells: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, f
             for key, runs in cells.items()}
 
 
+def paired(cells: dict[str, list[dict[str, float]]], ttfts: dict[str, list[float]],
+           workloads: list[str], a: str, b: str) -> str:
+    """`a` against `b` round by round (each round runs them back to back): the median
+    and range of the per-round ratios, steadier than a ratio of medians on a machine
+    whose speed drifts between minutes."""
+    lines = [f"paired, {a} / {b} per round: median [min - max] over rounds"]
+    for workload in workloads:
+        for conns in (1, 16):
+            ra = cells[f"{workload}/{conns}/{a}"]
+            rb = cells[f"{workload}/{conns}/{b}"]
+            rps = [x["rps"] / y["rps"] for x, y in zip(ra, rb, strict=True)]
+            p50 = [x["p50"] / y["p50"] for x, y in zip(ra, rb, strict=True)]
+            lines.append(f"  {workload:<6} {conns:>2} conn  req/s {statistics.median(rps):.3f} "
+                         f"[{min(rps):.3f} - {max(rps):.3f}]   p50 {statistics.median(p50):.3f} "
+                         f"[{min(p50):.3f} - {max(p50):.3f}]")
+    if "stream" in workloads and ttfts[a] and ttfts[b]:
+        lines.append(f"  TTFT p50 {statistics.median(ttfts[a]) / statistics.median(ttfts[b]):.3f}")
+    return "\n".join(lines)
+
+
 def report(summary: dict[str, dict[str, float]], ttfts: dict[str, list[float]],
-           targets: list[str]) -> str:
+           targets: list[str], workloads: list[str]) -> str:
     lines = []
-    for workload in ("chat", "stream"):
+    for workload in workloads:
         for conns in (1, 16):
             direct = summary[f"{workload}/{conns}/direct"]
             floor = summary[f"{workload}/{conns}/floor"]
@@ -304,6 +324,8 @@ def report(summary: dict[str, dict[str, float]], ttfts: dict[str, list[float]],
                     f"  {t:<18} {s['rps']:>8.0f} {s['p50'] / 1000:>8.3f} {s['p99'] / 1000:>8.3f} "
                     f"{added / 1000 if t != 'direct' else 0:>10.3f} "
                     f"{ratio:>8.2f} {s['rps'] / floor['rps']:>9.2f}")
+    if "stream" not in workloads:
+        return "\n".join(lines)
     lines.append("stream TTFT, 1 connection (p50 ms; added over direct)")
     d = statistics.median(ttfts["direct"])
     for t in targets:
@@ -326,6 +348,8 @@ def main() -> int:
     p.add_argument("--baseline", metavar="DIR",
                    help="also run tether from the source tree DIR (holding proxy/, e.g. "
                         "`git archive HEAD proxy | tar -x -C DIR`): before and after, one run")
+    p.add_argument("--only", choices=["chat", "stream"],
+                   help="one workload (more rounds in the same time)")
     p.add_argument("--on-deny", choices=["continue", "rewrite", "error"], default=None,
                    help="defaults.on_deny for every tether (default: tether's own default)")
     p.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
@@ -346,25 +370,28 @@ def main() -> int:
         targets = start(args, tmp, procs)
         lua = scripts(tmp)
         names = list(targets)
-        for workload in ("chat", "stream"):  # warm-up, discarded
-            for t in names:
+        workloads = [args.only] if args.only else ["chat", "stream"]
+        for workload in workloads:  # warm-up, discarded: twice, the first runs are slower
+            for t in names + names[::-1]:
                 wrk(targets[t], lua[workload], 16, 1)
         cells: dict[str, list[dict[str, float]]] = {}
         ttfts: dict[str, list[float]] = {t: [] for t in names}
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
-            for workload in ("chat", "stream"):
+            for workload in workloads:
                 for conns in (1, 16):
                     for t in order:
                         result = wrk(targets[t], lua[workload], conns, args.seconds)
                         if result["errors"]:
                             raise RuntimeError(f"{t} {workload}/{conns}: {result}")
                         cells.setdefault(f"{workload}/{conns}/{t}", []).append(result)
-            for t in order:
+            for t in order if "stream" in workloads else ():
                 ttfts[t] += asyncio.run(ttft(targets[t], args.ttft_seconds))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         summary = summarise(cells)
-        print(report(summary, ttfts, names))
+        print(report(summary, ttfts, names, workloads))
+        if "tether-base" in names:
+            print(paired(cells, ttfts, workloads, "tether", "tether-base"))
         results = HERE / "results"
         results.mkdir(exist_ok=True)
         (results / f"floor-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
