@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from opentelemetry.trace import Tracer, get_current_span
 from . import tracing
 from .audit import AuditLog, AuditWriteError
 from .audit.outcomes import immediate
+from .ids import new_id
 from .model import Action, Decision, Effect, Exchange, RuleTrace, ToolCall
 from .policy.engine import PolicyEngine, merge
 from .policy.names import normalize
@@ -103,7 +103,7 @@ class Governor:
                                       engine)
         elapsed = time.perf_counter() - started
         span = get_current_span().get_span_context()
-        decision = replace(decision, decision_id=uuid.uuid4().hex)
+        decision = replace(decision, decision_id=new_id())
         outcome = immediate(decision.action)
         record: dict[str, object] = {
             "kind": "decision",

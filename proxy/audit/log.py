@@ -49,8 +49,18 @@ class AuditWriteError(TetherError):
     pass
 
 
+_SECOND: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC to the microsecond, `2026-12-07T19:40:00.123456Z`; the date and time of day
+    are formatted once per second (records come many to a second)."""
+    second, micro = divmod(time.time_ns() // 1000, 1_000_000)
+    last, text = _SECOND[0]
+    if second != last:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _SECOND[0] = (second, text)
+    return f"{text}.{micro:06d}Z"
 
 
 def _last_line(path: Path) -> bytes | None:

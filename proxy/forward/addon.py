@@ -45,7 +45,6 @@ the reverse route instead (proxy/auth/handoff.py).
 from __future__ import annotations
 
 import logging
-import uuid
 
 from mitmproxy import connection, http, tcp, udp
 from mitmproxy.proxy import server_hooks
@@ -57,6 +56,7 @@ from ..auth.settings import AuthSettings, JwtIssuer
 from ..egress import Egress
 from ..errors import Unauthorized
 from ..governor import Governor
+from ..ids import new_id
 from ..telemetry import Metrics
 from .identity import PROXY_AUTHORIZATION, ForwardIdentity, Found
 from .judge import ApiJudge, client_gone, cloud_lookups
@@ -181,7 +181,7 @@ class ForwardAddon:
             if is_transparent(flow.client_conn):
                 self.governor.reject(provider=PROVIDER, status=403, code="tether:not-http",
                                      message="a redirected connection that is not HTTP(S) is refused",
-                                     request_id=uuid.uuid4().hex,
+                                     request_id=new_id(),
                                      endpoint=f"tcp {_address(flow.client_conn.sockname)}")
                 return kill(flow)
             host = str(flow.server_conn.address[0]) if flow.server_conn.address else ""

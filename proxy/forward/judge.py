@@ -13,7 +13,6 @@ address checked as any other; a lookup that fails denies
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import replace
 
 from mitmproxy import http
@@ -33,6 +32,7 @@ from ..egress import (
 )
 from ..errors import BadRequest
 from ..governor import Governor
+from ..ids import new_id
 from ..model import Action, HttpRequest, RuleTrace
 from ..paths import canonical_tail
 from ..policy.apis_config import ToolApi
@@ -80,7 +80,7 @@ class ApiJudge:
                     resolver: Resolver | None) -> bool:
         """Judge one tool or cloud API request; False when a reply was set instead."""
         req = flow.request
-        rid = uuid.uuid4().hex
+        rid = new_id()
         raw_path, _, query = req.path.partition("?")
         fields = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers.fields)
         headers = {k.lower(): v for k, v in fields}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 
 from mitmproxy import connection, http, tcp, udp
 
@@ -21,6 +20,7 @@ from ..auth.authenticator import Identity
 from ..egress import Verdict
 from ..errors import Unauthorized
 from ..governor import Governor
+from ..ids import new_id
 from ..model import HttpRequest
 from ..telemetry import Metrics
 from .cloud_errors import cloud_error
@@ -48,7 +48,7 @@ class Refusals:
 
     def refuse(self, flow: http.HTTPFlow, refusal: Refusal, provider: str = PROVIDER) -> None:
         req = flow.request
-        request_id = uuid.uuid4().hex
+        request_id = new_id()
         self.governor.reject(
             provider=provider, status=403, code=refusal.code, message=refusal.message,
             request_id=request_id, session=req.headers.get("x-tether-session"),
@@ -73,7 +73,7 @@ class Refusals:
         plain-HTTP request); 401 inside a tunnel or to a transparent client, which
         would not answer a proxy's challenge. Audited; nothing is resolved or sent."""
         req = flow.request
-        request_id = uuid.uuid4().hex
+        request_id = new_id()
         status = 407 if proxy else 401
         self.governor.reject(
             provider=PROVIDER, status=status, code=e.code, message=e.message,
@@ -91,7 +91,7 @@ class Refusals:
                         refusal: Refusal) -> None:
         """The upstream connection is not opened; the client's request fails (502)."""
         self.governor.reject(provider=PROVIDER, status=502, code=refusal.code,
-                             message=refusal.message, request_id=uuid.uuid4().hex,
+                             message=refusal.message, request_id=new_id(),
                              endpoint=f"connect {host}:{port}")
         server.error = f"{refusal.code}: {refusal.message}"
 
@@ -102,7 +102,7 @@ class Refusals:
         try:
             self.governor.reject(provider=PROVIDER, status=502, code=INTERNAL.code,
                                  message=f"{INTERNAL.message} ({hook})",
-                                 request_id=uuid.uuid4().hex,
+                                 request_id=new_id(),
                                  endpoint=f"{flow.request.method} {flow.request.pretty_url}")
         finally:
             flow.response = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
-from ..strict_json import strict_pairs
+from ..strict_json import PAIRS, text_of
 from ..surrogates import json_text
 from . import tool_scope
 from .anthropic_stream import MessagesStream
@@ -63,7 +63,7 @@ MESSAGES_PATH = "v1/messages"
 
 def request_object(body: bytes) -> JSONObject:
     try:
-        obj = json.loads(body, object_pairs_hook=strict_pairs)
+        obj = PAIRS.decode(text_of(body))
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(obj, dict):

@@ -18,7 +18,6 @@ is refused, since tether could not read the calls in it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from urllib.parse import unquote
 
 from ..errors import BadRequest, UpstreamError
 from ..model import Decision, ToolCall, Usage
-from ..strict_json import strict_pairs
+from ..strict_json import PAIRS, text_of
 from ..surrogates import json_text
 from . import tool_scope
 from .base import ErrorReply, ParsedRequest, ParsedResponse, Restricted, Route, RouteKind, denial_summary
@@ -142,7 +141,7 @@ def error_reply(status: int, message: str, code: str) -> ErrorReply:
 
 def _loads_object(body: bytes) -> dict[str, object]:
     try:
-        value = json.loads(body, object_pairs_hook=strict_pairs)
+        value = PAIRS.decode(text_of(body))
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(value, dict):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ..errors import BadRequest
 from ..model import Decision, ToolCall, Usage
-from ..strict_json import strict_pairs
+from ..strict_json import PAIRS, text_of
 from .arguments import parse_arguments
 from .base import ErrorReply, denial_summary
 
@@ -20,7 +20,7 @@ CUT_REASONS = {"length", "content_filter"}
 
 def loads_object(body: bytes, what: str) -> JSONObject:
     try:
-        value = json.loads(body, object_pairs_hook=strict_pairs)
+        value = PAIRS.decode(text_of(body))
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"{what} is not valid JSON: {e}") from e
     if not isinstance(value, dict):

@@ -9,10 +9,8 @@ short) and data with a duplicate key.
 
 from __future__ import annotations
 
-import json
-
 from ..errors import ProtocolError
-from ..strict_json import strict_pairs
+from ..strict_json import PAIRS, text_of
 from .openai_responses_wire import JSONObject
 from .sse import SSEEvent
 
@@ -41,7 +39,7 @@ def read_event(event: SSEEvent) -> JSONObject:
     if event.data.strip() == "[DONE]":
         raise ProtocolError("the upstream stream sent [DONE] before the response was complete")
     try:
-        obj = json.loads(event.data, object_pairs_hook=strict_pairs)
+        obj = PAIRS.decode(text_of(event.data))
     except (ValueError, RecursionError) as e:
         raise ProtocolError(f"upstream stream event is not valid JSON: {e}") from e
     if isinstance(obj, dict) and "type" not in obj and isinstance(obj.get("error"), dict):

@@ -19,7 +19,6 @@ Refusals and denials are JSON: `{"error": {"message", "rule", "rules", "code"}}`
 from __future__ import annotations
 
 import logging
-import uuid
 
 from aiohttp import web
 from yarl import URL
@@ -30,6 +29,7 @@ from ..config import Upstream
 from ..egress import AMBIGUOUS, Verdict, Who, judge_api
 from ..egress import deciding_rule as deciding_rule  # re-exported: the MCP route uses it
 from ..errors import BadRequest, RequestError, RouteNotFound, TetherError, Unauthorized
+from ..ids import new_id
 from ..model import HttpRequest
 from ..paths import canonical_path
 from ..policy.apis_config import ToolApi
@@ -55,7 +55,7 @@ class ApiRoutes:
         self.ctx = ctx
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = uuid.uuid4().hex
+        rid = new_id()
         name = request.match_info["name"]
         api = self.ctx.config.apis.get(name)
         # An unconfigured name is the agent's text: it never becomes a metric label.

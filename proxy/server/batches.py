@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ from ..audit.log import AuditWriteError
 from ..auth.authenticator import Identity
 from ..config import Upstream
 from ..errors import BadRequest, NotGoverned, PayloadTooLarge, TetherError, UpstreamError
+from ..ids import new_id
 from ..providers.base import BatchStep, Provider, Route
 from ..providers.batch_input import (
     BatchRequests,
@@ -60,7 +60,7 @@ class BatchGate:
                      forward: Forward) -> web.StreamResponse:
         """`forward(body)` sends the request on unchanged once it is judged."""
         governor = self.ctx.governor
-        rid = uuid.uuid4().hex
+        rid = new_id()
         trust = self.ctx.config.trust_identity_headers
         session = (request.headers.get("x-tether-session") if trust else None) or None
         try:

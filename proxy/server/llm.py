@@ -12,7 +12,6 @@ import json
 import logging
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +24,7 @@ from ..audit.log import AuditWriteError
 from ..auth.authenticator import ANONYMOUS, Identity
 from ..config import Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
+from ..ids import new_id
 from ..paths import canonical_path
 from ..providers.base import (
     ParsedRequest,
@@ -122,7 +122,7 @@ class LLMRoutes:
             who = await self.ctx.auth.identify(request.headers, request.rel_url.raw_query_string)
         except RequestError as e:
             self.ctx.governor.reject(provider=provider.name, status=e.status, code=e.code,
-                                     message=e.message, request_id=uuid.uuid4().hex,
+                                     message=e.message, request_id=new_id(),
                                      endpoint=raw[:200])
             self.ctx.governor.metrics.requests.labels(provider.name, str(e.status)).inc()
             raise
@@ -140,7 +140,7 @@ class LLMRoutes:
                 lambda body: self._pass_through(request, upstream, route, who, body))
         trust = self.ctx.config.trust_identity_headers
         session = request.headers.get("x-tether-session") if trust else None
-        call = Call(provider, route, upstream, uuid.uuid4().hex, session or None, who.agent,
+        call = Call(provider, route, upstream, new_id(), session or None, who.agent,
                     who=who)
         return await self._govern(request, call)
 

@@ -26,7 +26,6 @@ apply: MCP calls cost no tokens. Everything is audited as provider `mcp:<name>`.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import replace
 
 from aiohttp import web
@@ -35,6 +34,7 @@ from yarl import URL
 from ..auth.authenticator import Identity
 from ..config import Upstream
 from ..errors import BadRequest, RequestError, TetherError
+from ..ids import new_id
 from ..model import Action, Decision, Exchange, PastCall, RuleTrace, ToolCall
 from ..paths import canonical_path
 from ..policy.mcp import (
@@ -71,7 +71,7 @@ class McpRoutes:
         self.ctx = ctx
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = uuid.uuid4().hex
+        rid = new_id()
         name = request.match_info["name"]
         server = self.ctx.config.mcp.get(name)
         # An unconfigured name is the agent's text: it never becomes a metric label.

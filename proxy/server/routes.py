@@ -10,13 +10,13 @@ Each handler then reads its path through `proxy.paths.canonical_path`.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from ..errors import RouteNotFound
+from ..ids import new_id
 from ..providers import PROVIDERS
 from ..providers.base import Provider
 from .apis import ApiRoutes
@@ -68,7 +68,7 @@ async def _not_found(request: web.Request) -> web.StreamResponse:
     governor = request.app[CONTEXT].governor
     label = provider.name if provider is not None else UNKNOWN
     governor.reject(provider=label, status=error.status, code=error.code, message=error.message,
-                    request_id=uuid.uuid4().hex, endpoint=raw[:200])
+                    request_id=new_id(), endpoint=raw[:200])
     governor.metrics.requests.labels(label, str(error.status)).inc()
     raise error
 

@@ -97,6 +97,11 @@ class Counter(NamedTuple):
     label: str = ""
 
 
+def with_amount(c: Counter, amount: int) -> Counter:
+    """`c._replace(amount=amount)` without `_replace`'s generic machinery (per request)."""
+    return Counter(c.bucket, c.field, amount, c.limit, c.shadow, c.ttl_s, c.reset_at, c.label)
+
+
 def digest(text: str) -> str:
     """Total: a session header aiohttp decoded with `surrogateescape` hashes too."""
     return hashlib.sha256(utf8(text)).hexdigest()[:24]

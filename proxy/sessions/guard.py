@@ -24,7 +24,15 @@ from ..model import Action, RuleTrace, ToolCall, Usage
 from ..policy.names import normalize
 from ..telemetry import Metrics, glob_of
 from . import loops
-from .budgets import Budgets, Counter, counters, estimate_input_tokens, session_bucket, worst_case
+from .budgets import (
+    Budgets,
+    Counter,
+    counters,
+    estimate_input_tokens,
+    session_bucket,
+    with_amount,
+    worst_case,
+)
 from .store import Store
 
 log = logging.getLogger("tether.sessions")
@@ -151,7 +159,7 @@ class SessionGuard:
         actual = {"tokens": usage.total_tokens, "input_tokens": usage.input_tokens,
                   "output_tokens": usage.output_tokens, "cost_usd": cost,
                   "llm_calls": 1 + extra_calls}
-        deltas = [c._replace(amount=actual[c.field] - c.amount) for c in admission.reserved]
+        deltas = [with_amount(c, actual[c.field] - c.amount) for c in admission.reserved]
         await self._adjust("settle", deltas)
 
     async def release(self, admission: Admission | None) -> None:
@@ -159,7 +167,7 @@ class SessionGuard:
         if admission is None or admission.done:
             return
         admission.done = True
-        await self._adjust("release", [c._replace(amount=-c.amount) for c in admission.reserved])
+        await self._adjust("release", [with_amount(c, -c.amount) for c in admission.reserved])
 
     async def _adjust(self, op: str, deltas: list[Counter]) -> None:
         try:
