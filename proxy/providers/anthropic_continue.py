@@ -22,21 +22,14 @@ from collections.abc import Sequence
 from ..errors import ProtocolError
 from ..surrogates import json_text
 from .anthropic_wire import GOVERNED_BLOCK
-from .continuation import Denied, JSONObject, add_usage, without_denials
+from .continuation import Denied, JSONObject, add_usage, turn_request, without_denials
 from .sse import SSEDecoder, SSEEvent, encode
 
 INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def _request(sent: bytes) -> JSONObject | None:
-    obj: object = json.loads(sent)
-    messages = obj.get("messages") if isinstance(obj, dict) else None
-    if not isinstance(messages, list) or not messages:
-        return None
-    last = messages[-1]
-    if isinstance(last, dict) and last.get("role") == "assistant":
-        return None
-    return obj if isinstance(obj, dict) else None
+    return turn_request(sent, "messages", "assistant")
 
 
 def follow(sent: bytes, content: list[object], denied: Sequence[Denied]) -> bytes | None:

@@ -17,19 +17,12 @@ from collections.abc import Sequence
 
 from ..errors import ProtocolError
 from ..surrogates import json_text
-from .continuation import Denied, JSONObject, add_usage, without_denials
+from .continuation import Denied, JSONObject, add_usage, turn_request, without_denials
 from .eventstream import EventStreamDecoder, Message, encode, event
 
 
 def _request(sent: bytes) -> JSONObject | None:
-    obj: object = json.loads(sent)
-    messages = obj.get("messages") if isinstance(obj, dict) else None
-    if not isinstance(messages, list) or not messages:
-        return None
-    last = messages[-1]
-    if isinstance(last, dict) and last.get("role") == "assistant":
-        return None
-    return obj if isinstance(obj, dict) else None
+    return turn_request(sent, "messages", "assistant")
 
 
 def follow(sent: bytes, content: list[object], denied: Sequence[Denied]) -> bytes | None:

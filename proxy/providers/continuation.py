@@ -28,6 +28,7 @@ well-formed stream. At the bound (`max_rounds`), or when the continuation cannot
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -90,6 +91,20 @@ def add_usage(a: object, b: object) -> object:
         return {k: add_usage(a.get(k), b[k]) if k in a else b[k] for k in b} | \
             {k: v for k, v in a.items() if k not in b}
     return b if b is not None else a
+
+
+def turn_request(sent: bytes, turns: str, model_role: str) -> JSONObject | None:
+    """The request `sent` as an object, when another turn can follow it: its `turns` list
+    (`messages`, Gemini's `contents`) is there and does not end with the model's own turn
+    (`model_role`: a prefill the continuation would break). None otherwise."""
+    obj: object = json.loads(sent)
+    listed = obj.get(turns) if isinstance(obj, dict) else None
+    if not isinstance(obj, dict) or not isinstance(listed, list) or not listed:
+        return None
+    last = listed[-1]
+    if isinstance(last, dict) and last.get("role") == model_role:
+        return None
+    return obj
 
 
 def without_denials(text: str, denied: Sequence[Denied]) -> str:

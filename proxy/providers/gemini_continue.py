@@ -22,19 +22,12 @@ from collections.abc import Sequence
 
 from ..errors import ProtocolError
 from ..surrogates import json_text
-from .continuation import Denied, JSONObject, add_usage
+from .continuation import Denied, JSONObject, add_usage, turn_request
 from .sse import SSEDecoder, SSEEvent, encode
 
 
 def _request(sent: bytes) -> JSONObject | None:
-    obj: object = json.loads(sent)
-    contents = obj.get("contents") if isinstance(obj, dict) else None
-    if not isinstance(contents, list) or not contents:
-        return None
-    last = contents[-1]
-    if isinstance(last, dict) and last.get("role") == "model":
-        return None
-    return obj if isinstance(obj, dict) else None
+    return turn_request(sent, "contents", "model")
 
 
 def _call_part(d: Denied, signature: object = None) -> JSONObject:
