@@ -25,6 +25,7 @@ from ..auth.authenticator import ANONYMOUS, Identity
 from ..config import Upstream
 from ..errors import BadRequest, NotGoverned, RequestError, RouteNotFound, TetherError, UpstreamError
 from ..ids import new_id
+from ..model import Exchange
 from ..paths import canonical_path
 from ..providers.base import (
     ParsedRequest,
@@ -179,19 +180,24 @@ class LLMRoutes:
                 call.flow = FlowState(call.agent, call.session, call.rid,
                                       responses_turns.results(body, call.turn))
             body, parsed = self._restrict(fmt, body, parsed, call)
-            body, parsed, call.agent_approves = provider_gate.apply(  # provider-run tools
+
+            def exchange_of(request: ParsedRequest) -> Exchange:
+                return exchange_for(call.provider.name, request, session=call.session,
+                                    agent=call.agent, endpoint=call.route.upstream_path,
+                                    claims=call.who.claims)
+
+            exchange = exchange_of(parsed)
+            body, gated, call.agent_approves = provider_gate.apply(  # provider-run tools
                 self.ctx.governor, self.ctx.config.provider_tools, fmt, body, parsed, call.route,
-                exchange_for(call.provider.name, parsed, session=call.session, agent=call.agent,
-                             endpoint=call.route.upstream_path, claims=call.who.claims), call.rid)
+                exchange, call.rid)
+            if gated is not parsed:  # narrowed: the exchange is what the model will be sent
+                parsed, exchange = gated, exchange_of(gated)
             call.admission = await self.ctx.guard.admit(
                 agent=call.agent, session=call.session, model=parsed.model,
                 body_bytes=len(body), max_output=parsed.max_output_tokens)
         except TetherError as e:
             self._reject(call, e)
             raise
-        exchange = exchange_for(call.provider.name, parsed, session=call.session,
-                                agent=call.agent, endpoint=call.route.upstream_path,
-                                claims=call.who.claims)
         stream: StreamFilter | None = None
         if parsed.stream and isinstance(fmt, ReportsUsage):
             body, stream = fmt.stream_with_usage(
