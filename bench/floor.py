@@ -145,10 +145,19 @@ async def _serve(app: Any) -> None:
     await runner.cleanup()
 
 
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None, cwd: str | None = None
-          ) -> tuple[subprocess.Popen[bytes], str]:
+# --pin: the proxies measured (floor, every tether) share the last CPU, one at a time;
+# wrk, the fake upstream and this script's TTFT client the others. Unpinned, the kernel
+# places each process for a whole run, and a proxy that shares its core with wrk more
+# often than another looks slower in every round of that run (bench/README.md).
+PROXY_CPUS: set[int] | None = None
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None, cwd: str | None = None,
+          *, proxy: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     err = log.open("wb")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
+    cpus = PROXY_CPUS if proxy else None
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line:
@@ -237,7 +246,7 @@ def start(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
     procs.append(fake)
     port = int(line.split()[-1])
     up = f"http://127.0.0.1:{port}"
-    floor, line = spawn([*me, "--serve-floor", up], tmp / "floor.log")
+    floor, line = spawn([*me, "--serve-floor", up], tmp / "floor.log", proxy=True)
     procs.append(floor)
     targets = {"direct": f"{up}/v1/chat/completions",
                "floor": f"http://127.0.0.1:{line.split()[-1]}/v1/chat/completions"}
@@ -272,7 +281,7 @@ def start(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen[byte
         loop = {"TETHER_EVENT_LOOP": "asyncio"} if name.endswith("-asyncio") else {}
         base = {"PYTHONPATH": args.baseline} if name == "tether-base" else {}
         proc, line = spawn(cmd, tmp / f"{name}.log", {**env, **loop, **base},
-                           cwd=args.baseline if base else None)
+                           cwd=args.baseline if base else None, proxy=True)
         procs.append(proc)
         proxy_port = int(line.split("http://127.0.0.1:")[1].split()[0])
         targets[name] = f"http://127.0.0.1:{proxy_port}/openai/v1/chat/completions"
@@ -348,6 +357,8 @@ def main() -> int:
     p.add_argument("--baseline", metavar="DIR",
                    help="also run tether from the source tree DIR (holding proxy/, e.g. "
                         "`git archive HEAD proxy | tar -x -C DIR`): before and after, one run")
+    p.add_argument("--pin", action="store_true",
+                   help="the proxies on the last CPU, wrk and the upstream on the others")
     p.add_argument("--only", choices=["chat", "stream"],
                    help="one workload (more rounds in the same time)")
     p.add_argument("--on-deny", choices=["continue", "rewrite", "error"], default=None,
@@ -364,6 +375,18 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("error: needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.pin:
+        if args.workers > 1:
+            print("error: --pin gives the proxies one CPU; --workers wants them all",
+                  file=sys.stderr)
+            return 2
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            print("error: --pin needs two CPUs", file=sys.stderr)
+            return 2
+        global PROXY_CPUS
+        PROXY_CPUS = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # this script, wrk, the fake upstream
     tmp = Path(tempfile.mkdtemp(prefix="tether-floor-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
