@@ -60,3 +60,20 @@ def test_the_default_is_asyncio_even_with_uvloop_installed(monkeypatch: pytest.M
     monkeypatch.delenv(ENV, raising=False)
     assert ServerLimits().event_loop == "asyncio"
     assert loop_factory(ServerLimits().event_loop) == ("asyncio", None)
+
+
+def test_the_heap_is_settled_once_the_server_is_built() -> None:
+    """`tether serve` (cli._serve) freezes start-up's objects and collects less often;
+    the test puts the process back as it was."""
+    import gc
+
+    from proxy.event_loop import GC_THRESHOLDS, settle_heap
+
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
