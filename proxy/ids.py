@@ -1,5 +1,5 @@
 """The ids tether makes (requests, decisions): a version-4 UUID's 32 hex digits, the
-same bits `new_id()` gives, without building a UUID object on the hot path."""
+same bits `uuid.uuid4().hex` gives, without building a UUID object on the hot path."""
 
 from __future__ import annotations
 

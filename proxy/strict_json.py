@@ -56,7 +56,7 @@ def refuse_surrogates(data: str | bytes, value: object) -> None:
 # One decoder each, made once: `json.loads` with a hook builds a new JSONDecoder (and
 # its scanner) on every call, a measurable share of a request's parsing.
 PAIRS = json.JSONDecoder(object_pairs_hook=strict_pairs)
-_STRICT = json.JSONDecoder(object_pairs_hook=strict_pairs, parse_constant=no_constants)
+STRICT = json.JSONDecoder(object_pairs_hook=strict_pairs, parse_constant=no_constants)
 
 
 def text_of(data: str | bytes | bytearray) -> str:
@@ -77,6 +77,6 @@ def text_of(data: str | bytes | bytearray) -> str:
 def loads(text: str | bytes) -> object:
     """`json.loads` with all three: raises DuplicateKey, NotText, ValueError or
     RecursionError."""
-    value = _STRICT.decode(text_of(text))
+    value = STRICT.decode(text_of(text))
     refuse_surrogates(text, value)
     return value

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from ..model import Usage
-from ..strict_json import no_constants, strict_pairs
+from ..strict_json import STRICT
 
 # --- keys in either spelling ------------------------------------------------------------
 
@@ -40,7 +40,6 @@ def field_of(obj: Mapping[str, object], name: str) -> object:
     return obj.get(name, obj.get(alt))
 
 
-_STRICT = json.JSONDecoder(object_pairs_hook=strict_pairs, parse_constant=no_constants)
 # Arguments are only delimited here; parse_arguments judges them, so a bad one denies
 # that call instead of failing the whole response.
 _LENIENT = json.JSONDecoder()
@@ -114,7 +113,7 @@ class _Reader:
         self.i = m.end()
         return self.s[self.i:self.i + 1]
 
-    def value(self, decoder: json.JSONDecoder = _STRICT) -> object:
+    def value(self, decoder: json.JSONDecoder = STRICT) -> object:
         self.peek()
         value, self.i = decoder.raw_decode(self.s, self.i)
         return value
